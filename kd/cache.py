@@ -1,0 +1,130 @@
+"""Decode each image once into a memory-mapped uint8 array, so epochs never re-decode JPEGs.
+
+The cache is keyed by the file list (path, size, mtime), the square size and PREPROCESS_VERSION;
+it lives on disk and is paged in by the OS, so RAM stays bounded even for 400k unlabeled images.
+Unreadable files are skipped and counted, never a crash mid-epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from kd.checkpoint import write_json_atomic
+from kd.preprocess import PREPROCESS_VERSION, ImageError, load_xray_file, to_square
+
+
+@dataclass
+class ImageCache:
+    """Images [N, S, S] uint8 (memory-mapped) and which of the N files were readable."""
+
+    images: np.ndarray
+    valid: np.ndarray  # bool [N]
+    paths: list[str]
+    errors: dict[str, str]  # path -> why it was skipped
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[-1]
+
+
+def cache_key(paths: list[str], size: int) -> str:
+    h = hashlib.sha256(f"v{PREPROCESS_VERSION}-{size}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"\0{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def _decode(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return to_square(load_xray_file(path, target_size=size).pixels, size), None
+    except ImageError as e:
+        return None, str(e)
+
+
+def _decode_into(out: np.ndarray, paths: list[str], size: int, progress: bool, workers: int | None):
+    valid = np.zeros(len(paths), dtype=bool)
+    errors: dict[str, str] = {}
+    with ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:  # Pillow releases the GIL while decoding
+        results = pool.map(lambda p: _decode(p, size), paths)
+        for i, (img, err) in enumerate(tqdm(results, total=len(paths), desc=f"decode {size}px",
+                                            disable=None if progress else True, leave=False)):
+            if img is None:
+                errors[paths[i]] = err
+            else:
+                out[i] = img
+                valid[i] = True
+    return valid, errors
+
+
+def build_cache(paths: list[str], size: int, cache_dir: str | Path | None, progress: bool = True,
+                workers: int | None = None) -> ImageCache:
+    """Open the on-disk cache for these files at this size, building it first if needed (atomically).
+
+    With cache_dir=None the images are decoded into RAM instead (small evaluation splits)."""
+    if cache_dir is None:
+        images = np.zeros((len(paths), size, size), dtype=np.uint8)
+        valid, errors = _decode_into(images, paths, size, progress, workers)
+        return ImageCache(images, valid, list(paths), errors)
+    cache_dir = Path(cache_dir)
+    key = cache_key(paths, size)
+    data_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    if not (data_path.exists() and meta_path.exists()):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".{key}.{os.getpid()}.npy.tmp"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+        valid, errors = _decode_into(out, paths, size, progress, workers)
+        out.flush()
+        del out
+        os.replace(tmp, data_path)
+        write_json_atomic(meta_path, {"n": len(paths), "size": size, "valid": valid.tolist(), "errors": errors,
+                                      "preprocess_version": PREPROCESS_VERSION})
+    meta = json.loads(meta_path.read_text())
+    images = np.load(data_path, mmap_mode="r")
+    return ImageCache(images, np.asarray(meta["valid"], dtype=bool), list(paths), meta["errors"])
+
+
+@dataclass
+class ImageSet:
+    """Readable images of a split with their labels (-1 = unlabeled), served as uint8 batches."""
+
+    images: np.ndarray  # [N, S, S] uint8, usually a memmap
+    labels: np.ndarray  # int64 [N]
+    rows: np.ndarray  # row of each image in `images`
+
+    @classmethod
+    def from_cache(cls, cache: ImageCache, labels) -> "ImageSet":
+        rows = np.flatnonzero(cache.valid)
+        return cls(cache.images, np.asarray(labels, dtype=np.int64)[rows], rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[-1]
+
+    def batch(self, index, device) -> tuple:
+        """uint8 images [B, S, S] and labels [B] for positions `index` (sorted rows read faster)."""
+        import torch
+
+        index = np.asarray(index)
+        rows = self.rows[index]
+        order = np.argsort(rows, kind="stable")
+        pixels = np.empty((len(rows), self.size, self.size), dtype=np.uint8)
+        pixels[order] = self.images[rows[order]]
+        images = torch.from_numpy(pixels)
+        labels = torch.from_numpy(self.labels[index])
+        if device.type == "cuda":
+            return images.pin_memory().to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        return images, labels
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels[self.labels >= 0], minlength=2)

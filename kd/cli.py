@@ -1,0 +1,166 @@
+"""`python -m kd ...`: the pipeline and each phase alone, evaluation and prediction."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kd.config import PRESETS, SSL_METHODS, Config, preset
+
+PHASE_COMMANDS = {"pipeline": ("pretrain", "finetune", "distill", "baseline"), "pretrain": ("pretrain",),
+                  "finetune": ("finetune",), "distill": ("distill",)}
+
+
+def _train_parser(sub, name: str, help: str):
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--data", required=True, help="dataset root with train/{NORMAL,PNEUMONIA} (val/, test/ optional)")
+    p.add_argument("--out", required=True, help="run folder (weights, model card, progress, checkpoints)")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--image-size", type=int, help="training and inference size of every phase")
+    p.add_argument("--epochs", type=int, help="epochs of every phase")
+    p.add_argument("--batch-size", type=int, help="global batch size of every phase")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--ssl-method", choices=SSL_METHODS)
+    p.add_argument("--temperature", "-T", type=float, help="distillation temperature T")
+    p.add_argument("--alpha", type=float, help="weight of the label loss in distillation (0-1)")
+    p.add_argument("--hint-weight", type=float, help="weight of the FitNets layer4 feature hint (0 = off)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--init", help="local weights file to initialise the teacher (ImageNet, SwAV, ...)")
+    p.add_argument("--unlabeled", nargs="*", default=None, help="extra folders of unlabeled X-rays for pretraining")
+    p.add_argument("--cache-dir", help="decoded-image cache (default: next to the run folder)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the labels-only student of the ablation")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--config", help="a config.json to start from (the app writes one)")
+    return p
+
+
+def config_from_args(args) -> Config:
+    saved = Path(args.out) / "config.json"
+    if args.config:
+        cfg = Config.load(args.config)
+    elif args.resume and saved.exists():
+        cfg = Config.load(saved)  # a resumed run keeps its settings
+    else:
+        cfg = preset(args.preset, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size)
+    for key in ("seed", "temperature", "alpha", "hint_weight", "ssl_method", "val_fraction", "init", "unlabeled",
+                "cache_dir"):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(cfg, key, value)
+    cfg.data, cfg.out, cfg.device = args.data, args.out, args.device
+    if args.no_baseline:
+        cfg.baseline = False
+    cfg.validate()
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from kd.pipeline import run
+
+    cfg = config_from_args(args)
+    card = run(cfg, PHASE_COMMANDS[args.command], resume=args.resume)
+    if card:
+        print(summary(card))
+    print(f"Run folder: {cfg.out}")
+    return 0
+
+
+def summary(card: dict) -> str:
+    lines = [f"{'model':18} {'AUC (95% CI)':22} {'acc':>6} {'sens':>6} {'spec':>6} {'thr':>6}  (validation split)"]
+    for role, m in card["models"].items():
+        v = m.get("validation")
+        if not v:
+            continue
+        lo, hi = v["ci"]["auc"]
+        auc = "n/a" if v["auc"] is None else f"{v['auc']:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None else f"{v['auc']:.3f}"
+        lines.append(f"{role:18} {auc:22} {v['accuracy']:6.3f} {v['sensitivity']:6.3f} {v['specificity']:6.3f} "
+                     f"{m['threshold']:6.3f}")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from kd.distributed import resolve_device
+    from kd.evaluate import evaluate_weights
+
+    result = evaluate_weights(args.weights, args.data, args.split, resolve_device(args.device), n_boot=args.bootstrap)
+    for role in ("teacher", "student"):
+        r = result[role]
+        lo, hi = r["ci"]["auc"]
+        print(f"{role:8} split={args.split} n={result['n']} threshold={r['threshold']:.3f}  AUC {r['auc']:.3f} "
+              f"[{lo:.3f}, {hi:.3f}]  acc {r['accuracy']:.3f}  sens {r['sensitivity']:.3f}  spec {r['specificity']:.3f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"Wrote {args.json}")
+    del torch
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from kd.inference import predict_bytes, load_pair
+    from kd.preprocess import ImageError
+
+    pair = load_pair(args.weights)
+    refused = 0
+    for path in args.files:
+        try:
+            data = Path(path).read_bytes()
+            r = predict_bytes(pair, data, Path(path).name)
+        except (OSError, ImageError) as e:
+            refused += 1
+            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            print(json.dumps({"file": path, "error": msg}) if args.json else f"{path}: refused: {msg}")
+            continue
+        r["file"] = path
+        if args.json:
+            print(json.dumps(r))
+        else:
+            t, s = r["teacher"], r["student"]
+            note = f"  [{'; '.join(r['warnings'])}]" if r["warnings"] else ""
+            print(f"{path}: teacher p(pneumonia)={t['probability']:.3f} {t['decision']}, "
+                  f"student p(pneumonia)={s['probability']:.3f} {s['decision']}{note}")
+    return 2 if refused else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kd.inference import DEFAULT_WEIGHTS
+
+    parser = argparse.ArgumentParser(prog="python -m kd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub, "pipeline", "all phases: SSL pretrain, fine-tune, distil (+ labels-only baseline), export")
+    _train_parser(sub, "pretrain", "self-supervised pretraining of the ResNet50 teacher")
+    _train_parser(sub, "finetune", "fine-tune the teacher on the labels")
+    _train_parser(sub, "distill", "distil the fine-tuned teacher into the ResNet18 student")
+    e = sub.add_parser("evaluate", help="evaluate teacher and student of a weights folder on a split")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test", choices=("test", "official-val", "val", "train"))
+    e.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    e.add_argument("--json", help="write the full report here")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p = sub.add_parser("predict", help="probability of pneumonia for X-ray files (JPEG, PNG, DICOM)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kd.checkpoint import CheckpointError
+    from kd.data import DatasetError
+    from kd.pipeline import PhaseOrderError
+
+    args = build_parser().parse_args(argv)
+    handlers = {"evaluate": cmd_evaluate, "predict": cmd_predict}
+    try:
+        return handlers.get(args.command, cmd_train)(args)
+    except (DatasetError, CheckpointError, PhaseOrderError, ValueError, FloatingPointError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,158 @@
+"""One configuration object for the CLI, the app's background jobs and torchrun alike.
+
+A run is fully described by a `Config`; it is saved as `config.json` in the run folder so that
+`--resume` and the model card know exactly what was trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PHASES = ("pretrain", "finetune", "distill", "baseline")
+SSL_METHODS = ("simclr", "byol")
+
+
+@dataclass
+class PhaseConfig:
+    """Budget and optimiser settings of one training phase."""
+
+    epochs: int = 1
+    image_size: int = 224
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+
+
+@dataclass
+class Config:
+    data: str = ""
+    out: str = "runs/latest"
+    preset: str = "cpu"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    val_fraction: float = 0.15
+    eval_image_size: int = 224  # the resolution the shipped models see at inference
+    ssl_method: str = "simclr"
+    unlabeled: list[str] = field(default_factory=list)
+    init: str = ""  # optional local weights file to start the teacher from (ImageNet, SwAV, ...)
+    temperature: float = 4.0  # KD softening temperature T
+    alpha: float = 0.5  # weight of the label cross-entropy; (1 - alpha) goes to the KD term
+    hint_weight: float = 0.0  # FitNets feature hint (student layer4 -> teacher layer4); 0 = off
+    baseline: bool = True  # also train a labels-only student under the distillation budget (ablation)
+    grad_clip: float = 1.0
+    knn_k: int = 20
+    max_knn_bank: int = 2000  # training images embedded for the SSL kNN probe
+    fp16_weights: bool = True  # exported safetensors in float16 (halves the shipped size)
+    cache_dir: str = ""  # decoded-image cache; default: <out>/../.cache
+    pretrain: PhaseConfig = field(default_factory=PhaseConfig)
+    finetune: PhaseConfig = field(default_factory=PhaseConfig)
+    distill: PhaseConfig = field(default_factory=PhaseConfig)
+
+    def phase(self, name: str) -> PhaseConfig:
+        """Settings of a phase; the labels-only baseline student shares the distillation budget."""
+        return self.distill if name == "baseline" else getattr(self, name)
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.out).resolve().parent / ".cache"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown configuration keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        for name in ("pretrain", "finetune", "distill"):
+            if isinstance(d.get(name), dict):
+                d[name] = PhaseConfig(**d[name])
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        from kd.checkpoint import write_json_atomic
+
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def validate(self) -> None:
+        """Raise ValueError with a human message for settings that cannot train."""
+        if self.ssl_method not in SSL_METHODS:
+            raise ValueError(f"SSL method must be one of {', '.join(SSL_METHODS)}, not {self.ssl_method!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be between 0 and 1 (got {self.alpha})")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature T must be positive (got {self.temperature})")
+        if not 0.0 < self.val_fraction < 0.9:
+            raise ValueError(f"val_fraction must be in (0, 0.9) (got {self.val_fraction})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda (got {self.device!r})")
+        for name in ("pretrain", "finetune", "distill"):
+            p = self.phase(name)
+            if p.epochs < 0 or p.batch_size < 2 or p.image_size < 16 or p.lr <= 0:
+                raise ValueError(
+                    f"{name}: epochs must be >= 0, batch size >= 2, image size >= 16 and lr > 0 "
+                    f"(got epochs={p.epochs}, batch={p.batch_size}, size={p.image_size}, lr={p.lr})"
+                )
+
+
+def _preset_tiny() -> Config:
+    """Seconds on a CPU at 32 px: for tests and smoke runs, not for accuracy."""
+    ph = dict(epochs=1, image_size=32, batch_size=8, warmup_epochs=0.0)
+    return Config(
+        preset="tiny", eval_image_size=32, max_knn_bank=64,
+        pretrain=PhaseConfig(lr=1e-3, **ph), finetune=PhaseConfig(lr=1e-3, **ph), distill=PhaseConfig(lr=2e-3, **ph),
+    )
+
+
+def _preset_cpu() -> Config:
+    """About 70-90 minutes on a 2-core CPU: SSL at 96 px, fine-tuning at 144 px, distillation at 160 px,
+    evaluated at 224 px. Sized to run beside other work inside one working session."""
+    return Config(
+        preset="cpu", eval_image_size=224,
+        pretrain=PhaseConfig(epochs=4, image_size=96, batch_size=64, lr=2e-3, weight_decay=1e-4, warmup_epochs=0.5),
+        finetune=PhaseConfig(epochs=4, image_size=144, batch_size=32, lr=1e-3, weight_decay=1e-4, warmup_epochs=0.3),
+        distill=PhaseConfig(epochs=4, image_size=160, batch_size=32, lr=2e-3, weight_decay=1e-4, warmup_epochs=0.3),
+    )
+
+
+def _preset_gpu() -> Config:
+    """One H100, about 10 minutes: full-resolution SSL and longer schedules."""
+    return Config(
+        preset="gpu", eval_image_size=224,
+        pretrain=PhaseConfig(epochs=60, image_size=224, batch_size=256, lr=2e-3, weight_decay=1e-4, warmup_epochs=3),
+        finetune=PhaseConfig(epochs=20, image_size=224, batch_size=128, lr=5e-4, weight_decay=1e-4, warmup_epochs=1),
+        distill=PhaseConfig(epochs=30, image_size=224, batch_size=128, lr=2e-3, weight_decay=1e-4, warmup_epochs=1),
+    )
+
+
+PRESETS = {"tiny": _preset_tiny, "cpu": _preset_cpu, "gpu": _preset_gpu}
+
+
+def preset(name: str, **overrides) -> Config:
+    """A preset with overrides; `image_size` / `epochs` / `batch_size` apply to every phase."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    for key in ("image_size", "epochs", "batch_size"):
+        value = overrides.pop(key, None)
+        if value is not None:
+            for ph in ("pretrain", "finetune", "distill"):
+                setattr(cfg.phase(ph), key, value)
+            if key == "image_size":
+                cfg.eval_image_size = value
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if not hasattr(cfg, key):
+            raise ValueError(f"Unknown setting {key!r}")
+        setattr(cfg, key, value)
+    cfg.validate()
+    return cfg

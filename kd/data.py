@@ -1,0 +1,194 @@
+"""The Kermany dataset layout, patient ids, and the patient-level validation split.
+
+Kermany et al. (2018) ship `DATA/{train,val,test}/{NORMAL,PNEUMONIA}`. The official `val/` has 16
+images, so the validation split used for model selection is carved from `train/` by patient: the
+same child never appears on both sides, otherwise validation scores are inflated.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+SPLITS = ("train", "val", "test")
+
+LAYOUT_HELP = """Expected layout (Kermany et al. 2018, "chest_xray"; class folders are case-insensitive):
+  DATA/
+    train/
+      NORMAL/      IM-0115-0001.jpeg, NORMAL2-IM-0427-0001.jpeg, ...
+      PNEUMONIA/   person1_bacteria_1.jpeg, person1_virus_6.jpeg, ...
+    val/           (optional, same two class folders)
+    test/          (optional, same two class folders)
+Get it from Mendeley Data (doi:10.17632/rscbjbr9sj.2, CC BY 4.0) or Kaggle "chest-xray-pneumonia"."""
+
+
+class DatasetError(ValueError):
+    """A dataset folder that does not follow the expected layout; the message shows the layout."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int  # 0 = NORMAL, 1 = PNEUMONIA
+    patient: str
+
+
+_PNEUMONIA_ID = re.compile(r"^(person\d+)_", re.IGNORECASE)
+_NORMAL_ID = re.compile(r"^((?:NORMAL2-)?IM-\d+)", re.IGNORECASE)
+
+
+def patient_id(filename: str) -> str:
+    """`person123_bacteria_4` -> person123; `IM-0117-0001` -> IM-0117; `NORMAL2-IM-0117-0001` -> NORMAL2-IM-0117.
+
+    Names that follow neither scheme are their own patient (the file stem)."""
+    stem = Path(filename).stem
+    for pattern in (_PNEUMONIA_ID, _NORMAL_ID):
+        m = pattern.match(stem)
+        if m:
+            return m.group(1)
+    return stem
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _child_dirs(folder: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else {}
+
+
+def find_split(root: str | Path, split: str) -> Path | None:
+    """The folder of a split (case-insensitive), or None when the dataset does not have it."""
+    return _child_dirs(Path(root)).get(split.lower())
+
+
+def check_root(root: str | Path) -> Path:
+    """The dataset root, or a DatasetError that says what is wrong and shows the layout."""
+    root = Path(root).expanduser()
+    if not str(root).strip() or not root.exists():
+        raise DatasetError(f"The folder {root} does not exist.\n\n{LAYOUT_HELP}")
+    if not root.is_dir():
+        raise DatasetError(f"{root} is a file, not a folder.\n\n{LAYOUT_HELP}")
+    if find_split(root, "train") is None:
+        nested = [d for d in _child_dirs(root).values() if find_split(d, "train") is not None]
+        hint = f" It looks nested one level too deep: try {nested[0]}." if nested else ""
+        if {c.lower() for c in CLASSES} <= set(_child_dirs(root)):
+            hint = " It holds the class folders directly: point to the folder above the split folders."
+        raise DatasetError(f"{root} has no train/ folder.{hint}\n\n{LAYOUT_HELP}")
+    return root
+
+
+def list_split(root: str | Path, split: str) -> list[Sample]:
+    """The labelled images of a split, sorted; a DatasetError for a missing or empty class folder."""
+    root = check_root(root) if split == "train" else Path(root).expanduser()
+    folder = find_split(root, split)
+    if folder is None:
+        raise DatasetError(f"{root} has no {split}/ folder.\n\n{LAYOUT_HELP}")
+    classes = _child_dirs(folder)
+    samples: list[Sample] = []
+    for label, name in enumerate(CLASSES):
+        class_dir = classes.get(name.lower())
+        if class_dir is None:
+            raise DatasetError(f"{folder} has no {name}/ folder.\n\n{LAYOUT_HELP}")
+        files = sorted(p for p in class_dir.iterdir() if is_image_file(p))
+        if not files:
+            sub = [d for d in class_dir.iterdir() if d.is_dir()]
+            hint = f" (it holds only sub-folders such as {sub[0].name}/: nested one level too deep?)" if sub else ""
+            raise DatasetError(f"{class_dir} has no JPEG or PNG images{hint}.\n\n{LAYOUT_HELP}")
+        samples += [Sample(str(p), label, patient_id(p.name)) for p in files]
+    return samples
+
+
+def list_unlabeled(folders: list[str | Path]) -> list[str]:
+    """Every JPEG/PNG under the given folders (any layout, searched recursively), sorted."""
+    paths: list[str] = []
+    for folder in folders:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise DatasetError(f"Unlabeled folder {folder} does not exist or is not a folder.")
+        paths += sorted(str(p) for p in folder.rglob("*") if is_image_file(p))
+    return paths
+
+
+def _content_hash(path: str) -> str:
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+
+
+def _patient_groups(samples: list[Sample]) -> dict[str, str]:
+    """Patient -> group id, merging patients that share byte-identical images (the dataset has ~30)."""
+    parent: dict[str, str] = {s.patient: s.patient for s in samples}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first_owner: dict[str, str] = {}
+    for s in samples:
+        h = _content_hash(s.path)
+        if h in first_owner:
+            a, b = find(first_owner[h]), find(s.patient)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+        else:
+            first_owner[h] = s.patient
+    return {p: find(p) for p in parent}
+
+
+def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Stratified split by patient, deterministic for a seed; no patient (nor duplicate image) on both sides."""
+    groups = _patient_groups(samples)
+    by_group: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_group[groups[s.patient]].append(s)
+    val_groups: set[str] = set()
+    for label in (0, 1):
+        # a group's class is its majority label (in Kermany every patient has one class)
+        ids = sorted(g for g, ss in by_group.items() if Counter(s.label for s in ss).most_common(1)[0][0] == label)
+        random.Random(f"{seed}-{label}").shuffle(ids)
+        target = val_fraction * sum(len(by_group[g]) for g in ids)
+        taken = 0
+        for g in ids:
+            if taken >= target:
+                break
+            val_groups.add(g)
+            taken += len(by_group[g])
+    train = [s for s in samples if groups[s.patient] not in val_groups]
+    val = [s for s in samples if groups[s.patient] in val_groups]
+    return train, val
+
+
+def load_splits(root: str | Path, val_fraction: float, seed: int) -> dict[str, list[Sample]]:
+    """`train` and `val` carved from train/ by patient, plus `official-val` and `test` when present."""
+    train, val = patient_split(list_split(root, "train"), val_fraction, seed)
+    splits = {"train": train, "val": val}
+    for name, folder in (("official-val", "val"), ("test", "test")):
+        if find_split(root, folder) is not None:
+            splits[name] = list_split(root, folder)
+    return splits
+
+
+def samples_for(root: str | Path, split: str, val_fraction: float = 0.15, seed: int = 0) -> list[Sample]:
+    """Samples of a named split: `train`/`val` (patient-level, carved from train/), `official-val`, `test`."""
+    if split in ("train", "val"):
+        train, val = patient_split(list_split(root, "train"), val_fraction, seed)
+        return train if split == "train" else val
+    folder = "val" if split == "official-val" else split
+    if find_split(root, folder) is None:
+        raise DatasetError(f"{root} has no {folder}/ folder.\n\n{LAYOUT_HELP}")
+    return list_split(root, folder)
+
+
+def describe(samples: list[Sample]) -> dict:
+    """Image and patient counts per class, for reports and the app's Data page."""
+    out = {}
+    for label, name in enumerate(CLASSES):
+        ss = [s for s in samples if s.label == label]
+        out[name] = {"images": len(ss), "patients": len({s.patient for s in ss})}
+    return out

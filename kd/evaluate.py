@@ -1,0 +1,76 @@
+"""Evaluation of a teacher/student pair: probabilities on a split, then the report of kd.metrics."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kd import metrics
+from kd.augment import center
+from kd.cache import ImageSet
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: ImageSet, size: int, device: torch.device,
+                   batch_size: int = 64, progress=None) -> np.ndarray:
+    """Logits [N, 2] of the whole-image view at `size`; `progress(done, total)` is called per batch."""
+    was_training = model.training
+    model.eval()
+    out = []
+    n = len(images)
+    for start in tqdm(range(0, n, batch_size), desc="predict", leave=False, disable=None):
+        x, _ = images.batch(np.arange(start, min(start + batch_size, n)), device)
+        x = center(x, size).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(x).float().cpu())
+        if progress:
+            progress(min(start + batch_size, n), n)
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.float32)
+
+
+def model_report(labels: np.ndarray, logits: np.ndarray, threshold: float, temperature: float = 1.0,
+                 n_boot: int = 1000, seed: int = 0) -> dict:
+    """Metrics at `threshold` and at 0.5 with bootstrap CIs, ROC points, calibration (ECE after scaling)."""
+    p = metrics.softmax_pneumonia(logits)
+    p_cal = metrics.softmax_pneumonia(logits, temperature)
+    rep = metrics.report(labels, p, threshold, n_boot=n_boot, seed=seed)
+    rep["roc"] = metrics.roc_points(labels, p)
+    rep["calibration"] = {
+        "temperature": temperature,
+        "ece_raw": metrics.expected_calibration_error(labels, p),
+        "ece_scaled": metrics.expected_calibration_error(labels, p_cal),
+        "curve": metrics.calibration_curve(labels, p_cal),
+    }
+    return rep
+
+
+def evaluate_weights(weights_dir, data_root, split: str = "test", device: torch.device | None = None,
+                     n_boot: int = 1000, progress=None) -> dict:
+    """Teacher and student on a split, at the model card's thresholds and at 0.5, with 95% bootstrap CIs.
+
+    `split`: test | official-val | val | train (val/train: the patient-level split of the card's config)."""
+    from kd.cache import build_cache
+    from kd.data import samples_for
+    from kd.inference import load_pair
+
+    device = device or torch.device("cpu")
+    pair = load_pair(weights_dir)
+    cfg = pair.card.get("config", {})
+    samples = samples_for(data_root, split, cfg.get("val_fraction", 0.15), cfg.get("seed", 0))
+    cache = build_cache([s.path for s in samples], pair.input_size, None, progress=progress is None)
+    images = ImageSet.from_cache(cache, [s.label for s in samples])
+    result = {"split": split, "data": str(data_root), "n": len(images), "skipped_unreadable": cache.errors,
+              "weights": str(weights_dir), "input_size": pair.input_size}
+    decisions = {}
+    for i, (role, m) in enumerate(pair.models.items()):
+        step = (lambda d, n, i=i: progress((i + d / n) / len(pair.models))) if progress else None
+        logits = predict_logits(m.model.to(device), images, pair.input_size, device, progress=step)
+        result[role] = model_report(images.labels, logits, m.threshold, m.temperature, n_boot=n_boot)
+        result[role]["probabilities"] = metrics.softmax_pneumonia(logits).round(5).tolist()
+        decisions[role] = np.asarray(result[role]["probabilities"]) >= m.threshold
+    result["labels"] = images.labels.tolist()
+    result["files"] = [samples[r].path for r in images.rows]
+    result["agreement"] = float(np.mean(decisions["teacher"] == decisions["student"])) if len(images) else None
+    return result

@@ -1,0 +1,80 @@
+"""Loading shipped weights and predicting on single files: what `kd predict` and the app share."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kd import preprocess
+from kd.checkpoint import CheckpointError, load_weights
+from kd.metrics import softmax_pneumonia
+from kd.model_card import CARD_FILE, read_card
+from kd.models import build
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+ROLES = ("teacher", "student")
+
+
+@dataclass
+class LoadedModel:
+    role: str
+    model: nn.Module
+    threshold: float
+    temperature: float = 1.0
+    lock: threading.Lock = field(default_factory=threading.Lock)  # hooks and autograd state are per model
+
+
+@dataclass
+class ModelPair:
+    """Teacher and student from one weights folder, with their model card."""
+
+    card: dict
+    models: dict[str, LoadedModel]
+    weights_dir: Path
+
+    @property
+    def input_size(self) -> int:
+        return int(self.card["input"]["size"])
+
+
+def load_pair(weights_dir: str | Path = DEFAULT_WEIGHTS) -> ModelPair:
+    """Build both architectures from the card and load their safetensors (CPU, eval, channels_last)."""
+    weights_dir = Path(weights_dir)
+    if not (weights_dir / CARD_FILE).exists():
+        raise CheckpointError(f"No {CARD_FILE} in {weights_dir}: not a weights folder (run `python -m kd pipeline` "
+                              f"or point to a folder with teacher.safetensors, student.safetensors, {CARD_FILE}).")
+    card = read_card(weights_dir)
+    models = {}
+    for role in ROLES:
+        info = card["models"][role]
+        model = load_weights(build(info["architecture"]), weights_dir / info["file"]).eval()
+        model = model.to(memory_format=torch.channels_last)
+        threshold = float(info.get("threshold", 0.5))
+        models[role] = LoadedModel(role, model, threshold, float(info.get("temperature", 1.0)))
+    return ModelPair(card, models, weights_dir)
+
+
+@torch.inference_mode()
+def predict_square(pair: ModelPair, square: np.ndarray) -> dict[str, dict]:
+    """Probability of pneumonia and decision of each model for one preprocessed square image."""
+    x = preprocess.to_tensor(square).contiguous(memory_format=torch.channels_last)
+    out = {}
+    for role, m in pair.models.items():
+        t0 = time.perf_counter()
+        with m.lock:
+            logits = m.model(x).float().numpy()
+        p = float(softmax_pneumonia(logits)[0])
+        out[role] = {"probability": p, "decision": "PNEUMONIA" if p >= m.threshold else "NORMAL",
+                     "threshold": m.threshold, "seconds": time.perf_counter() - t0}
+    return out
+
+
+def predict_bytes(pair: ModelPair, data: bytes, name: str = "upload") -> dict:
+    """Decode, preprocess and predict; raises preprocess.ImageError with a human message."""
+    square, xray = preprocess.prepare(data, pair.input_size, name)
+    return {"file": name, **predict_square(pair, square), "warnings": list(xray.warnings)}

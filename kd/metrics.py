@@ -1,0 +1,322 @@
+"""Binary classification metrics for the pneumonia evaluation report.
+
+Positive class is pneumonia (label 1). Inputs are label arrays ``y`` (0/1) and
+probabilities ``p`` of pneumonia. A case is predicted positive when ``p >= threshold``
+(the same convention as ``sklearn.metrics.roc_curve``).
+
+Conventions for undefined ratios (documented so the report is never NaN):
+* ``auc`` is ``None`` when only one class is present in ``y``.
+* ``sensitivity`` / ``specificity`` / ``precision`` / ``f1`` are ``0.0`` when their
+  denominator is zero (scikit-learn's ``zero_division=0``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+DEFAULT_CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
+_BOOT_CELLS_PER_CHUNK = 2_000_000  # bounds memory of the [resamples, cases] count matrix
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _as_labels_and_probs(y, p) -> tuple[np.ndarray, np.ndarray]:
+    """Validate inputs once so every metric sees 1-D int labels and float probabilities."""
+    y = np.asarray(y).reshape(-1)
+    p = np.asarray(p, dtype=np.float64).reshape(-1)
+    if y.shape != p.shape:
+        raise ValueError(f"y and p differ in length: {y.shape[0]} vs {p.shape[0]}")
+    if y.size == 0:
+        raise ValueError("metrics need at least one case")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (normal) or 1 (pneumonia)")
+    if not np.isfinite(p).all():
+        raise ValueError("probabilities must be finite")
+    return y.astype(np.int64), p
+
+
+def _safe_ratio(num, den):
+    """Ratio that is 0.0 where the denominator is 0 (works on scalars and arrays)."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den != 0)
+    return out if out.ndim else float(out)
+
+
+def _has_both_classes(y: np.ndarray) -> bool:
+    """AUC and ROC need at least one positive and one negative case."""
+    return bool(y.min() == 0 and y.max() == 1)
+
+
+def _rates_from_counts(tp, fp, fn, tn) -> dict:
+    """One formula for point estimates and bootstrap resamples keeps them consistent."""
+    return {
+        "accuracy": _safe_ratio(tp + tn, tp + fp + fn + tn),
+        "sensitivity": _safe_ratio(tp, tp + fn),
+        "specificity": _safe_ratio(tn, tn + fp),
+        "precision": _safe_ratio(tp, tp + fp),
+        "f1": _safe_ratio(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+# ----------------------------------------------------------------------------- point metrics
+
+
+def binary_metrics(y, p, threshold: float = 0.5) -> dict:
+    """Headline metrics at one operating point, as plain JSON-serialisable Python values."""
+    y, p = _as_labels_and_probs(y, p)
+    pred = (p >= threshold).astype(np.int64)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    auc = float(roc_auc_score(y, p)) if _has_both_classes(y) else None
+    return {
+        "auc": auc,
+        **_rates_from_counts(tp, fp, fn, tn),
+        "threshold": float(threshold),
+        "n": int(y.size),
+        "n_positive": int(y.sum()),
+        "n_negative": int(y.size - y.sum()),
+        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }
+
+
+def rank_auc(y, p) -> float:
+    """Mann–Whitney AUC in numpy; same value as roc_auc_score, used to validate the bootstrap."""
+    y, p = _as_labels_and_probs(y, p)
+    return float(weighted_rank_auc(y, p, np.ones((1, y.size)))[0])
+
+
+def weighted_rank_auc(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUC of many resamples at once; weights[b, i] = how often case i occurs in resample b.
+
+    Rank-sum (Mann–Whitney U) formula with mid-ranks for ties, where each case counts
+    with its multiplicity: AUC = (R_pos - n_pos (n_pos + 1) / 2) / (n_pos n_neg).
+    Returns NaN for resamples that lack one of the classes.
+    """
+    order = np.argsort(p, kind="mergesort")
+    p_sorted, y_sorted = p[order], y[order].astype(np.float64)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))[:, order]
+    group_starts = np.flatnonzero(np.r_[True, p_sorted[1:] != p_sorted[:-1]])
+    pos_per_group = np.add.reduceat(w * y_sorted, group_starts, axis=1)
+    all_per_group = np.add.reduceat(w, group_starts, axis=1)
+    cases_below = np.cumsum(all_per_group, axis=1) - all_per_group
+    mid_rank = cases_below + (all_per_group + 1.0) / 2.0
+    n_pos = pos_per_group.sum(axis=1)
+    n_neg = all_per_group.sum(axis=1) - n_pos
+    rank_sum_pos = (pos_per_group * mid_rank).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = (rank_sum_pos - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg)
+    auc[(n_pos == 0) | (n_neg == 0)] = np.nan
+    return auc
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def _resample_counts(rng: np.random.Generator, n_resamples: int, n: int) -> np.ndarray:
+    """Multiplicity of each case in each resample (with replacement), shape [resamples, n]."""
+    idx = rng.integers(0, n, size=(n_resamples, n))
+    flat = (idx + (np.arange(n_resamples) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n).astype(np.float64)
+
+
+def _bootstrap_metric_samples(y, p, threshold, counts, metrics) -> dict[str, np.ndarray]:
+    """Metric values for each resample described by a count matrix."""
+    pred = p >= threshold
+    is_pos = y == 1
+    tp = counts @ (pred & is_pos)
+    fp = counts @ (pred & ~is_pos)
+    fn = counts @ (~pred & is_pos)
+    tn = counts @ (~pred & ~is_pos)
+    values = _rates_from_counts(tp, fp, fn, tn)
+    if "auc" in metrics:
+        values["auc"] = weighted_rank_auc(y, p, counts)
+    return {m: values[m] for m in metrics}
+
+
+def bootstrap_ci(
+    y,
+    p,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    metrics=DEFAULT_CI_METRICS,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs over cases, to show how much each metric could move.
+
+    Resamples where AUC is undefined (one class only) are skipped for AUC; other
+    metrics use the 0.0-when-undefined convention of ``binary_metrics``. A metric
+    with no usable resample gets ``(None, None)``.
+    """
+    y, p = _as_labels_and_probs(y, p)
+    unknown = set(metrics) - set(DEFAULT_CI_METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics: {sorted(unknown)}")
+    if n_boot < 1 or not 0.0 < alpha < 1.0:
+        raise ValueError("need n_boot >= 1 and 0 < alpha < 1")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CELLS_PER_CHUNK // y.size)
+    samples: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
+    for start in range(0, n_boot, chunk):
+        counts = _resample_counts(rng, min(chunk, n_boot - start), y.size)
+        for m, v in _bootstrap_metric_samples(y, p, threshold, counts, metrics).items():
+            samples[m].append(v)
+    return {m: _percentile_interval(np.concatenate(v), alpha) for m, v in samples.items()}
+
+
+def _percentile_interval(values: np.ndarray, alpha: float) -> tuple:
+    """(alpha/2, 1-alpha/2) quantiles of the finite bootstrap values."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return (None, None)
+    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return (float(lo), float(hi))
+
+
+def report(y, p, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Evaluation-report block: metrics at the chosen threshold with 95% CIs (and at 0.5)."""
+    alpha = 0.05
+    out = _metrics_with_ci(y, p, threshold, n_boot, seed, alpha)
+    out["ci_level"] = 1.0 - alpha
+    if float(threshold) != 0.5:
+        out["at_0.5"] = _metrics_with_ci(y, p, 0.5, n_boot, seed, alpha)
+    return out
+
+
+def _metrics_with_ci(y, p, threshold, n_boot, seed, alpha) -> dict:
+    """binary_metrics plus a JSON-friendly "ci" mapping of [lo, hi] lists."""
+    out = binary_metrics(y, p, threshold)
+    ci = bootstrap_ci(y, p, threshold=threshold, n_boot=n_boot, alpha=alpha, seed=seed)
+    out["ci"] = {m: [lo, hi] for m, (lo, hi) in ci.items()}
+    out["n_boot"] = int(n_boot)
+    return out
+
+
+# ----------------------------------------------------------------------------- thresholds / ROC
+
+
+def _roc(y, p, drop_intermediate: bool):
+    """roc_curve with labels checked and thresholds clipped into [0, 1] (first one is inf)."""
+    y, p = _as_labels_and_probs(y, p)
+    if not _has_both_classes(y):
+        raise ValueError("ROC needs both classes in y")
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=drop_intermediate)
+    return fpr, tpr, np.clip(thresholds, 0.0, 1.0)
+
+
+def choose_threshold(y, p, method: str = "youden", min_sensitivity: float = 0.95) -> float:
+    """Pick the operating point on validation data, never on the test set.
+
+    "youden": maximise sensitivity + specificity - 1; ties go to the threshold closest to 0.5.
+    "sensitivity": the highest threshold whose sensitivity is >= min_sensitivity.
+    """
+    fpr, tpr, thresholds = _roc(y, p, drop_intermediate=False)
+    if method == "youden":
+        j = tpr - fpr
+        best = np.flatnonzero(j >= j.max() - 1e-12)
+        return float(thresholds[best[np.argmin(np.abs(thresholds[best] - 0.5))]])
+    if method == "sensitivity":
+        if not 0.0 <= min_sensitivity <= 1.0:
+            raise ValueError("min_sensitivity must be in [0, 1]")
+        # thresholds decrease along the curve, so the first hit is the highest threshold
+        return float(thresholds[np.flatnonzero(tpr >= min_sensitivity - 1e-12)[0]])
+    raise ValueError(f"unknown method {method!r}; use 'youden' or 'sensitivity'")
+
+
+def roc_points(y, p, max_points: int = 200) -> dict:
+    """ROC curve for plotting, small and JSON-safe (no inf), endpoints kept."""
+    if max_points < 2:
+        raise ValueError("max_points must be >= 2 to keep both endpoints")
+    fpr, tpr, thresholds = _roc(y, p, drop_intermediate=True)
+    if fpr.size > max_points:
+        keep = np.unique(np.round(np.linspace(0, fpr.size - 1, max_points)).astype(np.int64))
+        fpr, tpr, thresholds = fpr[keep], tpr[keep], thresholds[keep]
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thresholds.tolist()}
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def expected_calibration_error(y, p, n_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): does the confidence of the predicted class match its accuracy?
+
+    Confidence = max(p, 1 - p), prediction = p >= 0.5; equal-width bins (lo, hi] over [0, 1].
+    """
+    y, p = _as_labels_and_probs(y, p)
+    confidence = np.maximum(p, 1.0 - p)
+    correct = ((p >= 0.5).astype(np.int64) == y).astype(np.float64)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins)
+    correct_sum = np.bincount(bins, weights=correct, minlength=n_bins)
+    return float(np.abs(correct_sum - conf_sum).sum() / y.size)
+
+
+def calibration_curve(y, p, n_bins: int = 10) -> dict:
+    """Reliability-diagram data over equal-width bins of p; empty bins are left out."""
+    y, p = _as_labels_and_probs(y, p)
+    bins = np.clip(np.floor(p * n_bins).astype(np.int64), 0, n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    p_sum = np.bincount(bins, weights=p, minlength=n_bins)
+    pos_sum = np.bincount(bins, weights=y.astype(np.float64), minlength=n_bins)
+    filled = count > 0
+    mids = (np.arange(n_bins) + 0.5) / n_bins
+    return {
+        "bin_mid": mids[filled].tolist(),
+        "mean_predicted": (p_sum[filled] / count[filled]).tolist(),
+        "fraction_positive": (pos_sum[filled] / count[filled]).tolist(),
+        "count": count[filled].astype(int).tolist(),
+    }
+
+
+def _as_two_class_logits(logits) -> np.ndarray:
+    """Temperature scaling here is for the two-class head: [N, 2] logits."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != 2:
+        raise ValueError(f"expected logits of shape [N, 2], got {z.shape}")
+    return z
+
+
+def _temperature_nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """Mean NLL of softmax(z / T), computed via the stable logit difference."""
+    margin = (z[:, 1] - z[:, 0]) / temperature
+    signed = np.where(y == 1, margin, -margin)
+    return float(np.mean(np.logaddexp(0.0, -signed)))
+
+
+def fit_temperature(logits, y, max_iter: int = 200) -> float:
+    """Temperature T > 0 minimising validation NLL (Guo et al. 2017), for calibrated probabilities.
+
+    Deterministic golden-section search over log T in [-3, 3]; NLL is unimodal in log T.
+    """
+    z = _as_two_class_logits(logits)
+    y = np.asarray(y).reshape(-1).astype(np.int64)
+    if y.shape[0] != z.shape[0]:
+        raise ValueError("logits and y differ in length")
+    nll = lambda log_t: _temperature_nll(z, y, float(np.exp(log_t)))  # noqa: E731
+    inv_phi = (np.sqrt(5.0) - 1.0) / 2.0
+    lo, hi = -3.0, 3.0
+    a, b = hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(max_iter):
+        if hi - lo < 1e-9:
+            break
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - inv_phi * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + inv_phi * (hi - lo)
+            fb = nll(b)
+    return float(np.exp((lo + hi) / 2.0))
+
+
+def softmax_pneumonia(logits, temperature: float = 1.0) -> np.ndarray:
+    """p(pneumonia) = softmax(logits / T)[:, 1], for turning model outputs into probabilities."""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    z = _as_two_class_logits(logits)
+    margin = (z[:, 1] - z[:, 0]) / temperature
+    return np.exp(-np.logaddexp(0.0, -margin))

@@ -1,0 +1,207 @@
+"""What each phase optimises. The training loop (kd.train) is the same for all of them.
+
+An objective is an nn.Module: `forward(images_uint8, labels, generator)` augments the batch and
+returns `(loss, stats)`, so DDP can wrap it whole. `validate` gives the phase's probe metric;
+`exports` names the models the phase produces.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightly.loss import NegativeCosineSimilarity, NTXentLoss
+from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, SimCLRProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.utils.benchmarking import knn_predict
+from lightly.utils.scheduler import cosine_schedule
+from torch import nn
+
+from kd import augment, metrics
+from kd.cache import ImageSet
+from kd.evaluate import predict_logits
+from kd.losses import HintLoss, distillation_loss
+from kd.models import embed, feature_dim, feature_map
+
+
+@dataclass
+class ValContext:
+    """What validation needs: the held-out split, the training split (kNN bank), and where to run."""
+
+    val: ImageSet | None
+    train: ImageSet
+    device: torch.device
+    batch_size: int = 64
+    knn_k: int = 20
+    max_knn_bank: int = 2000
+
+
+def class_weights(counts) -> torch.Tensor:
+    """Inverse-frequency weights (1,341 normal vs 3,875 pneumonia in Kermany train)."""
+    counts = torch.as_tensor(np.maximum(np.asarray(counts, dtype=np.float64), 1.0))
+    return (counts.sum() / (len(counts) * counts)).float()
+
+
+def logits_and_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    fmap = feature_map(model, x)
+    return model.fc(torch.flatten(model.avgpool(fmap), 1)), fmap
+
+
+class Objective(nn.Module):
+    exports: tuple[str, ...] = ()
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        self.image_size = image_size
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Hook after each optimiser step (BYOL's momentum update)."""
+
+    def validate(self, ctx: ValContext) -> dict:
+        return {}
+
+    def exported(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in self.exports}
+
+
+class SSLObjective(Objective):
+    """Self-supervised pretraining of the teacher backbone with lightly's objectives.
+
+    simclr: Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations" (2020).
+    byol: Grill et al., "Bootstrap Your Own Latent" (2020), momentum target network.
+    """
+
+    exports = ("teacher",)
+
+    def __init__(self, teacher: nn.Module, method: str, image_size: int, distributed: bool = False):
+        super().__init__(image_size)
+        self.teacher, self.method = teacher, method
+        dim = feature_dim(teacher)
+        if method == "simclr":
+            self.head = SimCLRProjectionHead(dim, dim, 128)
+            self.criterion = NTXentLoss(temperature=0.2, gather_distributed=distributed)
+        elif method == "byol":
+            self.head = BYOLProjectionHead(dim, 4096, 256)
+            self.predictor = BYOLPredictionHead(256, 4096, 256)
+            self.target_backbone = copy.deepcopy(teacher)
+            self.target_head = copy.deepcopy(self.head)
+            deactivate_requires_grad(self.target_backbone)
+            deactivate_requires_grad(self.target_head)
+            self.criterion = NegativeCosineSimilarity()
+        else:
+            raise ValueError(f"unknown SSL method {method!r}")
+
+    def forward(self, images, labels, generator):
+        v1 = augment.SSL(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
+        v2 = augment.SSL(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
+        if self.method == "simclr":
+            z = self.head(embed(self.teacher, torch.cat([v1, v2])))
+            z1, z2 = z.chunk(2)
+            return self.criterion(z1, z2), {}
+        p1, p2 = (self.predictor(self.head(embed(self.teacher, v))) for v in (v1, v2))
+        with torch.no_grad():
+            t1, t2 = (self.target_head(embed(self.target_backbone, v)) for v in (v1, v2))
+        return 0.5 * (self.criterion(p1, t2) + self.criterion(p2, t1)), {}
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        if self.method == "byol":
+            m = cosine_schedule(step, max(total_steps, 1), 0.99, 1.0)
+            update_momentum(self.teacher, self.target_backbone, m)
+            update_momentum(self.head, self.target_head, m)
+
+    @torch.no_grad()
+    def validate(self, ctx: ValContext) -> dict:
+        """kNN accuracy of the embeddings on the validation split (Wu et al. 2018's SSL probe)."""
+        if ctx.val is None or len(ctx.val) == 0:
+            return {}
+        labelled = np.flatnonzero(ctx.train.labels >= 0)
+        bank_idx = labelled[np.linspace(0, len(labelled) - 1, min(ctx.max_knn_bank, len(labelled))).astype(int)]
+        bank, bank_labels = self._embed(ctx, ctx.train, bank_idx)
+        feats, val_labels = self._embed(ctx, ctx.val, np.arange(len(ctx.val)))
+        pred = knn_predict(feats, bank.t().contiguous(), bank_labels, num_classes=2,
+                           knn_k=min(ctx.knn_k, len(bank_idx)), knn_t=0.1)[:, 0]
+        correct = (pred == val_labels).float()
+        recalls = [correct[val_labels == c].mean().item() for c in (0, 1) if (val_labels == c).any()]
+        return {"knn_accuracy": correct.mean().item(), "knn_balanced_accuracy": float(np.mean(recalls))}
+
+    def _embed(self, ctx: ValContext, images: ImageSet, index: np.ndarray):
+        was_training = self.training
+        self.eval()
+        feats, labels = [], []
+        for start in range(0, len(index), ctx.batch_size):
+            x, y = images.batch(index[start:start + ctx.batch_size], ctx.device)
+            x = augment.center(x, self.image_size).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+                feats.append(F.normalize(embed(self.teacher, x).float(), dim=1))
+            labels.append(y)
+        self.train(was_training)
+        return torch.cat(feats), torch.cat(labels).to(ctx.device)
+
+
+def _supervised_validate(model: nn.Module, image_size: int, ctx: ValContext) -> dict:
+    if ctx.val is None or len(ctx.val) == 0:
+        return {}
+    p = metrics.softmax_pneumonia(predict_logits(model, ctx.val, image_size, ctx.device, ctx.batch_size))
+    m = metrics.binary_metrics(ctx.val.labels, p, 0.5)
+    return {k: m[k] for k in ("auc", "accuracy", "sensitivity", "specificity")}
+
+
+class SupervisedObjective(Objective):
+    """Weighted cross-entropy on labels: fine-tuning the teacher, or the labels-only student baseline."""
+
+    def __init__(self, model: nn.Module, role: str, image_size: int, class_weight: torch.Tensor):
+        super().__init__(image_size)
+        setattr(self, role, model)
+        self.role = role
+        self.exports = (role,)
+        self.register_buffer("class_weight", class_weight)
+
+    @property
+    def model(self) -> nn.Module:
+        return getattr(self, self.role)
+
+    def forward(self, images, labels, generator):
+        x = augment.SUPERVISED(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
+        return F.cross_entropy(self.model(x), labels, weight=self.class_weight), {}
+
+    def validate(self, ctx: ValContext) -> dict:
+        return _supervised_validate(self.model, self.image_size, ctx)
+
+
+class DistillationObjective(Objective):
+    """Student trained on labels and on the frozen teacher's softened outputs (kd.losses.distill),
+    both seeing the same augmented view (Beyer et al. 2022: a consistent, patient teacher)."""
+
+    exports = ("student",)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, image_size: int, class_weight: torch.Tensor,
+                 temperature: float, alpha: float, hint_weight: float = 0.0):
+        super().__init__(image_size)
+        self.student, self.teacher = student, teacher
+        deactivate_requires_grad(self.teacher)
+        self.temperature, self.alpha, self.hint_weight = temperature, alpha, hint_weight
+        self.hint = HintLoss(feature_dim(student), feature_dim(teacher)) if hint_weight > 0 else None
+        self.register_buffer("class_weight", class_weight)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: BatchNorm statistics must not drift
+        return self
+
+    def forward(self, images, labels, generator):
+        x = augment.SUPERVISED(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            t_logits, t_map = logits_and_map(self.teacher, x)
+        s_logits, s_map = logits_and_map(self.student, x)
+        loss = distillation_loss(s_logits, t_logits, labels, self.temperature, self.alpha, self.class_weight)
+        stats = {}
+        if self.hint is not None:
+            hint = self.hint(s_map, t_map)
+            loss = loss + self.hint_weight * hint
+            stats["hint"] = hint.detach()
+        return loss, stats
+
+    def validate(self, ctx: ValContext) -> dict:
+        return _supervised_validate(self.student, self.image_size, ctx)

@@ -16,7 +16,9 @@ from kd.metrics import softmax_pneumonia
 from kd.model_card import CARD_FILE, read_card
 from kd.models import build
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+import os
+
+DEFAULT_WEIGHTS = Path(os.environ.get("KD_WEIGHTS") or Path(__file__).resolve().parent.parent / "weights")
 ROLES = ("teacher", "student")
 
 

@@ -1,0 +1,120 @@
+"""Grad-CAM heat maps of teacher and student, how far they agree, and how faithful they are.
+
+The maps come from pytorch_grad_cam on layer4 (7x7 at 224 px), for the PNEUMONIA logit of both
+models, so the two maps answer the same question: which regions raise the pneumonia score. The CAM
+forward pass also gives the probability, so diagnosing costs one forward and one backward per model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam.metrics.road import ROADCombined
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+
+from kd import preprocess
+from kd.inference import LoadedModel, ModelPair
+from kd.metrics import softmax_pneumonia
+
+METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}
+PNEUMONIA = 1
+TOP_FRACTION = 0.2  # the "hot" region compared by the agreement score
+AGREEMENT_HELP = ("CAM agreement: Pearson correlation of the two heat maps (1 = same regions, 0 = unrelated) and "
+                  "overlap (IoU) of their hottest 20% of pixels.")
+ROAD_HELP = ("Faithfulness (ROAD, Rong et al. 2022): how much the pneumonia score drops when the pixels the map calls "
+             "important are removed, minus the drop when unimportant ones are; higher = the map explains the model.")
+
+
+def explain(loaded: LoadedModel, x: torch.Tensor, method: str = "GradCAM") -> tuple[float, np.ndarray]:
+    """Probability of pneumonia and the CAM [H, W] in [0, 1] for one normalised input [1, 1, H, W].
+
+    The model's lock makes this safe when several app sessions diagnose at once; the context
+    manager releases the hooks even on error."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown CAM method {method!r}; choose {', '.join(METHODS)}")
+    model = loaded.model
+    with loaded.lock, torch.enable_grad(), METHODS[method](model=model, target_layers=[model.layer4[-1]]) as cam:
+        maps = cam(input_tensor=x.contiguous(memory_format=torch.channels_last),
+                   targets=[ClassifierOutputTarget(PNEUMONIA)] * x.shape[0])
+        logits = cam.outputs.detach().float().cpu().numpy()
+    return float(softmax_pneumonia(logits)[0]), maps[0]
+
+
+def overlay(square: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> np.ndarray:
+    """RGB uint8 picture of the X-ray with the heat map (jet) blended at `opacity`."""
+    rgb = np.repeat((square.astype(np.float32) / 255)[..., None], 3, axis=2)
+    return show_cam_on_image(rgb, cam.astype(np.float32), use_rgb=True, image_weight=1.0 - float(opacity))
+
+
+def agreement(cam_a: np.ndarray, cam_b: np.ndarray) -> dict[str, float]:
+    """Correlation of two maps and IoU of their top-20% regions (see AGREEMENT_HELP)."""
+    a, b = cam_a.ravel().astype(np.float64), cam_b.ravel().astype(np.float64)
+    corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+    k = max(1, int(TOP_FRACTION * a.size))
+    top_a, top_b = np.zeros(a.size, bool), np.zeros(b.size, bool)
+    top_a[np.argsort(a)[-k:]] = True
+    top_b[np.argsort(b)[-k:]] = True
+    iou = float((top_a & top_b).sum() / (top_a | top_b).sum())
+    return {"correlation": corr, "top20_iou": iou}
+
+
+@dataclass
+class ModelView:
+    probability: float
+    decision: str
+    threshold: float
+    cam: np.ndarray
+    overlay: np.ndarray
+    seconds: float
+
+
+@dataclass
+class Diagnosis:
+    square: np.ndarray  # what the models saw (uint8, size x size)
+    xray: preprocess.XRay
+    views: dict[str, ModelView]
+    agreement: dict[str, float]
+
+    @property
+    def same_decision(self) -> bool:
+        return len({v.decision for v in self.views.values()}) == 1
+
+
+def diagnose_square(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay | None = None,
+                    method: str = "GradCAM", opacity: float = 0.4) -> Diagnosis:
+    x = preprocess.to_tensor(square)
+    views = {}
+    for role, loaded in pair.models.items():
+        t0 = time.perf_counter()
+        p, cam = explain(loaded, x, method)
+        seconds = time.perf_counter() - t0
+        views[role] = ModelView(p, "PNEUMONIA" if p >= loaded.threshold else "NORMAL", loaded.threshold, cam,
+                                overlay(square, cam, opacity), seconds)
+    return Diagnosis(square, xray, views, agreement(views["teacher"].cam, views["student"].cam))
+
+
+def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = "GradCAM",
+             opacity: float = 0.4) -> Diagnosis:
+    """Bytes of an upload -> both predictions and both heat maps; raises preprocess.ImageError."""
+    square, xray = preprocess.prepare(data, pair.input_size, name)
+    return diagnose_square(pair, square, xray, method, opacity)
+
+
+def road_scores(loaded: LoadedModel, squares: np.ndarray, method: str = "GradCAM",
+                percentiles=(20, 40, 60, 80), progress=None) -> np.ndarray:
+    """ROAD combined faithfulness score of each image's CAM for the pneumonia class."""
+    scores = []
+    metric = ROADCombined(percentiles=list(percentiles))
+    for i, square in enumerate(squares):
+        x = preprocess.to_tensor(square)
+        _, cam = explain(loaded, x, method)
+        with loaded.lock, torch.no_grad():
+            score = metric(x, cam[None], [ClassifierOutputSoftmaxTarget(PNEUMONIA)], loaded.model)
+        scores.append(float(np.asarray(score).ravel()[0]))
+        if progress:
+            progress(i + 1, len(squares))
+    return np.asarray(scores)

@@ -1,0 +1,205 @@
+"""Background training jobs for the app: one at a time, surviving page reruns and closed tabs.
+
+A job is `python -m kd <command>` (or torchrun for several GPUs) in its own process group, so
+stopping it stops every worker. The lock file names the job's pid and the process start time; a
+lock whose process is gone (or was replaced by another with the same pid) is stale and recovered.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kd.checkpoint import write_json_atomic
+from kd.config import Config
+from kd.inference import DEFAULT_WEIGHTS
+from kd.model_card import CARD_FILE
+from kd.progress import read_status
+
+REPO = Path(__file__).resolve().parent.parent
+RUNS_ROOT = Path(os.environ.get("KD_RUNS_DIR") or REPO / "runs")
+LOCK_FILE = ".job.lock"
+ACTIVE_FILE = "active.json"
+COMMANDS = ("pipeline", "pretrain", "finetune", "distill")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class JobError(RuntimeError):
+    """A job cannot be started, stopped or found; the message says why."""
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (None if it is gone or a zombie, which is reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    if fields[0] in ("Z", "X"):
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return None
+    return fields[19]
+
+
+def _read_lock(runs_root: Path) -> dict | None:
+    try:
+        return json.loads((runs_root / LOCK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def current_job(runs_root: str | Path = RUNS_ROOT) -> dict | None:
+    """The running job's lock record, or None; a stale lock is removed."""
+    runs_root = Path(runs_root)
+    lock = _read_lock(runs_root)
+    if lock is None:
+        if (runs_root / LOCK_FILE).exists():  # unreadable: half-written by a crashed start
+            (runs_root / LOCK_FILE).unlink(missing_ok=True)
+        return None
+    if _start_time(int(lock.get("pid", -1))) == lock.get("start_time") and lock.get("start_time"):
+        return lock
+    (runs_root / LOCK_FILE).unlink(missing_ok=True)
+    status = read_status(lock.get("run_dir", ""))
+    if status and status.get("state") == "running":  # died without saying so (killed, OOM)
+        write_json_atomic(Path(lock["run_dir"]) / "status.json", {**status, "state": "failed",
+                          "error": "the training process ended unexpectedly; Resume continues from the last epoch"})
+    return None
+
+
+def run_dir_for(name: str, runs_root: str | Path = RUNS_ROOT) -> Path:
+    """A run folder inside runs_root; names are restricted so no path can escape it."""
+    if not _RUN_NAME.match(name or ""):
+        raise JobError(f"Run name {name!r} is not allowed: use letters, digits, '.', '_' or '-' (max 64).")
+    return Path(runs_root) / name
+
+
+def start_job(cfg: Config, command: str = "pipeline", gpus: int = 1, resume: bool = False,
+              runs_root: str | Path = RUNS_ROOT) -> dict:
+    """Launch training in the background; refuses when a job is already running."""
+    if command not in COMMANDS:
+        raise JobError(f"Unknown job {command!r}; choose one of {', '.join(COMMANDS)}.")
+    runs_root = Path(runs_root)
+    run_dir = Path(cfg.out).resolve()
+    if runs_root.resolve() not in run_dir.parents:
+        raise JobError(f"Runs are written inside {runs_root} only.")
+    cfg.validate()
+    runs_root.mkdir(parents=True, exist_ok=True)
+    lock_path = runs_root / LOCK_FILE
+    running = current_job(runs_root)
+    if running:
+        raise JobError(f"A training job is already running ({Path(running['run_dir']).name}, pid {running['pid']}). "
+                       "Stop it first or wait for it to finish.")
+    try:
+        fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # atomic: one winner
+    except FileExistsError:
+        raise JobError("Another training job is being started right now.") from None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "config.json"
+        if not (resume and config_path.exists()):
+            cfg.save(config_path)
+        args = ["-m", "kd", command, "--data", cfg.data, "--out", str(run_dir), "--config", str(config_path),
+                "--device", cfg.device] + (["--resume"] if resume else [])
+        if gpus > 1:
+            args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", *args[1:]]
+        log = open(run_dir / "train.log", "ab")
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        record = {"pid": proc.pid, "pgid": proc.pid, "start_time": None, "run_dir": str(run_dir),
+                  "command": command, "gpus": gpus, "started": time.time()}
+        for _ in range(50):  # /proc entry appears immediately, but be tolerant
+            record["start_time"] = _start_time(proc.pid)
+            if record["start_time"]:
+                break
+            time.sleep(0.01)
+        os.write(fd, json.dumps(record).encode())
+    except BaseException:
+        os.close(fd)
+        lock_path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return record
+
+
+def stop_job(runs_root: str | Path = RUNS_ROOT, timeout: float = 10.0) -> bool:
+    """Stop the running job's whole process group (torchrun workers too); its last checkpoint stays."""
+    job = current_job(runs_root)
+    if job is None:
+        return False
+    try:
+        os.killpg(job["pgid"], signal.SIGTERM)
+        deadline = time.time() + timeout
+        while time.time() < deadline and _start_time(job["pid"]) == job["start_time"]:
+            time.sleep(0.1)
+        if _start_time(job["pid"]) == job["start_time"]:
+            os.killpg(job["pgid"], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    status = read_status(job["run_dir"]) or {}
+    write_json_atomic(Path(job["run_dir"]) / "status.json", {**status, "state": "stopped", "stopped": time.time()})
+    Path(runs_root, LOCK_FILE).unlink(missing_ok=True)
+    return True
+
+
+def resume_job(run_dir: str | Path, runs_root: str | Path = RUNS_ROOT) -> dict:
+    """Continue a stopped or failed run from its last checkpoint, with its saved settings."""
+    run_dir = Path(run_dir)
+    try:
+        cfg = Config.load(run_dir / "config.json")
+    except (OSError, ValueError) as e:
+        raise JobError(f"{run_dir} has no readable config.json, so it cannot be resumed.") from e
+    cfg.out = str(run_dir)
+    status = read_status(run_dir) or {}
+    command = "pipeline" if len(status.get("phases", [])) != 1 else status["phases"][0]
+    return start_job(cfg, command if command in COMMANDS else "pipeline", resume=True, runs_root=runs_root)
+
+
+def list_runs(runs_root: str | Path = RUNS_ROOT) -> list[dict]:
+    """Runs, newest first, with their status and model card when finished."""
+    runs = []
+    root = Path(runs_root)
+    if not root.is_dir():
+        return runs
+    for d in root.iterdir():
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        card = None
+        if (d / CARD_FILE).exists():
+            try:
+                card = json.loads((d / CARD_FILE).read_text())
+            except ValueError:
+                card = None
+        runs.append({"name": d.name, "path": str(d), "status": read_status(d) or {}, "card": card,
+                     "modified": d.stat().st_mtime})
+    return sorted(runs, key=lambda r: r["modified"], reverse=True)
+
+
+def activate(run_dir: str | Path, runs_root: str | Path = RUNS_ROOT) -> None:
+    """Make a finished run's weights the ones the Diagnose and Evaluate pages use."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CARD_FILE).exists():
+        raise JobError(f"{run_dir.name} has no model card yet: only finished runs can be used.")
+    write_json_atomic(Path(runs_root) / ACTIVE_FILE, {"weights": str(run_dir.resolve())})
+
+
+def active_weights(runs_root: str | Path = RUNS_ROOT) -> Path:
+    """The weights folder in use: the activated run, else the shipped weights."""
+    try:
+        path = Path(json.loads((Path(runs_root) / ACTIVE_FILE).read_text())["weights"])
+        if (path / CARD_FILE).exists():
+            return path
+    except (OSError, ValueError, KeyError):
+        pass
+    return DEFAULT_WEIGHTS
+
+
+def reset_active(runs_root: str | Path = RUNS_ROOT) -> None:
+    (Path(runs_root) / ACTIVE_FILE).unlink(missing_ok=True)

@@ -135,7 +135,7 @@ def to_tensor(square: np.ndarray) -> torch.Tensor:
 
     if square.ndim != 2 or square.dtype != np.uint8:
         raise TypeError(f"expected a 2-D uint8 array, got {square.dtype} with shape {square.shape}")
-    return normalize(torch.from_numpy(np.ascontiguousarray(square))[None, None])
+    return normalize(torch.from_numpy(np.array(square, copy=True))[None, None])
 
 
 # --------------------------------------------------------------------------- Pillow

@@ -1,0 +1,84 @@
+"""Distillation and hint losses against hand-computed values; SSL losses wired to lightly."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd.losses import DistillKL, HintLoss, distillation_loss
+
+
+def test_kd_loss_matches_hand_computation():
+    s = torch.tensor([[1.0, 2.0]])
+    t = torch.tensor([[3.0, 0.0]])
+    T = 2.0
+    ps = [math.exp(x / T) for x in (1.0, 2.0)]
+    ps = [x / sum(ps) for x in ps]
+    pt = [math.exp(x / T) for x in (3.0, 0.0)]
+    pt = [x / sum(pt) for x in pt]
+    kl = sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    assert DistillKL(T)(s, t).item() == pytest.approx(T * T * kl, rel=1e-6)
+
+
+def test_kd_loss_zero_when_student_equals_teacher_and_scales_with_t_squared():
+    z = torch.randn(8, 2)
+    assert DistillKL(3.0)(z, z).item() == pytest.approx(0.0, abs=1e-6)
+    # for large T, T^2 * KL ~ (1/2N) * sum (dz_s - dz_t)^2 / 2 stays O(1) instead of vanishing as 1/T^2
+    s, t = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, -1.0]])
+    big = [DistillKL(T)(s, t).item() for T in (20.0, 40.0)]
+    assert big[0] == pytest.approx(big[1], rel=0.01)
+
+
+def test_kd_gradient_matches_closed_form():
+    # d/ds [T^2 KL(pt || ps)] = T * (ps - pt) for softmax logits (Hinton et al. 2015, eq. 2)
+    s = torch.tensor([[0.5, -0.3]], requires_grad=True)
+    t = torch.tensor([[2.0, 1.0]])
+    T = 4.0
+    DistillKL(T)(s, t).backward()
+    expected = T * (F.softmax(s.detach() / T, 1) - F.softmax(t / T, 1))
+    assert torch.allclose(s.grad, expected, atol=1e-6)
+
+
+def test_distillation_loss_combines_ce_and_kd():
+    s, t, y = torch.randn(4, 2), torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
+    full = distillation_loss(s, t, y, temperature=4.0, alpha=0.3)
+    expected = 0.3 * F.cross_entropy(s, y) + 0.7 * DistillKL(4.0)(s, t)
+    assert full.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert distillation_loss(s, t, y, 4.0, 1.0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+
+
+def test_distillation_does_not_backprop_into_teacher():
+    s = torch.randn(3, 2, requires_grad=True)
+    t = torch.randn(3, 2, requires_grad=True)
+    distillation_loss(s, t, torch.tensor([0, 1, 0]), 2.0, 0.5).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_hint_loss_is_mse_after_adapter():
+    hint = HintLoss(4, 6)
+    sm, tm = torch.randn(2, 4, 3, 3), torch.randn(2, 6, 3, 3)
+    assert hint(sm, tm).item() == pytest.approx(F.mse_loss(hint.adapter(sm), tm).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_ssl_objective_loss_and_momentum(method):
+    from kd.models import build_student
+    from kd.objectives import SSLObjective
+
+    torch.manual_seed(0)
+    obj = SSLObjective(build_student(), method, image_size=32)
+    images = torch.randint(0, 255, (6, 40, 40), dtype=torch.uint8)
+    loss, _ = obj(images, torch.zeros(6, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert obj.teacher.conv1.weight.grad is not None
+    if method == "simclr":  # NT-Xent with 2N views: loss >= 0, near log(2N-1) at init
+        assert 0 < loss.item() < 2 * math.log(11)
+    else:  # negative cosine similarity is bounded in [-1, 1]; the target network has no gradients
+        assert -1 <= loss.item() <= 1
+        assert all(p.grad is None for p in obj.target_backbone.parameters())
+        before = obj.target_backbone.conv1.weight.clone()
+        with torch.no_grad():
+            obj.teacher.conv1.weight.add_(1.0)
+        obj.on_step_end(1, 10)
+        assert not torch.equal(before, obj.target_backbone.conv1.weight)

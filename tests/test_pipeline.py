@@ -1,0 +1,167 @@
+"""End to end: the tiny pipeline on a generated dataset, then `evaluate` and `predict` on its weights;
+kill-and-resume; unreadable images; crafted checkpoints refused."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kd.checkpoint import CheckpointError, load_state, save_state
+from kd.cli import main
+from tests.xray_fixtures import BAD_UPLOADS, dicom_bytes, jpeg_bytes, png_bytes, write_kermany_dataset, xray16_array, \
+    xray_like_array
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    data = write_kermany_dataset(root / "data", n_per_class=(12, 12), size=48, splits=("train", "val", "test"))
+    (data / "train" / "NORMAL" / "IM-0999-0001.jpeg").write_bytes(b"not really a jpeg")  # skipped, counted
+    out = root / "run"
+    assert main(["pipeline", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu"]) == 0
+    return data, out
+
+
+def test_pipeline_writes_weights_card_and_progress(tiny_run):
+    data, out = tiny_run
+    card = json.loads((out / "model_card.json").read_text())
+    for role in ("teacher", "student", "student_baseline"):
+        m = card["models"][role]
+        assert (out / m["file"]).exists()
+        assert 0.0 <= m["threshold"] <= 1.0 and m["temperature"] > 0
+        v = m["validation"]
+        assert set(v["ci"]) >= {"auc", "accuracy", "sensitivity", "specificity"}
+        assert v["n"] > 0
+    assert card["models"]["teacher"]["architecture"] == "resnet50"
+    assert card["models"]["student"]["architecture"] == "resnet18"
+    assert card["input"]["mean"] == 0.5 and card["input"]["size"] == 32
+    assert card["data"]["skipped_unreadable"] == 1
+    assert set(card["wall_time_s"]) >= {"pretrain", "finetune", "distill", "total"}
+    assert "knn_accuracy" in card["ssl_knn_probe"]
+    assert card["git_commit"] and card["date"]
+    assert all(v.dtype == torch.float16 for k, v in load_file(out / "student.safetensors").items() if v.is_floating_point())
+    events = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    kinds = {e["kind"] for e in events}
+    assert {"phase_start", "step", "epoch", "finished"} <= kinds
+    step = next(e for e in events if e["kind"] == "step")
+    assert {"phase", "epoch", "step", "loss", "lr", "images_per_s", "eta_s"} <= set(step)
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+    split = json.loads((out / "split.json").read_text())
+    assert not set(split["train"]["patients"]) & set(split["val"]["patients"])
+
+
+def test_evaluate_json_has_the_keys_independent_evaluation_relies_on(tiny_run, tmp_path):
+    data, out = tiny_run
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--data", str(data), "--split", "test", "--weights", str(out), "--json", str(report),
+                 "--bootstrap", "50", "--device", "cpu"]) == 0
+    result = json.loads(report.read_text())
+    card = json.loads((out / "model_card.json").read_text())
+    for role in ("teacher", "student"):
+        r = result[role]
+        assert {"auc", "accuracy", "sensitivity", "specificity", "threshold", "ci", "roc", "calibration"} <= set(r)
+        assert r["threshold"] == pytest.approx(card["models"][role]["threshold"])
+        assert r["confusion_matrix"]["tp"] + r["confusion_matrix"]["fn"] == r["n_positive"]
+    assert result["n"] == 24
+
+
+def test_predict_names_each_file_and_refuses_bad_ones(tiny_run, tmp_path, capsys):
+    _, out = tiny_run
+    good = tmp_path / "a.jpg"
+    good.write_bytes(jpeg_bytes(xray_like_array(300, 260)))
+    png = tmp_path / "b.png"
+    png.write_bytes(png_bytes(xray_like_array(200, 200)))
+    dcm = tmp_path / "c.dcm"
+    dcm.write_bytes(dicom_bytes(xray16_array()))
+    make, filename = BAD_UPLOADS["text_as_jpg"]
+    bad = tmp_path / filename
+    bad.write_bytes(make())
+    code = main(["predict", "--weights", str(out), str(good), str(png), str(dcm), str(bad), str(tmp_path / "gone.png")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 2 and len(lines) == 5
+    for path, line in zip((good, png, dcm), lines):
+        assert line.startswith(str(path)) and "teacher p(pneumonia)=" in line and "student p(pneumonia)=" in line
+    assert lines[3].startswith(str(bad)) and "refused" in lines[3] and "Traceback" not in lines[3]
+    assert "gone.png" in lines[4] and "refused" in lines[4]
+    assert main(["predict", "--weights", str(out), "--json", str(good)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert 0 <= record["teacher"]["probability"] <= 1 and record["student"]["decision"] in ("NORMAL", "PNEUMONIA")
+
+
+def test_cli_reports_wrong_dataset_without_traceback(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["pipeline", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--preset", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "no train/ folder" in err and "Expected layout" in err and "Traceback" not in err
+
+
+def test_crafted_pickle_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"objective": Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_state(path)
+    assert not marker.exists()
+
+
+def test_atomic_save_keeps_previous_checkpoint_when_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    save_state({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(CheckpointError, match="No space left"):
+        save_state({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_state(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def _train_cmd(data, out):
+    return [sys.executable, "-m", "kd", "finetune", "--data", str(data), "--out", str(out), "--preset", "tiny",
+            "--epochs", "4", "--batch-size", "4", "--device", "cpu", "--no-baseline"]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(30, 30), size=40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(data, ref), check=True, env=env, cwd=REPO, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(data, killed), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        progress = killed / "progress.jsonl"
+        if progress.exists() and '"kind": "epoch"' in progress.read_text():
+            os.kill(proc.pid, signal.SIGKILL)  # mid-run, after at least one checkpoint
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "finetune" / "done.json").exists()
+    saved_epoch = load_state(killed / "finetune" / "state.pt")["epoch"]
+    subprocess.run(_train_cmd(data, killed) + ["--resume"], check=True, env=env, cwd=REPO, capture_output=True)
+    events = [json.loads(x) for x in (killed / "progress.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "resume" and e["epoch"] == saved_epoch + 1 for e in events)
+    a = load_file(ref / "finetune" / "teacher.safetensors")
+    b = load_file(killed / "finetune" / "teacher.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -165,3 +165,25 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     b = load_file(killed / "finetune" / "teacher.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_uses_unlabeled_folders_recursively(tmp_path):
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(6, 6), size=40)
+    extra = tmp_path / "nih" / "images_001" / "deep"
+    extra.mkdir(parents=True)
+    for i in range(5):
+        (extra / f"{i:05d}.png").write_bytes(png_bytes(xray_like_array(48, 48, seed=i)))
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
+                 "--ssl-method", "byol", "--unlabeled", str(tmp_path / "nih")]) == 0
+    start = next(json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines() if '"phase_start"' in x)
+    assert start["train_images"] == json.loads((out / "split.json").read_text())["train"]["NORMAL"]["images"] + \
+        json.loads((out / "split.json").read_text())["train"]["PNEUMONIA"]["images"] + 5
+    assert (out / "pretrain" / "teacher.safetensors").exists()
+    assert not (out / "model_card.json").exists()  # nothing fine-tuned yet: no card
+
+
+def test_distill_before_finetune_says_what_is_missing(tmp_path, capsys):
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40)
+    assert main(["distill", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny"]) == 1
+    assert "run the phase that produces it first" in capsys.readouterr().err

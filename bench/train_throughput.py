@@ -59,13 +59,11 @@ def model_only(arch, size, batch, steps, device) -> float:
     step = _step_fn(model, device)
     x = torch.randn(batch, 1, size, size, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
-    step(x, y)
-    _sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(steps + 1):  # like ours, the first (warm-up) step is included
         step(x, y)
     _sync(device)
-    return steps * batch / (time.perf_counter() - t0)
+    return (steps + 1) * batch / (time.perf_counter() - t0)
 
 
 def ours(arch, size, batch, steps, device, samples, cache_dir) -> float:
@@ -81,7 +79,6 @@ def ours(arch, size, batch, steps, device, samples, cache_dir) -> float:
         history = fit(obj, images, phase, ValContext(None, images, device), tmp, Reporter(tmp, False), "bench")
         total = time.perf_counter() - t0
     del history
-    # the first step (warm-up) is included here but excluded for model-only: subtract one step's share
     return (steps + 1) * batch / total
 
 
@@ -97,16 +94,13 @@ def seed_style(arch, size, batch, steps, device, root, workers) -> float:
                                          pin_memory=device.type == "cuda", persistent_workers=False)
     model = build(arch).to(device).to(memory_format=torch.channels_last).train()
     step = _step_fn(model, device)
-    it = iter(loader)
-    x, y = next(it)
-    step(x.to(device), y.to(device))
-    _sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    it = iter(loader)  # worker start-up counted: a seed-style loop pays it every epoch
+    for _ in range(steps + 1):
         x, y = next(it)
         step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
     _sync(device)
-    return steps * batch / (time.perf_counter() - t0)
+    return (steps + 1) * batch / (time.perf_counter() - t0)
 
 
 def main(argv=None) -> dict:

@@ -113,14 +113,14 @@ def _preset_tiny() -> Config:
 
 
 def _preset_cpu() -> Config:
-    """About 70 minutes on an idle 2-core CPU: SSL at 96 px, fine-tuning and distillation at 160 px,
+    """About 45 minutes on an idle 2-core CPU: SSL at 96 px, fine-tuning and distillation at 128 px,
     evaluated at 224 px (lower resolution early is what makes the budget; see bench/ for the cost per
     phase). Sized to finish inside one working session while other work shares the machine."""
     return Config(
         preset="cpu", eval_image_size=224,
         pretrain=PhaseConfig(epochs=3, image_size=96, batch_size=64, lr=2e-3, weight_decay=1e-4, warmup_epochs=0.5),
-        finetune=PhaseConfig(epochs=4, image_size=160, batch_size=32, lr=1e-3, weight_decay=1e-4, warmup_epochs=0.3),
-        distill=PhaseConfig(epochs=4, image_size=160, batch_size=32, lr=2e-3, weight_decay=1e-4, warmup_epochs=0.3),
+        finetune=PhaseConfig(epochs=3, image_size=128, batch_size=32, lr=1e-3, weight_decay=1e-4, warmup_epochs=0.3),
+        distill=PhaseConfig(epochs=3, image_size=128, batch_size=32, lr=2e-3, weight_decay=1e-4, warmup_epochs=0.3),
     )
 
 

@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, CheckpointError, PhaseOrderError, ValueError, FloatingPointError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # unwritable output folder, disk full, unreadable input
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}. Checkpoints already written are intact.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: resume with --resume", file=sys.stderr)
         return 130

@@ -20,16 +20,6 @@ from tests.xray_fixtures import BAD_UPLOADS, dicom_bytes, jpeg_bytes, png_bytes,
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    data = write_kermany_dataset(root / "data", n_per_class=(12, 12), size=48, splits=("train", "val", "test"))
-    (data / "train" / "NORMAL" / "IM-0999-0001.jpeg").write_bytes(b"not really a jpeg")  # skipped, counted
-    out = root / "run"
-    assert main(["pipeline", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu"]) == 0
-    return data, out
-
-
 def test_pipeline_writes_weights_card_and_progress(tiny_run):
     data, out = tiny_run
     card = json.loads((out / "model_card.json").read_text())

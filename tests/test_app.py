@@ -1,0 +1,382 @@
+"""The Streamlit app, driven headless with streamlit.testing (AppTest), and the logic of kd/app.py.
+
+AppTest in Streamlit 1.67 has a file-uploader element (`at.file_uploader[...].set_value`), so uploads go
+through the real page: bytes in, both models' probabilities and heat maps out.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from kd import app, jobs  # noqa: E402
+from kd.config import PRESETS  # noqa: E402
+from kd.data import LAYOUT_HELP  # noqa: E402
+from kd.model_card import DISCLAIMER  # noqa: E402
+from tests.xray_fixtures import (BAD_UPLOAD_KEYWORDS, BAD_UPLOADS, colour_photo, xray_dicom,  # noqa: E402
+                                 xray_png)
+
+APP = Path(__file__).resolve().parent.parent / "streamlit_app.py"
+PAGES = {"pages/diagnose.py": "Diagnose", "pages/train.py": "Train", "pages/evaluate.py": "Evaluate",
+         "pages/data.py": "Data"}
+TIMEOUT = 90
+
+
+def start_app() -> AppTest:
+    return AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+
+
+def open_page(at: AppTest, page: str) -> AppTest:
+    at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def alerts(at: AppTest, kind: str) -> list[str]:
+    return [e.value for e in getattr(at, kind)]
+
+
+def all_text(at: AppTest) -> str:
+    parts = []
+    for kind in ("markdown", "caption", "info", "error", "warning", "success", "code"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def metric_values(at: AppTest, label: str) -> list[str]:
+    return [m.value for m in at.metric if m.label == label]
+
+
+def element_keys(at: AppTest, element_type: str) -> list[str]:
+    return [getattr(e, "key", None) for e in at.get(element_type)]
+
+
+# ----------------------------------------------------------------------------- pages
+
+
+def test_every_page_renders_with_the_disclaimer(app_env):
+    at = start_app()
+    assert not at.exception
+    for page, title in PAGES.items():
+        open_page(at, page)
+        assert at.title[0].value == title
+        assert any(DISCLAIMER in w for w in alerts(at, "warning")), f"no disclaimer on {page}"
+        assert at.text_input(key=app.DATA_KEY).value == str(app_env.data)  # shared path, default from KD_DATA
+
+    open_page(at, "pages/data.py")
+    counts = at.dataframe[0].value
+    assert list(counts["split"]) == ["train", "val", "official-val", "test"]
+    assert counts["total images"].sum() == 72
+    assert "data_sizes" in element_keys(at, "plotly_chart")
+    assert len(at.image) == 2 * 4  # a grid per class
+
+    open_page(at, "pages/evaluate.py")
+    assert "From the model card" in all_text(at)
+    charts = set(element_keys(at, "plotly_chart"))
+    assert {"eval_roc", "eval_calibration", "eval_cm_teacher", "eval_cm_student"} <= charts
+    at.selectbox(key="eval_split").set_value("test")
+    at.button(key="eval_run").click().run()
+    assert not at.exception and not at.error
+    assert "Recomputed on split **test**" in all_text(at)
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["Teacher", "Student"] and "AUC (95% CI)" in table.index
+    at.slider(key="eval_threshold").set_value(0.0).run()
+    assert not at.exception
+    assert at.dataframe[1].value.loc["Sensitivity"].tolist() == [1.0, 1.0]  # everything called pneumonia
+    assert at.dataframe[1].value.loc["Specificity"].tolist() == [0.0, 0.0]
+
+
+def test_upload_png_and_dicom_shows_both_models(app_env):
+    at = start_app()
+    at.file_uploader(key="uploads").set_value(
+        [("chest.png", xray_png(), "image/png"), ("chest.dcm", xray_dicom(), "application/dicom")]).run()
+    assert not at.exception and not at.error
+    probabilities = metric_values(at, "Probability of pneumonia")
+    assert len(probabilities) == 4  # teacher and student, for each of the two files
+    assert all(0.0 <= float(p.rstrip("%")) <= 100.0 for p in probabilities)
+    assert len(at.image) == 4  # one overlay per model and file
+    assert "chest.png" in all_text(at) and "chest.dcm" in all_text(at)
+    assert len(metric_values(at, "CAM correlation")) == 2
+    assert app.AGREEMENT_HELP in all_text(at)
+
+    at.selectbox(key="cam_method").set_value("GradCAM++")
+    at.slider(key="cam_opacity").set_value(0.8).run()
+    assert not at.exception and len(at.image) == 4
+
+
+def test_bad_uploads_show_their_message_and_the_page_keeps_working(app_env):
+    at = start_app()
+    uploads = [(filename, make(), "application/octet-stream") for make, filename in BAD_UPLOADS.values()]
+    at.file_uploader(key="uploads").set_value(uploads + [("good.png", xray_png(), "image/png")]).run()
+    assert not at.exception
+    errors = alerts(at, "error")
+    assert len(errors) == len(BAD_UPLOADS)
+    for (case, keyword), message in zip(BAD_UPLOAD_KEYWORDS.items(), errors):
+        assert keyword in message.lower(), (case, message)
+        assert "Traceback" not in message
+    assert len(at.image) == 2  # the good file in the same batch still got both models
+
+    at.file_uploader(key="uploads").set_value([("holiday.jpg", colour_photo(), "image/jpeg")]).run()
+    assert not at.exception and not at.error
+    assert any("colour photograph" in w for w in alerts(at, "warning"))
+    assert len(metric_values(at, "Probability of pneumonia")) == 2 and len(at.image) == 2
+
+
+def test_dataset_case_shows_its_ground_truth(app_env):
+    at = start_app()
+    at.selectbox(key="case_split").set_value("test").run()
+    first = app.split_samples(app_env.data, "test")[0]
+    at.selectbox(key="case_path").set_value(first.path).run()
+    assert not at.exception and not at.error
+    assert "ground truth" in all_text(at) and len(at.image) == 2
+
+
+def test_without_weights_or_dataset_the_pages_say_what_to_do(app_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("KD_WEIGHTS", str(tmp_path / "no-weights-here"))
+    monkeypatch.delenv("KD_DATA")
+    at = start_app()
+    assert not at.exception
+    assert "python -m kd pipeline" in " ".join(alerts(at, "error"))
+    for page in ("pages/train.py", "pages/data.py"):
+        open_page(at, page)
+        text = all_text(at)
+        assert "10.17632/rscbjbr9sj.2" in text and "chest-xray-pneumonia" in text and LAYOUT_HELP in text
+    open_page(at, "pages/evaluate.py")
+    assert "python -m kd pipeline" in " ".join(alerts(at, "error"))
+
+    at.text_input(key=app.DATA_KEY).input(str(tmp_path)).run()  # a folder without train/
+    open_page(at, "pages/data.py")
+    assert any("has no train/ folder" in e for e in alerts(at, "error"))
+    assert LAYOUT_HELP in all_text(at)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _fill_tiny_form(at: AppTest, name: str) -> None:
+    at.selectbox(key="train_preset").set_value("tiny")
+    at.checkbox(key="train_baseline").uncheck()
+    at.text_input(key=app.RUN_NAME_KEY).input(name)
+
+
+def _state(at: AppTest) -> str | None:
+    values = metric_values(at, "State")
+    return values[0] if values else None
+
+
+def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
+    at = open_page(start_app(), "pages/train.py")
+    _fill_tiny_form(at, "apptest")
+    at.button(key="train_start").click().run()
+    assert not at.exception
+    assert any("Started pipeline" in s for s in alerts(at, "success")), alerts(at, "error")
+    assert (app_env.runs / "apptest" / "config.json").exists()
+
+    _fill_tiny_form(at, "second")  # one job at a time
+    at.button(key="train_start").click().run()
+    assert any("already running" in e for e in alerts(at, "error"))
+
+    saw_progress = saw_chart = False
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(2)
+        at.run()
+        assert not at.exception
+        saw_progress |= bool(at.get("progress"))
+        saw_chart |= "train_loss_chart" in element_keys(at, "plotly_chart")
+        if _state(at) == "finished" and not jobs.current_job(app_env.runs):
+            break
+    else:
+        pytest.fail(f"training did not finish: {app.log_tail(app_env.runs / 'apptest')}")
+    at.run()
+    assert saw_progress and saw_chart
+    assert "train_loss_chart" in element_keys(at, "plotly_chart")
+    runs = at.dataframe[-1].value
+    assert "apptest" in list(runs["run"]) and runs.loc[runs["run"] == "apptest", "state"].item() == "finished"
+
+    at.selectbox(key="train_use_choice").set_value("apptest")
+    at.button(key="train_use").click().run()
+    assert not at.exception
+    assert app.active_weights() == app_env.runs / "apptest"
+    open_page(at, "pages/diagnose.py")
+    assert "run **apptest**" in all_text(at)
+    open_page(at, "pages/train.py")
+    at.button(key="train_use_shipped").click().run()
+    assert app.active_weights() == app_env.weights
+
+
+def _live_sleeper_lock(runs: Path, run_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(["sleep", "120"])
+    record = {"pid": proc.pid, "pgid": proc.pid, "start_time": jobs._start_time(proc.pid), "run_dir": str(run_dir),
+              "command": "pipeline", "gpus": 1, "started": time.time()}
+    (runs / jobs.LOCK_FILE).write_text(json.dumps(record))
+    return proc
+
+
+def test_a_second_job_is_refused_while_one_runs(app_env):
+    busy = app_env.runs / "busy"
+    busy.mkdir()
+    sleeper = _live_sleeper_lock(app_env.runs, busy)
+    try:
+        at = open_page(start_app(), "pages/train.py")
+        _fill_tiny_form(at, "other")
+        at.button(key="train_start").click().run()
+        assert not at.exception
+        assert any("already running" in e and "busy" in e for e in alerts(at, "error"))
+        assert not (app_env.runs / "other").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_stale_lock_is_recovered_then_resume_and_stop(app_env):
+    runs = app_env.runs
+    crashed = runs / "crashed"
+    cfg = app.build_config(str(app_env.data), "crashed", "tiny", epochs=2, baseline=False)
+    crashed.mkdir()
+    cfg.save(crashed / "config.json")
+    (crashed / "status.json").write_text(json.dumps({"state": "running", "phases": ["finetune"], "phase": "finetune",
+                                                     "started": time.time() - 60}))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (runs / jobs.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "pgid": dead.pid, "start_time": "1",
+                                                   "run_dir": str(crashed), "command": "finetune"}))
+
+    at = open_page(start_app(), "pages/train.py")
+    assert not (runs / jobs.LOCK_FILE).exists()  # the dead job's lock was removed
+    assert _state(at) == "failed"
+    assert any("ended unexpectedly" in e for e in alerts(at, "error"))
+
+    at.button(key="train_resume").click().run()
+    assert not at.exception
+    job = jobs.current_job(runs)
+    assert job and Path(job["run_dir"]).name == "crashed" and job["command"] == "finetune"
+    at.run()
+    assert _state(at) in ("running", "starting")
+    at.button(key="train_stop").click().run()
+    assert not at.exception
+    assert jobs.current_job(runs) is None
+    assert json.loads((crashed / "status.json").read_text())["state"] == "stopped"
+    assert _state(at) == "stopped"
+    assert any(b.key == "train_resume" for b in at.button)
+
+
+# ----------------------------------------------------------------------------- kd/app.py logic
+
+
+def test_build_config_is_the_cli_config_and_validates(app_env, tmp_path):
+    cfg = app.build_config(str(app_env.data), "r1", "tiny", epochs=3, image_size=48, batch_size=4, temperature=2.0,
+                           alpha=0.3, ssl_method="byol", device="cpu", baseline=False)
+    assert cfg.out == str(app_env.runs / "r1") and cfg.data == str(app_env.data.resolve())
+    assert all(cfg.phase(p).epochs == 3 and cfg.phase(p).image_size == 48 and cfg.phase(p).batch_size == 4
+               for p in ("pretrain", "finetune", "distill"))
+    assert (cfg.temperature, cfg.alpha, cfg.ssl_method, cfg.device, cfg.baseline) == (2.0, 0.3, "byol", "cpu", False)
+    kept, reference = app.build_config(str(app_env.data), "r2", "cpu"), PRESETS["cpu"]()
+    assert all(kept.phase(p) == reference.phase(p) for p in ("pretrain", "finetune", "distill"))  # None keeps them
+
+    from kd.data import DatasetError
+
+    with pytest.raises(jobs.JobError, match="not allowed"):
+        app.build_config(str(app_env.data), "../escape", "tiny")
+    with pytest.raises(DatasetError, match="Expected layout"):
+        app.build_config(str(tmp_path / "nowhere"), "r3", "tiny")
+    with pytest.raises(ValueError, match="alpha"):
+        app.build_config(str(app_env.data), "r4", "tiny", alpha=1.5)
+    _, message = app.start_training(dict(data_root=str(app_env.data), run_name="bad name!", preset_name="tiny"),
+                                    "pipeline")
+    assert "not allowed" in message
+
+
+def test_progress_events_become_frames_and_figures():
+    events = [
+        {"kind": "phase_start", "phase": "pretrain"},
+        *[{"kind": "step", "phase": "pretrain", "epoch": 1, "step": s, "global_step": s, "total_steps": 4,
+           "loss": 3.0 - s / 10, "lr": 0.001 * s, "images_per_s": 5.0, "eta_s": 4 - s} for s in (1, 2, 3, 4)],
+        {"kind": "epoch", "phase": "pretrain", "epoch": 1, "metrics": {"knn_accuracy": 0.7}},
+        {"kind": "resume", "phase": "finetune", "epoch": 0},
+        *[{"kind": "step", "phase": "finetune", "epoch": 1, "step": s, "global_step": s, "total_steps": 2,
+           "loss": 0.7, "lr": 0.001, "images_per_s": 9.0, "eta_s": 0} for s in (1, 2, 1, 2)],  # resumed: repeated
+        {"kind": "epoch", "phase": "finetune", "epoch": 1, "metrics": {"auc": 0.8, "accuracy": 0.75}},
+    ]
+    steps = app.step_frame(events)
+    assert list(steps["x"]) == [1, 2, 3, 4, 5, 6] and list(steps["phase"]) == ["pretrain"] * 4 + ["finetune"] * 2
+    epochs = app.epoch_frame(events)
+    assert set(epochs.columns) >= {"phase", "epoch", "knn_accuracy", "auc", "accuracy"}
+    assert len(app.loss_figure(steps).data) == 2 and len(app.lr_figure(steps).data) == 2
+    assert app.metrics_figure(epochs) is not None
+    assert app.step_frame([]).empty and app.metrics_figure(app.epoch_frame([])) is None
+
+
+def test_log_tail_folds_progress_bars(tmp_path):
+    (tmp_path / "train.log").write_text("start\n" + "".join(f"\rdecode {i}%" for i in range(0, 101, 10)) + "\nend\n")
+    assert app.log_tail(tmp_path) == "start\ndecode 100%\nend"
+    assert app.log_tail(tmp_path / "missing") == ""
+
+
+def test_evaluation_helpers_on_a_small_result():
+    result = {
+        "labels": [0, 0, 1, 1], "files": ["/d/a.jpeg", "/d/b.jpeg", "/d/c.jpeg", "/d/d.jpeg"],
+        "teacher": {"probabilities": [0.1, 0.7, 0.8, 0.9], "threshold": 0.5},
+        "student": {"probabilities": [0.2, 0.3, 0.4, 0.9], "threshold": 0.5},
+    }
+    frame = app.disagreement_frame(result)
+    assert sorted(frame["file"]) == ["b.jpeg", "c.jpeg"]  # b: teacher wrong, c: student wrong; a, d: both right
+    assert frame["reason"].str.startswith("disagree").all()
+    at = app.at_threshold(result, 0.5)
+    assert at["teacher"]["confusion_matrix"] == {"tn": 1, "fp": 1, "fn": 0, "tp": 2}
+    table = app.threshold_table(at)
+    assert table.loc["Sensitivity", "Teacher"] == 1.0 and table.loc["Sensitivity", "Student"] == 0.5
+    assert app.operating_points(at)["teacher"] == (0.5, 1.0)
+    reports = {r: {"roc": {"fpr": [0, 1], "tpr": [0, 1], "thresholds": [1, 0]}, "auc": 0.5,
+                   "calibration": {"temperature": 1.0, "ece_raw": 0.1, "ece_scaled": 0.05,
+                                   "curve": {"mean_predicted": [0.2], "fraction_positive": [0.3], "count": [4]}},
+                   "confusion_matrix": {"tn": 1, "fp": 1, "fn": 0, "tp": 2}} for r in app.ROLES}
+    assert len(app.roc_figure(reports, app.operating_points(at)).data) == 5
+    assert len(app.calibration_figure(reports).data) == 3
+    assert app.confusion_figure(reports["teacher"]["confusion_matrix"], "t").data
+
+
+def test_diagnose_bytes_memo_and_faithfulness(app_env):
+    pair, problem = app.load_models(app_env.weights)
+    assert problem is None
+    memo: dict = {}
+    first = app.diagnose_bytes(pair, xray_png(), "a.png", "GradCAM", memo)
+    again = app.diagnose_bytes(pair, xray_png(), "a.png", "GradCAM", memo)
+    assert again.diagnosis is first.diagnosis and len(memo) == 1
+    for role in app.ROLES:
+        image = app.overlay_image(first, role, 0.5)
+        assert image.dtype == np.uint8 and image.shape == (pair.input_size, pair.input_size, 3)
+    bad = app.diagnose_bytes(pair, b"", "empty.jpg", "GradCAM", memo)
+    assert bad.diagnosis is None and "empty" in bad.error.lower()
+
+    samples = app.stratified_sample(app.split_samples(app_env.data, "test"), 2)
+    assert sorted(s.label for s in samples) == [0, 1]
+    seen = []
+    res = app.faithfulness(pair, samples, "GradCAM", progress=lambda f, text: seen.append(f), percentiles=(50,))
+    assert res["n"] == 2 and set(res["road"]) == set(app.ROLES) and seen[-1] == pytest.approx(1.0)
+    assert -1.0 <= res["agreement"]["correlation"] <= 1.0 and 0.0 <= res["agreement"]["top20_iou"] <= 1.0
+    assert list(app.faithfulness_frame(res).index) == ["Teacher", "Student"]
+
+
+def test_runs_frame_and_usable_runs(app_env):
+    card = json.loads((app_env.weights / "model_card.json").read_text())
+    teacher_only = {**card, "models": {"teacher": card["models"]["teacher"],
+                                       "student": {"architecture": "resnet18", "file": "student.safetensors"}}}
+    runs = [{"name": "done", "path": str(app_env.weights), "status": {"state": "finished", "phases": ["finetune"]},
+             "card": card, "modified": time.time()},
+            {"name": "teacher-only", "path": str(app_env.tmp), "status": {"state": "finished"},
+             "card": teacher_only, "modified": time.time()},
+            {"name": "running", "path": "/x/r", "status": {"state": "running"}, "card": None, "modified": time.time()}]
+    frame = app.runs_frame(runs)
+    assert list(frame["run"]) == ["done", "teacher-only", "running"]
+    assert frame.loc[0, "teacher AUC"] is not None and frame.loc[2, "state"] == "running"
+    assert app.usable_runs(runs) == ["done"]
+    assert app.use_run("missing") is not None  # no model card: refused with a message

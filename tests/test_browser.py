@@ -1,0 +1,162 @@
+"""The app in a real browser: `streamlit run` in a subprocess, driven by Playwright with Debian's chromium.
+
+Upload an X-ray-like PNG and see both models; start a tiny training (fine-tuning, 6 epochs) on the
+Train page and watch its loss chart grow until the run finishes; visit Evaluate and Data.
+Screenshots of each page go to the folder named by KD_SCREENSHOTS (else the test's tmp folder).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kd import jobs
+from tests.xray_fixtures import xray_png
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def server(app_env):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(app_env.tmp / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "streamlit_app.py"), "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env={**os.environ, **app_env.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while not _healthy(url):
+            assert proc.poll() is None, (app_env.tmp / "streamlit.log").read_text()[-3000:]
+            assert time.time() < deadline, "streamlit did not start in 90 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        jobs.stop_job(app_env.runs)  # a training left running by a failed test
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def _chart_points(page) -> int:
+    """Points in the first plotly chart on the page (the training loss)."""
+    return page.evaluate("""() => {
+        const el = document.querySelector('.js-plotly-plot');
+        return el ? el.querySelectorAll('.scatterlayer .point').length : 0;
+    }""")
+
+
+def _screenshot(page, path: Path) -> None:
+    """The whole page: Streamlit scrolls inside its main container, so grow the viewport instead."""
+    height = page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]')?.scrollHeight || 1000")
+    page.set_viewport_size({"width": 1400, "height": max(1000, min(int(height) + 50, 6000))})
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(path))
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_upload_and_training_in_a_browser(server, app_env):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    shots = Path(os.environ.get("KD_SCREENSHOTS") or app_env.tmp / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    expect = sync_api.expect
+    expect.set_options(timeout=60_000)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(server)
+
+            # Diagnose: one upload -> both models, both overlays
+            expect(page.get_by_role("heading", name="Diagnose")).to_be_visible()
+            expect(page.get_by_text("Research tool, not a diagnostic device").first).to_be_visible()
+            page.locator("input[type=file]").set_input_files(
+                files=[{"name": "chest.png", "mimeType": "image/png", "buffer": xray_png()}])
+            images = page.locator('[data-testid="stImage"] img')
+            expect(images).to_have_count(2, timeout=90_000)
+            probabilities = page.locator('[data-testid="stMetric"]').filter(has_text="Probability of pneumonia")
+            expect(probabilities).to_have_count(2)
+            for value in probabilities.locator('[data-testid="stMetricValue"]').all_inner_texts():
+                assert value.endswith("%") and 0 <= float(value.rstrip("%")) <= 100
+            _screenshot(page, shots / "diagnose.png")
+
+            # Train: a tiny fine-tuning run (6 epochs) from the form, followed live until it finishes
+            page.get_by_role("link", name="Train").click()
+            expect(page.get_by_role("heading", name="Train")).to_be_visible()
+            page.locator('[data-testid="stSelectbox"]').filter(has_text="What to run").click()
+            page.get_by_role("option", name="Fine-tune the teacher", exact=True).click()
+            page.locator('[data-testid="stSelectbox"]').filter(has_text="Preset").click()
+            page.get_by_role("option", name="tiny", exact=True).click()
+            page.get_by_label("Epochs (every phase)").fill("6")
+            page.get_by_label("Run name", exact=True).fill("browser")
+            page.get_by_role("button", name="Start training").click()
+            expect(page.get_by_text("Started finetune")).to_be_visible()
+
+            page.wait_for_selector(".js-plotly-plot", timeout=180_000)
+            counts = [_chart_points(page)]
+            deadline = time.time() + 180
+            while counts[-1] <= counts[0] and time.time() < deadline:
+                page.wait_for_timeout(500)
+                counts.append(_chart_points(page))
+            assert counts[-1] > counts[0] > 0, f"the loss chart did not grow: {counts}"
+            state = page.locator('[data-testid="stMetric"]').filter(has_text="State")
+            expect(state.first).to_contain_text("finished", timeout=240_000)
+            expect(state).to_have_count(1)  # the page rerun at the end replaced the live panel
+            # once the process has exited, the whole page reruns: runs table refreshed, polling off
+            expect(page.get_by_text("Started finetune")).to_have_count(0)
+            expect(page.get_by_role("button", name="Stop")).to_have_count(0)
+            expect(page.get_by_text("Run to show")).to_be_visible()
+            expect(page.get_by_role("button", name="Use these weights")).to_be_disabled()  # no student in this run
+            _screenshot(page, shots / "train.png")
+
+            # Evaluate and Data render with the tiny dataset
+            page.get_by_role("link", name="Evaluate").click()
+            expect(page.get_by_role("heading", name="Evaluate")).to_be_visible()
+            page.get_by_role("button", name="Recompute on this split").click()
+            expect(page.get_by_text("Recomputed on split")).to_be_visible(timeout=120_000)
+            _screenshot(page, shots / "evaluate.png")
+            page.get_by_role("link", name="Data").click()
+            expect(page.get_by_text("Classes and patients per split")).to_be_visible()
+            expect(page.locator('[data-testid="stImage"] img')).to_have_count(8)
+            _screenshot(page, shots / "data.png")
+            assert not page.locator('[data-testid="stException"]').count()
+        finally:
+            browser.close()
+    card = json.loads((app_env.runs / "browser" / "model_card.json").read_text())
+    assert card["phases"]["finetune"]["epochs"] == 6

@@ -1,0 +1,63 @@
+"""Uploads stay in memory; unwritable output folders get a message, not a traceback."""
+import os
+import sys
+
+import pytest
+
+from kd.cli import main
+from tests.xray_fixtures import dicom_bytes, jpeg_bytes, write_kermany_dataset, xray16_array, xray_like_array
+
+_WRITES: list[str] | None = None
+
+
+def _audit(event, args):
+    if _WRITES is None:
+        return
+    if event == "open" and len(args) >= 2:
+        path, mode = args[0], args[1]
+        flags = args[2] if len(args) > 2 else 0
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        if writing:
+            _WRITES.append(str(path))
+    elif event in ("os.rename", "os.replace", "os.mkdir", "shutil.copyfile", "os.link", "os.symlink"):
+        _WRITES.append(f"{event} {args[0]}")
+
+
+sys.addaudithook(_audit)
+
+
+def test_diagnosing_uploads_creates_no_file(tiny_weights):
+    global _WRITES
+    from kd import cam
+    from kd.inference import load_pair
+
+    pair = load_pair(tiny_weights)
+    uploads = [jpeg_bytes(xray_like_array(600, 500)), dicom_bytes(xray16_array())]
+    cam.diagnose(pair, uploads[0], "warm-up.jpg")  # first call may import lazily-loaded modules
+    _WRITES = []
+    try:
+        for data in uploads:
+            d = cam.diagnose(pair, data, "upload")
+            assert set(d.views) == {"teacher", "student"}
+    finally:
+        writes, _WRITES = _WRITES, None
+    assert writes == [], f"diagnosing wrote to disk: {writes}"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere: use the read-only mount test")
+def test_unwritable_output_folder_is_a_clear_message(tmp_path, capsys):
+    data = write_kermany_dataset(tmp_path / "d", n_per_class=(4, 4), size=40)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    assert main(["pipeline", "--data", str(data), "--out", str(ro / "run"), "--preset", "tiny"]) == 1
+    assert "Permission denied" in capsys.readouterr().err
+
+
+def test_output_path_that_is_a_file_is_a_clear_message(tmp_path, capsys):
+    data = write_kermany_dataset(tmp_path / "d", n_per_class=(4, 4), size=40)
+    (tmp_path / "file").write_text("x")
+    assert main(["pipeline", "--data", str(data), "--out", str(tmp_path / "file" / "run"), "--preset", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err

@@ -4,9 +4,19 @@ Both build a tiny Kermany-layout dataset and train the `tiny` preset once per se
 """
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A clean generated Kermany-layout dataset: train/val/test, 12 + 12 images each, 64 px."""
+    from tests.xray_fixtures import write_kermany_dataset
+
+    return write_kermany_dataset(tmp_path_factory.mktemp("tiny_dataset") / "data", n_per_class=(12, 12), size=64,
+                                 splits=("train", "val", "test"))
 
 
 @pytest.fixture(scope="session")
@@ -34,18 +44,16 @@ def tiny_weights(tiny_run):
 
 
 @pytest.fixture(scope="session")
-def kd_tiny(tmp_path_factory):
-    """A Kermany-layout dataset (12 + 12 images per split, 64 px) and tiny weights trained on it.
+def kd_tiny(tiny_dataset, tmp_path_factory):
+    """The clean tiny dataset (12 + 12 images per split, 64 px) and tiny weights trained on it.
 
-    The weights are the `tiny` preset's fine-tuned teacher and distilled student (no SSL pretraining
-    and no baseline student: the app needs neither, and this keeps the fixture to a few seconds).
-    Nothing in os.environ is changed here: use `app_env` for that."""
+    Fine-tune + distil only (the app needs a teacher and a student, not the SSL phase). Nothing in
+    os.environ is changed here: use `app_env` for that."""
     from kd.config import preset
     from kd.pipeline import run
-    from tests.xray_fixtures import write_kermany_dataset
 
     root = tmp_path_factory.mktemp("kd_app")
-    data = write_kermany_dataset(root / "data", n_per_class=(12, 12), size=64, splits=("train", "val", "test"))
+    data = tiny_dataset
     weights = root / "weights"
     cfg = preset("tiny")
     cfg.data, cfg.out, cfg.device, cfg.baseline = str(data), str(weights), "cpu", False

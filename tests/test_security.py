@@ -61,3 +61,15 @@ def test_output_path_that_is_a_file_is_a_clear_message(tmp_path, capsys):
     assert main(["pipeline", "--data", str(data), "--out", str(tmp_path / "file" / "run"), "--preset", "tiny"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_streamlit_config_is_locked_down():
+    import tomllib
+    from pathlib import Path
+
+    cfg = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["address"] == "127.0.0.1"  # local tool; exposing it is a documented, deliberate step
+    assert cfg["server"]["enableXsrfProtection"] is True
+    assert 0 < cfg["server"]["maxUploadSize"] <= 50
+    assert cfg["browser"]["gatherUsageStats"] is False
+    assert cfg["client"]["showErrorDetails"] in ("none", False)

@@ -48,6 +48,42 @@ def _start_time(pid: int) -> str | None:
     return fields[19]
 
 
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every live process (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] not in ("Z", "X"):
+                parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and all its live descendants. torchrun starts its workers in sessions of their own,
+    so the job's process group alone does not reach them."""
+    parents = _parents()
+    if pid not in parents:
+        return []
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        for send in (lambda: os.killpg(os.getpgid(pid), sig), lambda: os.kill(pid, sig)):
+            try:
+                send()
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def _read_lock(runs_root: Path) -> dict | None:
     try:
         return json.loads((runs_root / LOCK_FILE).read_text())
@@ -134,15 +170,14 @@ def stop_job(runs_root: str | Path = RUNS_ROOT, timeout: float = 10.0) -> bool:
     job = current_job(runs_root)
     if job is None:
         return False
-    try:
-        os.killpg(job["pgid"], signal.SIGTERM)
-        deadline = time.time() + timeout
-        while time.time() < deadline and _start_time(job["pid"]) == job["start_time"]:
-            time.sleep(0.1)
-        if _start_time(job["pid"]) == job["start_time"]:
-            os.killpg(job["pgid"], signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    family = process_tree(job["pid"])  # launcher, torchrun workers and anything they started
+    _signal_all(family, signal.SIGTERM)  # torchrun forwards it to its workers; the loop's checkpoint stays
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(p in _parents() for p in family):
+        time.sleep(0.1)
+    _signal_all([p for p in family if p in _parents()], signal.SIGKILL)
+    for pid in family:
+        _start_time(pid)  # reaps our own exited children
     status = read_status(job["run_dir"]) or {}
     write_json_atomic(Path(job["run_dir"]) / "status.json", {**status, "state": "stopped", "stopped": time.time()})
     Path(runs_root, LOCK_FILE).unlink(missing_ok=True)

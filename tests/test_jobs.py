@@ -11,19 +11,6 @@ from kd.config import preset
 from kd.progress import read_status
 
 
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                members.append(int(proc.name))
-    return members
-
-
 def test_stop_kills_torchrun_and_its_workers(tiny_dataset, tmp_path):
     runs = tmp_path / "runs"
     cfg = preset("tiny", epochs=500)  # long enough to be stopped mid-run
@@ -31,16 +18,16 @@ def test_stop_kills_torchrun_and_its_workers(tiny_dataset, tmp_path):
     job = jobs.start_job(cfg, "finetune", gpus=2, runs_root=runs)  # torchrun --nproc_per_node=2, gloo on CPU
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and len(_group_members(job["pgid"])) < 3:  # launcher + 2 workers
+        while time.time() < deadline and len(jobs.process_tree(job["pid"])) < 3:  # launcher + 2 workers
             time.sleep(0.2)
-        assert len(_group_members(job["pgid"])) >= 3, (runs / "ddp" / "train.log").read_text()[-2000:]
+        family = jobs.process_tree(job["pid"])
+        assert len(family) >= 3, (runs / "ddp" / "train.log").read_text()[-2000:]
         assert jobs.current_job(runs)["pid"] == job["pid"]
     finally:
         assert jobs.stop_job(runs, timeout=20)
-    deadline = time.time() + 20
-    while time.time() < deadline and _group_members(job["pgid"]):
-        time.sleep(0.2)
-    assert _group_members(job["pgid"]) == []
+    alive = [pid for pid in family if Path(f"/proc/{pid}").exists()
+             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")]
+    assert alive == [], f"still running after stop: {alive}"
     assert jobs.current_job(runs) is None and not (runs / jobs.LOCK_FILE).exists()
     assert read_status(runs / "ddp")["state"] == "stopped"
 

@@ -72,7 +72,7 @@ def ours(arch, size, batch, steps, device, samples, cache_dir) -> float:
     images = ImageSet.from_cache(cache, [s.label for s in samples])
     n = batch * (steps + 1)
     images = ImageSet(images.images, images.labels[:n], images.rows[:n])
-    obj = SupervisedObjective(build(arch), "model", size, class_weights(images.class_counts()))
+    obj = SupervisedObjective(build(arch), "student", size, class_weights(images.class_counts()))
     phase = PhaseConfig(epochs=1, image_size=size, batch_size=batch, lr=1e-4, warmup_epochs=0)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -29,5 +29,6 @@ for role, m in card["models"].items():
     print(f"{role:17s} val AUC {v['auc']:.4f} CI {v['ci']['auc']} acc {v['accuracy']:.3f} thr {m['threshold']:.3f}")
 PY
 SIZE=$([ "$PRESET" = tiny ] && echo 32 || echo 224)
-python bench/train_throughput.py --data "$DATA" --arch resnet50 --size "$SIZE" --batch 128 --steps 30 \
+BATCH=$([ "$PRESET" = tiny ] && echo 16 || echo 128)
+python bench/train_throughput.py --data "$DATA" --arch resnet50 --size "$SIZE" --batch "$BATCH" --steps 30 \
   --workers 16 --device "$DEVICE" --cache-dir "$OUT/cache"

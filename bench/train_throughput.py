@@ -123,6 +123,10 @@ def main(argv=None) -> dict:
     samples = list_split(root, "train")
     rng = np.random.default_rng(0)
     samples = [samples[i] for i in rng.permutation(len(samples))]
+    steps = min(args.steps, len(samples) // args.batch - 1)  # one pass over the data at most, same for all three
+    if steps < 1:
+        raise SystemExit(f"{len(samples)} images are too few for batch {args.batch}: lower --batch")
+    args.steps = steps
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 2)
     a = model_only(args.arch, args.size, args.batch, args.steps, device)

@@ -27,13 +27,15 @@ def main() -> int:
     print("== diagnose end to end")
     lines += diagnose.main(["--repeats", "3"])
     print(f"   peak RSS with both models loaded and diagnosed: {peak_rss_mib():.0f} MiB")
-    for arch, size in (("resnet50", 96), ("resnet18", 160)):
-        print(f"== training data path ({arch}, {size} px)")
+    # each phase of the cpu preset: SSL (two views), fine-tuning, distillation (teacher forward + student step)
+    for objective, arch, size in (("ssl", "resnet50", 96), ("supervised", "resnet50", 128), ("distill", "resnet18", 128)):
+        print(f"== training data path ({objective}, {arch}, {size} px)")
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            r = train_throughput.main(["--arch", arch, "--size", str(size), "--batch", "32", "--steps", "8"])
+            r = train_throughput.main(["--objective", objective, "--arch", arch, "--size", str(size), "--batch", "32",
+                                       "--steps", "6"])
         print("\n".join(line for line in out.getvalue().splitlines() if not line.startswith("TARGET")))
-        lines.append(target(f"data_path_vs_model_only_{arch}_{size}px", r["ours"] / r["model_only"], 0.9))
+        lines.append(target(f"data_path_vs_model_only_{objective}_{arch}_{size}px", r["ours"] / r["model_only"], 0.9))
     print(f"   peak RSS of this process (includes CPU training steps): {peak_rss_mib():.0f} MiB")
     print("\n".join(lines))
     return 0 if all(line.endswith("PASS") for line in lines) else 1

@@ -33,12 +33,12 @@ def target(name: str, measured: float, goal: float, higher_is_better: bool = Tru
 def model_pair():
     """The shipped weights if present, else randomly initialised models of the same architectures
     (timings depend on the architecture, not the weights)."""
-    from kd.inference import DEFAULT_WEIGHTS, LoadedModel, ModelPair, load_pair
+    from kd.inference import LoadedModel, ModelPair, default_weights, load_pair
     from kd.models import build_student, build_teacher
 
     try:
-        return load_pair(DEFAULT_WEIGHTS)
+        return load_pair()
     except Exception:
         models = {"teacher": LoadedModel("teacher", build_teacher().eval(), 0.5),
                   "student": LoadedModel("student", build_student().eval(), 0.5)}
-        return ModelPair({"input": {"size": 224}}, models, DEFAULT_WEIGHTS)
+        return ModelPair({"input": {"size": 224}}, models, default_weights())

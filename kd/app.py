@@ -34,7 +34,7 @@ from kd import data as kdata
 from kd import progress as kprogress
 from kd.checkpoint import CheckpointError
 from kd.config import PRESETS, Config, preset
-from kd.inference import DEFAULT_WEIGHTS, ModelPair, load_pair
+from kd.inference import ModelPair, default_weights, load_pair
 from kd.model_card import CARD_FILE, DISCLAIMER  # noqa: F401  (DISCLAIMER: shown by the entry script)
 
 ROLES = ("teacher", "student")
@@ -66,18 +66,17 @@ DATASET_HELP = (
 
 def runs_root() -> Path:
     """Where the Train page writes runs (env KD_RUNS_DIR, else <repo>/runs)."""
-    return Path(os.environ.get("KD_RUNS_DIR") or jobs.RUNS_ROOT)
+    return jobs.default_runs_root()
 
 
 def shipped_weights() -> Path:
     """The weights folder shipped with the app (env KD_WEIGHTS, else <repo>/weights)."""
-    return Path(os.environ.get("KD_WEIGHTS") or DEFAULT_WEIGHTS)
+    return default_weights()
 
 
 def active_weights() -> Path:
     """The activated run's weights, else the shipped ones."""
-    chosen = jobs.active_weights(runs_root())
-    return shipped_weights() if chosen == DEFAULT_WEIGHTS else chosen
+    return jobs.active_weights(runs_root())
 
 
 def using_shipped_weights() -> bool:
@@ -149,6 +148,15 @@ def load_models(weights_dir: str | Path | None = None) -> tuple[ModelPair | None
         return None, (f"The weights in `{weights_dir}` could not be loaded: {e}\n\n"
                       "Train new ones (`python -m kd pipeline ...` or the Train page) or switch back to the shipped "
                       "weights on the Train page.")
+
+
+def require_models() -> ModelPair:
+    """The models for a page, or the page shows why there are none and stops there."""
+    pair, problem = load_models()
+    if problem:
+        st.error(problem)
+        st.stop()
+    return pair
 
 
 def clear_model_cache() -> None:

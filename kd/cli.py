@@ -81,8 +81,6 @@ def summary(card: dict) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    import torch
-
     from kd.distributed import resolve_device
     from kd.evaluate import evaluate_weights
 
@@ -96,7 +94,6 @@ def cmd_evaluate(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"Wrote {args.json}")
-    del torch
     return 0
 
 
@@ -127,7 +124,7 @@ def cmd_predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kd.inference import DEFAULT_WEIGHTS
+    from kd.inference import default_weights
 
     parser = argparse.ArgumentParser(prog="python -m kd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,13 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate teacher and student of a weights folder on a split")
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test", choices=("test", "official-val", "val", "train"))
-    e.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    e.add_argument("--weights", default=str(default_weights()))
     e.add_argument("--json", help="write the full report here")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p = sub.add_parser("predict", help="probability of pneumonia for X-ray files (JPEG, PNG, DICOM)")
     p.add_argument("files", nargs="+")
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    p.add_argument("--weights", default=str(default_weights()))
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 

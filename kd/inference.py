@@ -18,7 +18,12 @@ from kd.models import build
 
 import os
 
-DEFAULT_WEIGHTS = Path(os.environ.get("KD_WEIGHTS") or Path(__file__).resolve().parent.parent / "weights")
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+def default_weights() -> Path:
+    """The weights folder used when none is named: env KD_WEIGHTS (read at call time), else the shipped one."""
+    return Path(os.environ.get("KD_WEIGHTS") or SHIPPED_WEIGHTS)
 ROLES = ("teacher", "student")
 
 
@@ -44,9 +49,9 @@ class ModelPair:
         return int(self.card["input"]["size"])
 
 
-def load_pair(weights_dir: str | Path = DEFAULT_WEIGHTS) -> ModelPair:
+def load_pair(weights_dir: str | Path | None = None) -> ModelPair:
     """Build both architectures from the card and load their safetensors (CPU, eval, channels_last)."""
-    weights_dir = Path(weights_dir)
+    weights_dir = Path(weights_dir) if weights_dir is not None else default_weights()
     if not (weights_dir / CARD_FILE).exists():
         raise CheckpointError(f"No {CARD_FILE} in {weights_dir}: not a weights folder (run `python -m kd pipeline` "
                               f"or point to a folder with teacher.safetensors, student.safetensors, {CARD_FILE}).")

@@ -17,12 +17,16 @@ from pathlib import Path
 
 from kd.checkpoint import write_json_atomic
 from kd.config import Config
-from kd.inference import DEFAULT_WEIGHTS
+from kd.inference import default_weights
 from kd.model_card import CARD_FILE
 from kd.progress import read_status
 
 REPO = Path(__file__).resolve().parent.parent
-RUNS_ROOT = Path(os.environ.get("KD_RUNS_DIR") or REPO / "runs")
+
+
+def default_runs_root() -> Path:
+    """Where runs are written: env KD_RUNS_DIR (read at call time), else <repo>/runs."""
+    return Path(os.environ.get("KD_RUNS_DIR") or REPO / "runs")
 LOCK_FILE = ".job.lock"
 ACTIVE_FILE = "active.json"
 COMMANDS = ("pipeline", "pretrain", "finetune", "distill")
@@ -33,11 +37,18 @@ class JobError(RuntimeError):
     """A job cannot be started, stopped or found; the message says why."""
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state, ppid, ..., start time at index 19)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of a process (None if it is gone or a zombie, which is reaped)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = _stat(pid)
+    if fields is None:
         return None
     if fields[0] in ("Z", "X"):
         try:
@@ -53,11 +64,8 @@ def _parents() -> dict[int, int]:
     parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] not in ("Z", "X"):
+            fields = _stat(entry.name)
+            if fields and fields[0] not in ("Z", "X"):
                 parents[int(entry.name)] = int(fields[1])
     return parents
 
@@ -91,9 +99,9 @@ def _read_lock(runs_root: Path) -> dict | None:
         return None
 
 
-def current_job(runs_root: str | Path = RUNS_ROOT) -> dict | None:
+def current_job(runs_root: str | Path | None = None) -> dict | None:
     """The running job's lock record, or None; a stale lock is removed."""
-    runs_root = Path(runs_root)
+    runs_root = Path(runs_root or default_runs_root())
     lock = _read_lock(runs_root)
     if lock is None:
         if (runs_root / LOCK_FILE).exists():  # unreadable: half-written by a crashed start
@@ -109,16 +117,18 @@ def current_job(runs_root: str | Path = RUNS_ROOT) -> dict | None:
     return None
 
 
-def run_dir_for(name: str, runs_root: str | Path = RUNS_ROOT) -> Path:
+def run_dir_for(name: str, runs_root: str | Path | None = None) -> Path:
     """A run folder inside runs_root; names are restricted so no path can escape it."""
+    runs_root = Path(runs_root or default_runs_root())
     if not _RUN_NAME.match(name or ""):
         raise JobError(f"Run name {name!r} is not allowed: use letters, digits, '.', '_' or '-' (max 64).")
     return Path(runs_root) / name
 
 
 def start_job(cfg: Config, command: str = "pipeline", gpus: int = 1, resume: bool = False,
-              runs_root: str | Path = RUNS_ROOT) -> dict:
+              runs_root: str | Path | None = None) -> dict:
     """Launch training in the background; refuses when a job is already running."""
+    runs_root = Path(runs_root or default_runs_root())
     if command not in COMMANDS:
         raise JobError(f"Unknown job {command!r}; choose one of {', '.join(COMMANDS)}.")
     runs_root = Path(runs_root)
@@ -165,8 +175,9 @@ def start_job(cfg: Config, command: str = "pipeline", gpus: int = 1, resume: boo
     return record
 
 
-def stop_job(runs_root: str | Path = RUNS_ROOT, timeout: float = 10.0) -> bool:
+def stop_job(runs_root: str | Path | None = None, timeout: float = 10.0) -> bool:
     """Stop the running job's whole process group (torchrun workers too); its last checkpoint stays."""
+    runs_root = Path(runs_root or default_runs_root())
     job = current_job(runs_root)
     if job is None:
         return False
@@ -184,8 +195,9 @@ def stop_job(runs_root: str | Path = RUNS_ROOT, timeout: float = 10.0) -> bool:
     return True
 
 
-def resume_job(run_dir: str | Path, runs_root: str | Path = RUNS_ROOT) -> dict:
+def resume_job(run_dir: str | Path, runs_root: str | Path | None = None) -> dict:
     """Continue a stopped or failed run from its last checkpoint, with its saved settings."""
+    runs_root = Path(runs_root or default_runs_root())
     run_dir = Path(run_dir)
     try:
         cfg = Config.load(run_dir / "config.json")
@@ -197,8 +209,9 @@ def resume_job(run_dir: str | Path, runs_root: str | Path = RUNS_ROOT) -> dict:
     return start_job(cfg, command if command in COMMANDS else "pipeline", resume=True, runs_root=runs_root)
 
 
-def list_runs(runs_root: str | Path = RUNS_ROOT) -> list[dict]:
+def list_runs(runs_root: str | Path | None = None) -> list[dict]:
     """Runs, newest first, with their status and model card when finished."""
+    runs_root = Path(runs_root or default_runs_root())
     runs = []
     root = Path(runs_root)
     if not root.is_dir():
@@ -217,24 +230,26 @@ def list_runs(runs_root: str | Path = RUNS_ROOT) -> list[dict]:
     return sorted(runs, key=lambda r: r["modified"], reverse=True)
 
 
-def activate(run_dir: str | Path, runs_root: str | Path = RUNS_ROOT) -> None:
+def activate(run_dir: str | Path, runs_root: str | Path | None = None) -> None:
     """Make a finished run's weights the ones the Diagnose and Evaluate pages use."""
+    runs_root = Path(runs_root or default_runs_root())
     run_dir = Path(run_dir)
     if not (run_dir / CARD_FILE).exists():
         raise JobError(f"{run_dir.name} has no model card yet: only finished runs can be used.")
     write_json_atomic(Path(runs_root) / ACTIVE_FILE, {"weights": str(run_dir.resolve())})
 
 
-def active_weights(runs_root: str | Path = RUNS_ROOT) -> Path:
+def active_weights(runs_root: str | Path | None = None) -> Path:
     """The weights folder in use: the activated run, else the shipped weights."""
+    runs_root = Path(runs_root or default_runs_root())
     try:
         path = Path(json.loads((Path(runs_root) / ACTIVE_FILE).read_text())["weights"])
         if (path / CARD_FILE).exists():
             return path
     except (OSError, ValueError, KeyError):
         pass
-    return DEFAULT_WEIGHTS
+    return default_weights()
 
 
-def reset_active(runs_root: str | Path = RUNS_ROOT) -> None:
-    (Path(runs_root) / ACTIVE_FILE).unlink(missing_ok=True)
+def reset_active(runs_root: str | Path | None = None) -> None:
+    (Path(runs_root or default_runs_root()) / ACTIVE_FILE).unlink(missing_ok=True)

@@ -6,10 +6,7 @@ from kd import app
 app.ensure_navigation()
 
 st.title("Diagnose")
-pair, problem = app.load_models()
-if problem:
-    st.error(problem)
-    st.stop()
+pair = app.require_models()
 st.caption(app.weights_caption(pair))
 
 left, right = st.columns(2)

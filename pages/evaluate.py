@@ -6,10 +6,7 @@ from kd import app
 app.ensure_navigation()
 
 st.title("Evaluate")
-pair, problem = app.load_models()
-if problem:
-    st.error(problem)
-    st.stop()
+pair = app.require_models()
 card = pair.card
 root, data_problem = app.dataset_state()
 

@@ -25,8 +25,7 @@ def test_stop_kills_torchrun_and_its_workers(tiny_dataset, tmp_path):
         assert jobs.current_job(runs)["pid"] == job["pid"]
     finally:
         assert jobs.stop_job(runs, timeout=20)
-    alive = [pid for pid in family if Path(f"/proc/{pid}").exists()
-             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")]
+    alive = [pid for pid in family if jobs.process_tree(pid)]
     assert alive == [], f"still running after stop: {alive}"
     assert jobs.current_job(runs) is None and not (runs / jobs.LOCK_FILE).exists()
     assert read_status(runs / "ddp")["state"] == "stopped"

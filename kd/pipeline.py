@@ -146,21 +146,21 @@ def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter
     size = cfg.eval_image_size
     val = data.image_set("val", size)
     card = base_card(size)
-    sources = {"teacher": out / "finetune" / "teacher.safetensors", "student": out / "distill" / "student.safetensors",
-               "student_baseline": out / "baseline" / "student.safetensors"}
+    # role -> the phase that trained it (its weights file and its training resolution)
+    sources = {"teacher": "finetune", "student": "distill", "student_baseline": "baseline"}
     official = data.image_set("official-val", size) if "official-val" in data.splits else None
-    trained_at = {"teacher": cfg.finetune.image_size, "student": cfg.distill.image_size,
-                  "student_baseline": cfg.distill.image_size}
     train_at_size = None
-    for role, path in sources.items():
+    for role, phase_name in sources.items():
+        path = out / phase_name / f"{PHASE_OUTPUT[phase_name]}.safetensors"
+        trained_px = cfg.phase(phase_name).image_size
         if not path.exists():
             continue
         reporter.log("export", phase="export", model=role)
         model = _load("student" if role.startswith("student") else "teacher", path).to(device)
         recalibrated = None
-        if trained_at[role] != size:
+        if trained_px != size:
             train_at_size = train_at_size or data.image_set("train", size)
-            recalibrated = {"from_px": trained_at[role], "to_px": size,
+            recalibrated = {"from_px": trained_px, "to_px": size,
                             "train_images": recalibrate_batchnorm(model, train_at_size, size, device)}
         logits = predict_logits(model, val, size, device)
         p = metrics.softmax_pneumonia(logits)

@@ -98,6 +98,7 @@ class ImageSet:
     images: np.ndarray  # [N, S, S] uint8, usually a memmap
     labels: np.ndarray  # int64 [N]
     rows: np.ndarray  # row of each image in `images`
+    teacher_logits: np.ndarray | None = None  # float32 [N, 2]: cached distillation targets, served with each batch
 
     @classmethod
     def from_cache(cls, cache: ImageCache, labels) -> "ImageSet":
@@ -112,7 +113,8 @@ class ImageSet:
         return self.images.shape[-1]
 
     def batch(self, index, device) -> tuple:
-        """uint8 images [B, S, S] and labels [B] for positions `index` (sorted rows read faster)."""
+        """uint8 images [B, S, S] and labels [B] for positions `index` (sorted rows read faster), then the
+        cached teacher logits [B, 2] when this set carries them."""
         import torch
 
         index = np.asarray(index)
@@ -122,9 +124,11 @@ class ImageSet:
         pixels[order] = self.images[rows[order]]
         images = torch.from_numpy(pixels)
         labels = torch.from_numpy(self.labels[index])
+        extra = () if self.teacher_logits is None else (torch.from_numpy(self.teacher_logits[index]),)
         if device.type == "cuda":
-            return images.pin_memory().to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        return images, labels
+            return (images.pin_memory().to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                    *(t.to(device, non_blocking=True) for t in extra))
+        return (images, labels, *extra)
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels[self.labels >= 0], minlength=2)

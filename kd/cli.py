@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from kd.config import PRESETS, SSL_METHODS, Config, preset
+from kd.config import PRESETS, SSL_METHODS, TEACHER_TARGETS, Config, preset
 
 PHASE_COMMANDS = {"pipeline": ("pretrain", "finetune", "distill", "baseline"), "pretrain": ("pretrain",),
                   "finetune": ("finetune",), "distill": ("distill",)}
@@ -25,6 +25,8 @@ def _train_parser(sub, name: str, help: str):
     p.add_argument("--temperature", "-T", type=float, help="distillation temperature T")
     p.add_argument("--alpha", type=float, help="weight of the label loss in distillation (0-1)")
     p.add_argument("--hint-weight", type=float, help="weight of the FitNets layer4 feature hint (0 = off)")
+    p.add_argument("--teacher-targets", choices=TEACHER_TARGETS,
+                   help="distillation: teacher run on every augmented view (online) or its logits computed once (cached)")
     p.add_argument("--seed", type=int)
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--init", help="local weights file to initialise the teacher (ImageNet, SwAV, ...)")
@@ -45,7 +47,7 @@ def config_from_args(args) -> Config:
     else:
         cfg = preset(args.preset, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size)
     for key in ("seed", "temperature", "alpha", "hint_weight", "ssl_method", "val_fraction", "init", "unlabeled",
-                "cache_dir"):
+                "cache_dir", "teacher_targets"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)

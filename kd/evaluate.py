@@ -20,7 +20,7 @@ def predict_logits(model: nn.Module, images: ImageSet, size: int, device: torch.
     out = []
     n = len(images)
     for start in tqdm(range(0, n, batch_size), desc="predict", leave=False, disable=None):
-        x, _ = images.batch(np.arange(start, min(start + batch_size, n)), device)
+        x, *_ = images.batch(np.arange(start, min(start + batch_size, n)), device)
         x = center(x, size).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out.append(model(x).float().cpu())

@@ -1,12 +1,13 @@
 """What each phase optimises. The training loop (kd.train) is the same for all of them.
 
-An objective is an nn.Module: `forward(images_uint8, labels, generator)` augments the batch and
+An objective is an nn.Module: `forward(images_uint8, labels, generator[, teacher_logits])` augments the batch and
 returns `(loss, stats)`, so DDP can wrap it whole. `validate` gives the phase's probe metric;
 `exports` names the models the phase produces.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,7 +132,7 @@ class SSLObjective(Objective):
         self.eval()
         feats, labels = [], []
         for start in range(0, len(index), ctx.batch_size):
-            x, y = images.batch(index[start:start + ctx.batch_size], ctx.device)
+            x, y, *_ = images.batch(index[start:start + ctx.batch_size], ctx.device)
             x = augment.center(x, self.image_size).contiguous(memory_format=torch.channels_last)
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
                 feats.append(F.normalize(embed(self.teacher, x).float(), dim=1))
@@ -171,8 +172,12 @@ class SupervisedObjective(Objective):
 
 
 class DistillationObjective(Objective):
-    """Student trained on labels and on the frozen teacher's softened outputs (kd.losses.distill),
-    both seeing the same augmented view (Beyer et al. 2022: a consistent, patient teacher)."""
+    """Student trained on labels and on the frozen teacher's softened outputs (kd.losses.distill).
+
+    By default both see the same augmented view (Beyer et al. 2022: a consistent, patient teacher).
+    When the batch carries cached teacher logits (`teacher_targets="cached"`, see `cache_teacher_logits`),
+    those are used instead and the teacher's forward pass is skipped: cheaper, but the targets no
+    longer match the view the student sees (bench/teacher_cache.py measures both)."""
 
     exports = ("student",)
 
@@ -190,14 +195,17 @@ class DistillationObjective(Objective):
         self.teacher.eval()  # frozen: BatchNorm statistics must not drift
         return self
 
-    def forward(self, images, labels, generator):
+    def forward(self, images, labels, generator, teacher_logits=None):
         x = augment.SUPERVISED(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            t_logits, t_map = logits_and_map(self.teacher, x)
+        t_map = None
+        if teacher_logits is None:
+            with torch.no_grad():
+                teacher_logits, t_map = logits_and_map(self.teacher, x)
         s_logits, s_map = logits_and_map(self.student, x)
-        loss = distillation_loss(s_logits, t_logits, labels, self.temperature, self.alpha, self.class_weight)
+        loss = distillation_loss(s_logits, teacher_logits.float(), labels, self.temperature, self.alpha,
+                                 self.class_weight)
         stats = {}
-        if self.hint is not None:
+        if self.hint is not None and t_map is not None:
             hint = self.hint(s_map, t_map)
             loss = loss + self.hint_weight * hint
             stats["hint"] = hint.detach()
@@ -205,3 +213,10 @@ class DistillationObjective(Objective):
 
     def validate(self, ctx: ValContext) -> dict:
         return _supervised_validate(self.student, self.image_size, ctx)
+
+
+def cache_teacher_logits(teacher: nn.Module, images: ImageSet, image_size: int, device: torch.device,
+                         batch_size: int = 64) -> ImageSet:
+    """The same images carrying the frozen teacher's logits on their un-augmented view, computed once."""
+    logits = predict_logits(teacher, images, image_size, device, batch_size).astype(np.float32)
+    return dataclasses.replace(images, teacher_logits=logits)

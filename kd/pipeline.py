@@ -24,7 +24,8 @@ from kd.evaluate import model_report, predict_logits
 from kd.model_card import CARD_FILE, base_card, data_fingerprint
 from kd.models import (ARCHITECTURES, build, build_student, build_teacher, count_parameters, init_from_file,
                        seed_student_from_teacher)
-from kd.objectives import (DistillationObjective, SSLObjective, SupervisedObjective, ValContext, class_weights)
+from kd.objectives import (DistillationObjective, SSLObjective, SupervisedObjective, ValContext, cache_teacher_logits,
+                           class_weights)
 from kd.progress import Reporter
 from kd.train import fit
 
@@ -93,6 +94,10 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
         if name == "distill":
             objective = DistillationObjective(student, teacher, phase.image_size, weights, cfg.temperature,
                                               cfg.alpha, cfg.hint_weight)
+            if cfg.teacher_targets == "cached":
+                reporter.log("teacher_targets", phase=name, images=len(train))
+                train = cache_teacher_logits(teacher.to(device), train, phase.image_size, device,
+                                             max(phase.batch_size, 64))
         else:  # the ablation: same student, same budget, labels only
             objective = SupervisedObjective(student, "student", phase.image_size, weights)
     reporter.log("phase_start", phase=name, epochs=phase.epochs, image_size=phase.image_size,

@@ -102,10 +102,10 @@ def fit(objective: Objective, train_set, phase: PhaseConfig, ctx: ValContext, ou
         batches = (train_set.batch(order[i * per_rank:(i + 1) * per_rank], device) for i in range(steps_per_epoch))
         bar = tqdm(total=steps_per_epoch, desc=f"{name} {epoch + 1}/{phase.epochs}", disable=None if dist.is_main else True)
         t_epoch, t_log, running = time.time(), time.time(), []
-        for i, (images, labels) in enumerate(_prefetch(batches)):
+        for i, (images, labels, *targets) in enumerate(_prefetch(batches)):
             step = epoch * steps_per_epoch + i
             with torch.autocast(**autocast):
-                loss, stats = model(images, labels, generator)
+                loss, stats = model(images, labels, generator, *targets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{name}: loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
                                          f"lower the learning rate (now {phase.lr}).")

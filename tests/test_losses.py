@@ -82,3 +82,26 @@ def test_ssl_objective_loss_and_momentum(method):
             obj.teacher.conv1.weight.add_(1.0)
         obj.on_step_end(1, 10)
         assert not torch.equal(before, obj.target_backbone.conv1.weight)
+
+
+def test_distillation_with_cached_teacher_logits_skips_the_teacher_forward():
+    """Cached targets: the loss is the KD loss against the given logits and the teacher never runs."""
+    from kd.models import build_student, build_teacher
+    from kd.objectives import DistillationObjective
+
+    torch.manual_seed(0)
+    teacher = build_teacher()
+    calls = []
+    teacher.conv1.register_forward_hook(lambda *a: calls.append(1))
+    obj = DistillationObjective(build_student(), teacher, image_size=32, class_weight=torch.ones(2),
+                                temperature=4.0, alpha=0.5).eval()
+    images = torch.randint(0, 255, (4, 40, 40), dtype=torch.uint8)
+    labels, cached = torch.tensor([0, 1, 1, 0]), torch.randn(4, 2)
+    loss, _ = obj(images, labels, torch.Generator().manual_seed(0), cached)
+    assert calls == []
+    from kd import augment
+    x = augment.SUPERVISED(images, 32, torch.Generator().manual_seed(0))
+    expected = distillation_loss(obj.student(x), cached, labels, 4.0, 0.5, torch.ones(2))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    obj(images, labels, torch.Generator().manual_seed(0))  # online: the teacher sees the same view
+    assert calls == [1]

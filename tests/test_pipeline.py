@@ -177,3 +177,41 @@ def test_distill_before_finetune_says_what_is_missing(tmp_path, capsys):
     data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40)
     assert main(["distill", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny"]) == 1
     assert "run the phase that produces it first" in capsys.readouterr().err
+
+
+def test_distill_with_cached_teacher_targets(tiny_run, tmp_path):
+    """--teacher-targets cached: the teacher's logits are computed once, served with every batch."""
+    data, ref = tiny_run
+    out = tmp_path / "run"
+    (out / "finetune").mkdir(parents=True)
+    (out / "finetune" / "teacher.safetensors").write_bytes((ref / "finetune" / "teacher.safetensors").read_bytes())
+    assert main(["distill", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
+                 "--teacher-targets", "cached", "--no-baseline"]) == 0
+    events = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
+    cached = [e for e in events if e["kind"] == "teacher_targets"]
+    assert cached and cached[0]["images"] == next(e for e in events if e["kind"] == "phase_start")["train_images"]
+    assert (out / "distill" / "student.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["teacher_targets"] == "cached"
+
+
+def test_cached_teacher_targets_refuse_the_feature_hint(tmp_path, capsys):
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40)
+    assert main(["distill", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                 "--teacher-targets", "cached", "--hint-weight", "0.5"]) == 1
+    assert "feature maps" in capsys.readouterr().err
+
+
+def test_image_set_serves_cached_logits_with_each_batch():
+    import dataclasses
+
+    import numpy as np
+
+    from kd.cache import ImageSet
+
+    images = np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4)
+    s = ImageSet(images, np.array([0, 1, 0, 1]), np.array([4, 0, 2, 3]))
+    assert len(s.batch([2, 0], torch.device("cpu"))) == 2
+    logits = np.arange(8, dtype=np.float32).reshape(4, 2)
+    x, y, t = dataclasses.replace(s, teacher_logits=logits).batch([2, 0], torch.device("cpu"))
+    assert torch.equal(x[0], torch.from_numpy(images[2])) and torch.equal(x[1], torch.from_numpy(images[4]))
+    assert y.tolist() == [0, 0] and t.tolist() == [[4, 5], [0, 1]]

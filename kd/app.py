@@ -445,6 +445,7 @@ COMMANDS = {
     "Distil the student": "distill",
 }
 DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
+TEACHER_TARGET_LABELS = {"online": "Online (teacher on every augmented view)", "cached": "Cached (computed once, faster)"}
 RUN_NAME_KEY = "kd_run_name"
 _NEXT_RUN_NAME = "_kd_next_run_name"
 
@@ -474,13 +475,14 @@ def preset_summary(name: str) -> str:
 
 def preset_defaults(name: str) -> dict:
     cfg = PRESETS[name]()
-    return {"temperature": cfg.temperature, "alpha": cfg.alpha, "ssl_method": cfg.ssl_method}
+    return {"temperature": cfg.temperature, "alpha": cfg.alpha, "ssl_method": cfg.ssl_method,
+            "teacher_targets": cfg.teacher_targets}
 
 
 def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs: int | None = None,
                  image_size: int | None = None, batch_size: int | None = None, temperature: float | None = None,
                  alpha: float | None = None, ssl_method: str | None = None, device: str = "auto",
-                 baseline: bool = True) -> Config:
+                 baseline: bool = True, teacher_targets: str | None = None) -> Config:
     """The one Config the CLI would build from the same choices; raises DatasetError / JobError / ValueError.
 
     None keeps the preset's value (epochs, image size and batch size then differ per phase)."""
@@ -491,7 +493,7 @@ def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs
     if device == "cuda" and gpu_count() == 0:
         raise ValueError("GPU was chosen but no GPU is visible to this machine; choose Auto or CPU.")
     cfg = preset(preset_name, image_size=image_size or None, epochs=epochs, batch_size=batch_size or None,
-                 temperature=temperature, alpha=alpha, ssl_method=ssl_method)
+                 temperature=temperature, alpha=alpha, ssl_method=ssl_method, teacher_targets=teacher_targets)
     cfg.data, cfg.out, cfg.device, cfg.baseline = str(root.resolve()), str(run_dir), device, bool(baseline)
     cfg.validate()
     return cfg

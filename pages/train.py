@@ -4,7 +4,7 @@ import streamlit as st
 from kd import app
 
 app.ensure_navigation()
-from kd.config import PRESETS, SSL_METHODS
+from kd.config import PRESETS, SSL_METHODS, TEACHER_TARGETS
 
 st.title("Train")
 app.show_flash()
@@ -39,6 +39,12 @@ with st.form("train_form", border=True):
                       key="train_alpha", help="1 - alpha goes to the distillation term.")
     ssl_method = c3.selectbox("SSL method", SSL_METHODS, index=SSL_METHODS.index(defaults["ssl_method"]),
                               key="train_ssl")
+    teacher_targets = st.radio(
+        "Teacher outputs during distillation", TEACHER_TARGETS, horizontal=True,
+        index=TEACHER_TARGETS.index(defaults["teacher_targets"]), key="train_teacher_targets",
+        format_func=app.TEACHER_TARGET_LABELS.get,
+        help="Online: the teacher sees every augmented view the student sees (consistent teaching). Cached: its "
+             "outputs on each un-augmented image are computed once: faster, see the README for what it costs.")
     c1, c2, c3 = st.columns(3)
     device_label = c1.selectbox("Device", list(app.DEVICES), key="train_device")
     n_gpus = app.gpu_count()
@@ -51,7 +57,8 @@ with st.form("train_form", border=True):
 if submitted:
     form = dict(data_root=app.data_root_value(), run_name=run_name, preset_name=preset_name, epochs=epochs,
                 image_size=image_size, batch_size=batch_size, temperature=temperature, alpha=alpha,
-                ssl_method=ssl_method, device=app.DEVICES[device_label], baseline=baseline)
+                ssl_method=ssl_method, device=app.DEVICES[device_label], baseline=baseline,
+                teacher_targets=teacher_targets)
     job, error = app.start_training(form, app.COMMANDS[command_label], gpus)
     if error:
         app.show_error(error)

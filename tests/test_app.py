@@ -175,10 +175,11 @@ def _state(at: AppTest) -> str | None:
 def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
     at = open_page(start_app(), "pages/train.py")
     _fill_tiny_form(at, "apptest")
+    at.radio(key="train_teacher_targets").set_value("cached")
     at.button(key="train_start").click().run()
     assert not at.exception
     assert any("Started pipeline" in s for s in alerts(at, "success")), alerts(at, "error")
-    assert (app_env.runs / "apptest" / "config.json").exists()
+    assert json.loads((app_env.runs / "apptest" / "config.json").read_text())["teacher_targets"] == "cached"
 
     _fill_tiny_form(at, "second")  # one job at a time
     at.button(key="train_start").click().run()
@@ -274,11 +275,12 @@ def test_stale_lock_is_recovered_then_resume_and_stop(app_env):
 
 def test_build_config_is_the_cli_config_and_validates(app_env, tmp_path):
     cfg = app.build_config(str(app_env.data), "r1", "tiny", epochs=3, image_size=48, batch_size=4, temperature=2.0,
-                           alpha=0.3, ssl_method="byol", device="cpu", baseline=False)
+                           alpha=0.3, ssl_method="byol", device="cpu", baseline=False, teacher_targets="cached")
     assert cfg.out == str(app_env.runs / "r1") and cfg.data == str(app_env.data.resolve())
     assert all(cfg.phase(p).epochs == 3 and cfg.phase(p).image_size == 48 and cfg.phase(p).batch_size == 4
                for p in ("pretrain", "finetune", "distill"))
-    assert (cfg.temperature, cfg.alpha, cfg.ssl_method, cfg.device, cfg.baseline) == (2.0, 0.3, "byol", "cpu", False)
+    assert (cfg.temperature, cfg.alpha, cfg.ssl_method, cfg.device, cfg.baseline, cfg.teacher_targets) == \
+        (2.0, 0.3, "byol", "cpu", False, "cached")
     kept, reference = app.build_config(str(app_env.data), "r2", "cpu"), PRESETS["cpu"]()
     assert all(kept.phase(p) == reference.phase(p) for p in ("pretrain", "finetune", "distill"))  # None keeps them
 

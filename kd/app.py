@@ -238,7 +238,7 @@ def diagnose_sample(pair: ModelPair, sample: kdata.Sample, method: str = "GradCA
 
 def overlay_image(result: CaseResult, role: str, opacity: float) -> np.ndarray:
     d = result.diagnosis
-    return cam.overlay(d.square, d.views[role].cam, opacity)
+    return cam.overlay(d.picture, d.views[role].cam, opacity)
 
 
 def decision_badge(decision: str) -> str:

@@ -1,8 +1,10 @@
 """Grad-CAM heat maps of teacher and student, how far they agree, and how faithful they are.
 
-The maps come from pytorch_grad_cam on layer4 (7x7 at 224 px), for the PNEUMONIA logit of both
-models, so the two maps answer the same question: which regions raise the pneumonia score. The CAM
-forward pass also gives the probability, so diagnosing costs one forward and one backward per model.
+The maps come from pytorch_grad_cam on layer4 (input size / 32: 4x4 at 128 px, 7x7 at 224 px), for
+the PNEUMONIA logit of both models, so the two maps answer the same question: which regions raise the
+pneumonia score. The CAM forward pass also gives the probability, so diagnosing costs one forward and
+one backward per model. Overlays are drawn on the X-ray at DISPLAY_SIZE (at least), not at the
+model's input size, so the picture a clinician reads stays sharp when the models run at 128 px.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -22,6 +25,7 @@ from kd.metrics import softmax_pneumonia
 
 METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}
 PNEUMONIA = 1
+DISPLAY_SIZE = 448  # px of the picture the heat maps are drawn on
 TOP_FRACTION = 0.2  # the "hot" region compared by the agreement score
 AGREEMENT_HELP = ("CAM agreement: Pearson correlation of the two heat maps (1 = same regions, 0 = unrelated) and "
                   "overlap (IoU) of their hottest 20% of pixels.")
@@ -45,7 +49,11 @@ def explain(loaded: LoadedModel, x: torch.Tensor, method: str = "GradCAM") -> tu
 
 
 def overlay(square: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> np.ndarray:
-    """RGB uint8 picture of the X-ray with the heat map (jet) blended at `opacity`."""
+    """RGB uint8 picture of the X-ray with the heat map (jet) blended at `opacity`; a map of another
+    size than the picture is resized to it (bilinear)."""
+    if cam.shape != square.shape:
+        cam = np.asarray(Image.fromarray(cam.astype(np.float32)).resize(
+            square.shape[::-1], Image.Resampling.BILINEAR)).clip(0, 1)
     rgb = np.repeat((square.astype(np.float32) / 255)[..., None], 3, axis=2)
     return show_cam_on_image(rgb, cam.astype(np.float32), use_rgb=True, image_weight=1.0 - float(opacity))
 
@@ -75,17 +83,24 @@ class ModelView:
 @dataclass
 class Diagnosis:
     square: np.ndarray  # what the models saw (uint8, size x size)
-    xray: preprocess.XRay
+    xray: preprocess.XRay | None
     views: dict[str, ModelView]
     agreement: dict[str, float]
+    picture: np.ndarray  # the same X-ray at display resolution, under the overlays
 
     @property
     def same_decision(self) -> bool:
         return len({v.decision for v in self.views.values()}) == 1
 
 
+def display_picture(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The X-ray as shown under the heat maps: stretched like the model input, at least DISPLAY_SIZE."""
+    return preprocess.to_square(pixels, max(size, DISPLAY_SIZE))
+
+
 def diagnose_square(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay | None = None,
-                    method: str = "GradCAM", opacity: float = 0.4) -> Diagnosis:
+                    method: str = "GradCAM", opacity: float = 0.4, picture: np.ndarray | None = None) -> Diagnosis:
+    picture = display_picture(square, pair.input_size) if picture is None else picture
     x = preprocess.to_tensor(square)
     views = {}
     for role, loaded in pair.models.items():
@@ -93,15 +108,16 @@ def diagnose_square(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay |
         p, cam = explain(loaded, x, method)
         seconds = time.perf_counter() - t0
         views[role] = ModelView(p, "PNEUMONIA" if p >= loaded.threshold else "NORMAL", loaded.threshold, cam,
-                                overlay(square, cam, opacity), seconds)
-    return Diagnosis(square, xray, views, agreement(views["teacher"].cam, views["student"].cam))
+                                overlay(picture, cam, opacity), seconds)
+    return Diagnosis(square, xray, views, agreement(views["teacher"].cam, views["student"].cam), picture)
 
 
 def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = "GradCAM",
              opacity: float = 0.4) -> Diagnosis:
     """Bytes of an upload -> both predictions and both heat maps; raises preprocess.ImageError."""
-    square, xray = preprocess.prepare(data, pair.input_size, name)
-    return diagnose_square(pair, square, xray, method, opacity)
+    size = pair.input_size
+    square, xray = preprocess.prepare(data, size, name, decode_size=max(size, DISPLAY_SIZE))
+    return diagnose_square(pair, square, xray, method, opacity, display_picture(xray.pixels, size))
 
 
 def road_scores(loaded: LoadedModel, squares: np.ndarray, method: str = "GradCAM",

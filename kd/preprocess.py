@@ -114,9 +114,10 @@ def to_square(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
 
 
-def prepare(data: bytes, size: int, name: str = "upload") -> tuple[np.ndarray, XRay]:
-    """Bytes to the size x size uint8 picture the model sees, plus the decoded XRay."""
-    xray = load_xray(data, name=name, target_size=size)
+def prepare(data: bytes, size: int, name: str = "upload", decode_size: int | None = None) -> tuple[np.ndarray, XRay]:
+    """Bytes to the size x size uint8 picture the model sees, plus the decoded XRay (decoded at no
+    less than `decode_size`, default `size`, when the format allows a reduced-scale decode)."""
+    xray = load_xray(data, name=name, target_size=max(size, decode_size or size))
     return to_square(xray.pixels, size), xray
 
 

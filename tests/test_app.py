@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from kd import app, jobs  # noqa: E402
+from kd import app, cam, jobs  # noqa: E402
 from kd.config import PRESETS  # noqa: E402
 from kd.data import LAYOUT_HELP  # noqa: E402
 from kd.model_card import DISCLAIMER  # noqa: E402
@@ -355,7 +355,9 @@ def test_diagnose_bytes_memo_and_faithfulness(app_env):
     assert again.diagnosis is first.diagnosis and len(memo) == 1
     for role in app.ROLES:
         image = app.overlay_image(first, role, 0.5)
-        assert image.dtype == np.uint8 and image.shape == (pair.input_size, pair.input_size, 3)
+        side = max(pair.input_size, cam.DISPLAY_SIZE)  # drawn sharper than the tiny model input
+        assert image.dtype == np.uint8 and image.shape == (side, side, 3)
+        assert first.diagnosis.square.shape == (pair.input_size, pair.input_size)
     bad = app.diagnose_bytes(pair, b"", "empty.jpg", "GradCAM", memo)
     assert bad.diagnosis is None and "empty" in bad.error.lower()
 

@@ -1,0 +1,32 @@
+"""Heat maps drawn on a display-size picture, whatever size the models run at."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from kd import cam
+from kd.inference import load_pair
+from tests.xray_fixtures import jpeg_bytes, xray_like_array
+
+
+def test_overlay_stretches_a_coarse_map_over_the_picture_in_place():
+    coarse = np.zeros((4, 4), np.float32)
+    coarse[0, 3] = 1.0  # top-right cell hot
+    picture = np.full((448, 448), 128, np.uint8)
+    rgb = cam.overlay(picture, coarse, opacity=1.0)
+    assert rgb.shape == (448, 448, 3) and rgb.dtype == np.uint8
+    red = rgb[..., 0].astype(int) - rgb[..., 2].astype(int)  # jet: hot is red, cold is blue
+    assert red[20:60, 390:430].mean() > 100 and red[390:430, 20:60].mean() < -100
+
+
+def test_diagnosis_keeps_model_input_and_display_picture_apart(tiny_weights):
+    pair = load_pair(tiny_weights)
+    data = jpeg_bytes(xray_like_array(1200, 1000, seed=3))
+    d = cam.diagnose(pair, data, "big.jpeg")
+    size = pair.input_size
+    assert d.square.shape == (size, size) and d.picture.shape == (cam.DISPLAY_SIZE, cam.DISPLAY_SIZE)
+    for view in d.views.values():
+        assert view.cam.shape == (size, size) and view.overlay.shape == (cam.DISPLAY_SIZE, cam.DISPLAY_SIZE, 3)
+    # the picture is the same X-ray: shrunk to the model size it matches what the model saw
+    small = np.asarray(Image.fromarray(d.picture).resize((size, size)))
+    assert np.abs(small.astype(int) - d.square.astype(int)).mean() < 6

@@ -1,20 +1,32 @@
 """Teacher vs student CPU inference at 224 px, batch 1 and 32, and what each CPU trick buys.
 
-    python bench/inference.py [--repeats 5] [--compile]
+    python bench/inference.py [--repeats 5] [--compile] [--no-onnx]
 
 Variants (each timed in this run; the first is the baseline of the ratios):
   eager      : model(x) under torch.no_grad, default memory format
   optimised  : channels_last + torch.inference_mode (what kd.inference uses)
+  1 thread   : optimised with torch.set_num_threads(1) instead of one thread per core
+  onnxrt     : ONNX Runtime (CPU provider, all graph optimisations, one thread per core) on the
+               torch.onnx export of the same model; skipped when onnxruntime/onnxscript are not
+               installed (`pip install onnxruntime onnxscript`)
   compiled   : torch.compile of the optimised model (--compile; minutes to compile on 2 cores)
 Target: student images/s >= 2.5 x teacher images/s (optimised, batch 32).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import model_pair, seconds, target
+
+VARIANTS = ("eager", "optimised", "1 thread", "onnxrt", "compiled")
 
 
 def rate(model, batch: int, repeats: int, channels_last: bool, inference_mode: bool) -> float:
@@ -32,26 +44,71 @@ def rate(model, batch: int, repeats: int, channels_last: bool, inference_mode: b
     return batch / seconds(run, repeats=repeats)
 
 
+def onnx_session(model, threads: int):
+    """ONNX Runtime session for the torch.onnx export of `model` (dynamic batch), or None without onnxruntime."""
+    try:
+        import onnxruntime as ort
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(model.float().eval().to(memory_format=torch.contiguous_format),
+                          (torch.randn(1, 1, 224, 224),), str(path), input_names=["x"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}}, dynamo=True,
+                          verbose=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_rate(session, model, batch: int, repeats: int) -> tuple[float, float]:
+    """images/s of the session, and its largest logit difference from PyTorch on the same batch."""
+    x = np.random.default_rng(0).standard_normal((batch, 1, 224, 224)).astype(np.float32)
+    with torch.inference_mode():
+        reference = model(torch.from_numpy(x)).numpy()
+    diff = float(np.abs(session.run(None, {"x": x})[0] - reference).max())
+    return batch / seconds(lambda: session.run(None, {"x": x}), repeats=repeats), diff
+
+
 def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime variant")
     args = p.parse_args(argv)
     pair = model_pair()
-    results = {}
-    print(f"threads={torch.get_num_threads()}  images/s at 224 px")
+    threads = torch.get_num_threads()
+    sessions = {} if args.no_onnx else {role: onnx_session(pair.models[role].model, threads) for role in pair.models}
+    if not args.no_onnx and None in sessions.values():
+        print("onnxruntime/onnxscript not installed: ONNX Runtime variant skipped (pip install onnxruntime onnxscript)")
+        sessions = {}
+    results, onnx_diff = {}, {}
+    print(f"threads={threads} (cores: {os.cpu_count()})  images/s at 224 px, (ratio to eager)")
     for batch in (1, 32):
         for role in ("teacher", "student"):
             m = pair.models[role].model.eval()
             results[(role, batch, "eager")] = rate(m, batch, args.repeats, False, False)
             results[(role, batch, "optimised")] = rate(m, batch, args.repeats, True, True)
+            torch.set_num_threads(1)
+            try:
+                results[(role, batch, "1 thread")] = rate(m, batch, args.repeats, True, True)
+            finally:
+                torch.set_num_threads(threads)
+            if sessions:
+                results[(role, batch, "onnxrt")], onnx_diff[(role, batch)] = onnx_rate(sessions[role], m, batch,
+                                                                                         args.repeats)
+                m.to(memory_format=torch.channels_last)
             if args.compile:
                 compiled = torch.compile(m.to(memory_format=torch.channels_last))
                 results[(role, batch, "compiled")] = rate(compiled, batch, args.repeats, True, True)
             base = results[(role, batch, "eager")]
             print(f"  batch {batch:2d} {role:8s} " + "  ".join(
-                f"{v}={results[(role, batch, v)]:7.1f} ({results[(role, batch, v)] / base:.2f}x)"
-                for v in ("eager", "optimised", "compiled") if (role, batch, v) in results))
+                f"{v}={results[(role, batch, v)]:6.1f} ({results[(role, batch, v)] / base:.2f}x)"
+                for v in VARIANTS if (role, batch, v) in results))
+    for (role, batch), diff in onnx_diff.items():
+        print(f"  onnxrt {role} batch {batch}: largest logit difference from PyTorch {diff:.2e}")
     for batch in (1, 32):
         s, t = results[("student", batch, "optimised")], results[("teacher", batch, "optimised")]
         print(f"  batch {batch:2d} student/teacher = {s / t:.2f}x")

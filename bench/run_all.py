@@ -9,9 +9,11 @@ import contextlib
 import resource
 import sys
 
+import app_memory
 import common  # noqa: F401  (puts the repository on sys.path)
 import diagnose
 import inference
+import resolution
 import train_throughput
 from common import target
 
@@ -37,6 +39,10 @@ def main() -> int:
         print("\n".join(line for line in out.getvalue().splitlines() if not line.startswith("TARGET")))
         lines.append(target(f"data_path_vs_model_only_{objective}_{arch}_{size}px", r["ours"] / r["model_only"], 0.9))
     print(f"   peak RSS of this process (includes CPU training steps): {peak_rss_mib():.0f} MiB")
+    print("== lower resolution in the early phases (cpu preset vs all at 224 px)")
+    resolution.main([])
+    print("== memory of the real app (streamlit + chromium, shipped weights)")
+    app_memory.main([])
     print("\n".join(lines))
     return 0 if all(line.endswith("PASS") for line in lines) else 1
 

@@ -1,0 +1,138 @@
+"""Distillation with the teacher online vs its outputs cached: what caching saves, what it costs in AUC.
+
+    python bench/teacher_cache.py [--data ../shared/data/chest_xray] [--teacher weights/teacher.safetensors]
+                                  [--epochs 3] [--size 128] [--batch 32] [--eval-size 224]
+
+online : the teacher runs on every augmented view the student sees (Beyer et al. 2022, "Knowledge
+         distillation: a good teacher is patient and consistent": consistent views);
+cached : the teacher's logits on each un-augmented image, computed once before training ("fixed
+         teacher"); each step then costs the student's forward and backward only.
+Both arms distil the same teacher into the same student initialisation with the same seed, schedule,
+batches and augmentations (kd.train.fit), on the patient-level split of the pipeline. Each is then
+evaluated like an exported model: BatchNorm re-estimated at --eval-size, AUC on the validation split
+with a 95% bootstrap CI, and the paired bootstrap CI of the AUC difference. Takes about 15 minutes
+for the defaults on a 2-core CPU, so run_all.py does not include it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common  # noqa: F401  (puts the repository on sys.path)
+from kd import metrics
+from kd.checkpoint import load_weights
+from kd.config import preset
+from kd.distributed import Dist, resolve_device
+from kd.evaluate import predict_logits
+from kd.models import build_student, build_teacher, seed_student_from_teacher
+from kd.objectives import DistillationObjective, ValContext, cache_teacher_logits, class_weights
+from kd.pipeline import RunData, recalibrate_batchnorm
+from kd.progress import Reporter
+from kd.train import fit
+
+DEFAULT_DATA = common.SHARED / "chest_xray"
+DEFAULT_TEACHER = common.REPO / "weights" / "teacher.safetensors"
+
+
+def paired_auc_difference(y, p_a, p_b, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """AUC(b) - AUC(a) on the same images, with a 95% paired bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[i])) == 2:
+            diffs.append(metrics.rank_auc(y[i], p_b[i]) - metrics.rank_auc(y[i], p_a[i]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return metrics.rank_auc(y, p_b) - metrics.rank_auc(y, p_a), float(lo), float(hi)
+
+
+def distil(arm: str, teacher, train, phase, cfg, device) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(cfg.seed)
+    student = build_student()
+    seed_student_from_teacher(student, teacher)
+    objective = DistillationObjective(student, teacher, phase.image_size, class_weights(train.class_counts()),
+                                      cfg.temperature, cfg.alpha)
+    t0 = time.perf_counter()
+    if arm == "cached":
+        train = cache_teacher_logits(teacher.to(device), train, phase.image_size, device, max(phase.batch_size, 64))
+    t_cache = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        history = fit(objective, train, phase, ValContext(None, train, device), tmp, Reporter(tmp, False), "distill",
+                      seed=cfg.seed, grad_clip=cfg.grad_clip)
+    total = time.perf_counter() - t0
+    images = len(train) // phase.batch_size * phase.batch_size * phase.epochs
+    return student, {"cache_s": t_cache, "train_s": total - t_cache, "total_s": total,
+                     "train_images_per_s": images / (total - t_cache), "images_per_s": images / total,
+                     "epochs": len(history)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="fine-tuned teacher (safetensors)")
+    p.add_argument("--epochs", type=int, help="distillation epochs (default: the cpu preset's)")
+    p.add_argument("--size", type=int, help="training resolution (default: the cpu preset's)")
+    p.add_argument("--batch", type=int, help="batch size (default: the cpu preset's)")
+    p.add_argument("--eval-size", type=int, default=224)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "kd-bench-cache"))
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 2)
+    root = Path(args.data)
+    if not (root / "train").is_dir():
+        from tests.xray_fixtures import write_kermany_dataset  # no dataset: a generated one, same layout
+
+        root = write_kermany_dataset(Path(tempfile.mkdtemp()) / "data", n_per_class=(40, 40), size=64)
+    cfg = preset("cpu")
+    cfg.data, cfg.cache_dir = str(root), args.cache_dir
+    phase = cfg.distill
+    phase.epochs, phase.image_size, phase.batch_size = (args.epochs or phase.epochs, args.size or phase.image_size,
+                                                        args.batch or phase.batch_size)
+    data = RunData(cfg, Dist(), progress=False)
+    train, val = data.image_set("train", phase.image_size), data.image_set("val", args.eval_size)
+    train_eval = data.image_set("train", args.eval_size)
+
+    teacher = build_teacher()
+    if Path(args.teacher).exists():
+        load_weights(teacher, args.teacher)
+    else:
+        print(f"{args.teacher} not found: a randomly initialised teacher (timings only, AUCs meaningless)")
+    teacher = teacher.float().to(device).to(memory_format=torch.channels_last)
+    # the shipped teacher's BatchNorm statistics are for the eval size: re-estimate them at the training size
+    recalibrate_batchnorm(teacher, train, phase.image_size, device)
+    y = val.labels
+    p_teacher = metrics.softmax_pneumonia(predict_logits(teacher, val, phase.image_size, device))
+
+    results, probs = {}, {}
+    for arm in ("online", "cached"):
+        student, r = distil(arm, teacher, train, phase, cfg, device)
+        recalibrate_batchnorm(student, train_eval, args.eval_size, device)  # as export does
+        probs[arm] = metrics.softmax_pneumonia(predict_logits(student, val, args.eval_size, device))
+        ci = metrics.bootstrap_ci(y, probs[arm], 0.5, metrics=("auc",), n_boot=1000, seed=0)["auc"]
+        results[arm] = {**r, "auc": metrics.rank_auc(y, probs[arm]), "auc_ci": ci}
+
+    print(f"device={device} train={len(train)} images at {phase.image_size} px, {phase.epochs} epochs, batch "
+          f"{phase.batch_size}; validation={len(val)} images at {args.eval_size} px (patient-level split of train)")
+    print(f"teacher (frozen) validation AUC at {phase.image_size} px: {metrics.rank_auc(y, p_teacher):.4f}")
+    print(f"{'arm':7s} {'cache s':>8s} {'train s':>8s} {'total s':>8s} {'train img/s':>11s}  AUC (95% CI)")
+    for arm, r in results.items():
+        lo, hi = r["auc_ci"]
+        print(f"{arm:7s} {r['cache_s']:8.1f} {r['train_s']:8.1f} {r['total_s']:8.1f} {r['train_images_per_s']:11.1f}"
+              f"  {r['auc']:.4f} ({lo:.4f}-{hi:.4f})")
+    speedup = results["online"]["total_s"] / results["cached"]["total_s"]
+    diff, lo, hi = paired_auc_difference(y, probs["online"], probs["cached"])
+    print(f"cached vs online: {speedup:.2f}x faster end to end (caching included); "
+          f"AUC difference cached - online {diff:+.4f} (paired 95% CI {lo:+.4f} to {hi:+.4f})")
+    return {**results, "speedup": speedup, "auc_difference": (diff, lo, hi)}
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ import contextlib
 import io
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +46,14 @@ def rate(model, batch: int, repeats: int, channels_last: bool, inference_mode: b
 
 
 def onnx_session(model, threads: int):
-    """ONNX Runtime session for the torch.onnx export of `model` (dynamic batch), or None without onnxruntime."""
+    """ONNX Runtime session for the torch.onnx export of `model` (dynamic batch), or None without
+    onnxruntime; `session.export_seconds` is what exporting and loading cost."""
     try:
         import onnxruntime as ort
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
         return None
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         path = Path(tmp) / "model.onnx"
         torch.onnx.export(model.float().eval().to(memory_format=torch.contiguous_format),
@@ -60,7 +63,9 @@ def onnx_session(model, threads: int):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.export_seconds = time.perf_counter() - t0
+    return session
 
 
 def onnx_rate(session, model, batch: int, repeats: int) -> tuple[float, float]:
@@ -109,6 +114,11 @@ def main(argv=None) -> list[str]:
                 for v in VARIANTS if (role, batch, v) in results))
     for (role, batch), diff in onnx_diff.items():
         print(f"  onnxrt {role} batch {batch}: largest logit difference from PyTorch {diff:.2e}")
+    for role, session in sessions.items():
+        saved = 1 / results[(role, 1, "optimised")] - 1 / results[(role, 1, "onnxrt")]
+        print(f"  onnxrt {role}: export + session {session.export_seconds:.1f} s, repaid after "
+              f"{session.export_seconds / saved:.0f} single-image predictions" if saved > 0 else
+              f"  onnxrt {role}: export + session {session.export_seconds:.1f} s, never repaid at batch 1")
     for batch in (1, 32):
         s, t = results[("student", batch, "optimised")], results[("teacher", batch, "optimised")]
         print(f"  batch {batch:2d} student/teacher = {s / t:.2f}x")

@@ -4,22 +4,24 @@
 """
 from __future__ import annotations
 
-import io
-import contextlib
-import resource
+import subprocess
 import sys
+from pathlib import Path
 
 import app_memory
 import common  # noqa: F401  (puts the repository on sys.path)
 import diagnose
 import inference
 import resolution
-import train_throughput
 from common import target
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def run_script(script: str, *args: str) -> str:
+    """A benchmark in its own process (so its peak RSS is its own); returns its output."""
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / script), *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{script} failed:\n{done.stdout}\n{done.stderr[-3000:]}")
+    return done.stdout
 
 
 def main() -> int:
@@ -28,17 +30,14 @@ def main() -> int:
     lines += inference.main(["--repeats", "5"])
     print("== diagnose end to end")
     lines += diagnose.main(["--repeats", "3"])
-    print(f"   peak RSS with both models loaded and diagnosed: {peak_rss_mib():.0f} MiB")
     # each phase of the cpu preset: SSL (two views), fine-tuning, distillation (teacher forward + student step)
     for objective, arch, size in (("ssl", "resnet50", 96), ("supervised", "resnet50", 128), ("distill", "resnet18", 128)):
         print(f"== training data path ({objective}, {arch}, {size} px)")
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            r = train_throughput.main(["--objective", objective, "--arch", arch, "--size", str(size), "--batch", "32",
-                                       "--steps", "6"])
-        print("\n".join(line for line in out.getvalue().splitlines() if not line.startswith("TARGET")))
-        lines.append(target(f"data_path_vs_model_only_{objective}_{arch}_{size}px", r["ours"] / r["model_only"], 0.9))
-    print(f"   peak RSS of this process (includes CPU training steps): {peak_rss_mib():.0f} MiB")
+        out = run_script("train_throughput.py", "--objective", objective, "--arch", arch, "--size", str(size),
+                         "--batch", "32", "--steps", "6").splitlines()
+        print("\n".join(line for line in out if not line.startswith("TARGET")))
+        ratio = float(next(line for line in out if line.startswith("TARGET data_path_vs_model_only")).split()[2])
+        lines.append(target(f"data_path_vs_model_only_{objective}_{arch}_{size}px", ratio, 0.9))
     print("== lower resolution in the early phases (cpu preset vs all at 224 px)")
     resolution.main([])
     print("== memory of the real app (streamlit + chromium, shipped weights)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -173,6 +174,8 @@ def main(argv=None) -> dict:
         print(f"seed-style   {c:8.1f} images/s   ratio to model-only {c / a:.2f}   ours/seed-style {b / c:.2f}")
     ok = b >= 0.9 * a
     print(f"TARGET data_path_vs_model_only {b / a:.2f} 0.90 {'PASS' if ok else 'FAIL'}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this training process: {peak:.0f} MiB")
     if c is not None and device.type == "cuda":  # the GPU target: the data path keeps the GPU busy
         print(f"TARGET data_path_vs_seed_style_gpu {b / c:.2f} 2.0 {'PASS' if b >= 2 * c else 'FAIL'}")
     return {"model_only": a, "ours": b, "seed_style": c}

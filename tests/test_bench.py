@@ -44,3 +44,13 @@ def test_onnx_runtime_export_matches_pytorch():
     model = build_student().eval()
     rate, diff = inference.onnx_rate(inference.onnx_session(model, threads=1), model, batch=2, repeats=1)
     assert rate > 0 and diff < 1e-3
+
+
+def test_app_memory_bench_measures_a_real_server(capsys):
+    import app_memory
+
+    if not Path(app_memory.CHROMIUM).exists():
+        pytest.skip(f"no chromium at {app_memory.CHROMIUM} (apt-get install chromium)")
+    r = app_memory.main(["--files", "1"])
+    assert r["files"] == 1 and 0 < r["idle_mib"] < r["loaded_mib"] <= r["peak_mib"]
+    assert "X-rays diagnosed" in capsys.readouterr().out

@@ -445,7 +445,8 @@ COMMANDS = {
     "Distil the student": "distill",
 }
 DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
-TEACHER_TARGET_LABELS = {"online": "Online (teacher on every augmented view)", "cached": "Cached (computed once, faster)"}
+TEACHER_TARGET_LABELS = {None: "The preset's choice (cpu: cached, gpu: online)",
+                         "online": "Online (teacher on every augmented view)", "cached": "Cached (computed once, faster)"}
 RUN_NAME_KEY = "kd_run_name"
 _NEXT_RUN_NAME = "_kd_next_run_name"
 
@@ -475,8 +476,7 @@ def preset_summary(name: str) -> str:
 
 def preset_defaults(name: str) -> dict:
     cfg = PRESETS[name]()
-    return {"temperature": cfg.temperature, "alpha": cfg.alpha, "ssl_method": cfg.ssl_method,
-            "teacher_targets": cfg.teacher_targets}
+    return {"temperature": cfg.temperature, "alpha": cfg.alpha, "ssl_method": cfg.ssl_method}
 
 
 def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs: int | None = None,

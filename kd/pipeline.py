@@ -121,7 +121,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: ImageSet, size: int, d
     """Re-estimate BatchNorm statistics on training images at the inference resolution.
 
     Touvron et al., "Fixing the train-test resolution discrepancy" (NeurIPS 2019): a network trained at
-    a lower resolution sees other activation statistics at 224 px; refreshing the BN statistics (not
+    a lower resolution sees other activation statistics at a higher one; refreshing the BN statistics (not
     the weights) on training images at test resolution recovers most of the gap. Returns images used."""
     index = np.linspace(0, len(images) - 1, min(max_images, len(images))).astype(int)
     batches = (center(images.batch(index[i:i + batch_size], device)[0], size).contiguous(

@@ -4,7 +4,7 @@ import streamlit as st
 from kd import app
 
 app.ensure_navigation()
-from kd.config import PRESETS, SSL_METHODS, TEACHER_TARGETS
+from kd.config import PRESETS, SSL_METHODS
 
 st.title("Train")
 app.show_flash()
@@ -40,9 +40,8 @@ with st.form("train_form", border=True):
     ssl_method = c3.selectbox("SSL method", SSL_METHODS, index=SSL_METHODS.index(defaults["ssl_method"]),
                               key="train_ssl")
     teacher_targets = st.radio(
-        "Teacher outputs during distillation", TEACHER_TARGETS, horizontal=True,
-        index=TEACHER_TARGETS.index(defaults["teacher_targets"]), key="train_teacher_targets",
-        format_func=app.TEACHER_TARGET_LABELS.get,
+        "Teacher outputs during distillation", list(app.TEACHER_TARGET_LABELS), horizontal=True, index=0,
+        key="train_teacher_targets", format_func=app.TEACHER_TARGET_LABELS.get,
         help="Online: the teacher sees every augmented view the student sees (consistent teaching). Cached: its "
              "outputs on each un-augmented image are computed once: faster, see the README for what it costs.")
     c1, c2, c3 = st.columns(3)

@@ -283,6 +283,7 @@ def test_build_config_is_the_cli_config_and_validates(app_env, tmp_path):
         (2.0, 0.3, "byol", "cpu", False, "cached")
     kept, reference = app.build_config(str(app_env.data), "r2", "cpu"), PRESETS["cpu"]()
     assert all(kept.phase(p) == reference.phase(p) for p in ("pretrain", "finetune", "distill"))  # None keeps them
+    assert kept.teacher_targets == "cached" and app.build_config(str(app_env.data), "r5", "gpu").teacher_targets == "online"
 
     from kd.data import DatasetError
 

@@ -218,5 +218,6 @@ class DistillationObjective(Objective):
 def cache_teacher_logits(teacher: nn.Module, images: ImageSet, image_size: int, device: torch.device,
                          batch_size: int = 64) -> ImageSet:
     """The same images carrying the frozen teacher's logits on their un-augmented view, computed once."""
+    teacher = teacher.to(device).to(memory_format=torch.channels_last)  # the fast layout for CPU convolutions
     logits = predict_logits(teacher, images, image_size, device, batch_size).astype(np.float32)
     return dataclasses.replace(images, teacher_logits=logits)

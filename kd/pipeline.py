@@ -70,6 +70,7 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
     done_path = phase_dir / "done.json"
     if done_path.exists():
         return json.loads(done_path.read_text())
+    prep_s = 0.0  # work before the first epoch that belongs to the phase's cost (caching teacher logits)
     train = data.image_set("train", phase.image_size, with_unlabeled=name == "pretrain")
     ctx = ValContext(data.image_set("val", phase.image_size), train, device, batch_size=max(phase.batch_size, 64),
                      knn_k=cfg.knn_k, max_knn_bank=cfg.max_knn_bank)
@@ -96,8 +97,10 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
                                               cfg.alpha, cfg.hint_weight)
             if cfg.teacher_targets == "cached":
                 reporter.log("teacher_targets", phase=name, images=len(train))
-                train = cache_teacher_logits(teacher.to(device), train, phase.image_size, device,
+                t0 = time.time()
+                train = cache_teacher_logits(teacher, train, phase.image_size, device,
                                              max(phase.batch_size, 64))
+                prep_s = time.time() - t0
         else:  # the ablation: same student, same budget, labels only
             objective = SupervisedObjective(student, "student", phase.image_size, weights)
     reporter.log("phase_start", phase=name, epochs=phase.epochs, image_size=phase.image_size,
@@ -105,7 +108,8 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
     history = fit(objective, train, phase, ctx, phase_dir, reporter, name, seed=cfg.seed, grad_clip=cfg.grad_clip,
                   resume=resume, dist=dist)
     last = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("epoch", "seconds")}
-    result = {"phase": name, "seconds": sum(h["seconds"] for h in history), "metrics": last, "history": history,
+    result = {"phase": name, "seconds": prep_s + sum(h["seconds"] for h in history), "prep_seconds": prep_s,
+              "metrics": last, "history": history,
               "image_size": phase.image_size, "epochs": phase.epochs, "train_images": len(train)}
     if dist.is_main:
         for role, model in objective.exported().items():

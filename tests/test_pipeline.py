@@ -192,6 +192,8 @@ def test_distill_with_cached_teacher_targets(tiny_run, tmp_path):
     assert cached and cached[0]["images"] == next(e for e in events if e["kind"] == "phase_start")["train_images"]
     assert (out / "distill" / "student.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["teacher_targets"] == "cached"
+    done = json.loads((out / "distill" / "done.json").read_text())  # caching counts in the phase's wall time
+    assert 0 < done["prep_seconds"] and done["seconds"] == done["prep_seconds"] + sum(h["seconds"] for h in done["history"])
 
 
 def test_cached_teacher_targets_refuse_the_feature_hint(tmp_path, capsys):

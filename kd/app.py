@@ -269,11 +269,14 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> No
                 st.markdown(f"Decision: {decision_badge(view.decision)} at threshold {view.threshold:.3f}")
                 st.image(overlay_image(result, role, opacity), width=380,
                          caption=f"{ROLE_LABEL[role]} · {result.method} heat map for PNEUMONIA")
+                if cam.is_empty(view.cam):
+                    st.caption(cam.EMPTY_MAP_NOTE)
         agree = d.agreement
+        empty = any(cam.is_empty(v.cam) for v in d.views.values())
         a, b, c = st.columns(3)
         a.metric("Decisions", "same" if d.same_decision else "different")
-        b.metric("CAM correlation", f"{agree['correlation']:.2f}", help=AGREEMENT_HELP)
-        c.metric("Top-20% overlap (IoU)", f"{agree['top20_iou']:.2f}", help=AGREEMENT_HELP)
+        b.metric("CAM correlation", "n/a" if empty else f"{agree['correlation']:.2f}", help=AGREEMENT_HELP)
+        c.metric("Top-20% overlap (IoU)", "n/a" if empty else f"{agree['top20_iou']:.2f}", help=AGREEMENT_HELP)
         st.caption(AGREEMENT_HELP)
 
 

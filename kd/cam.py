@@ -58,6 +58,15 @@ def overlay(square: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> np.nda
     return show_cam_on_image(rgb, cam.astype(np.float32), use_rgb=True, image_weight=1.0 - float(opacity))
 
 
+EMPTY_MAP_NOTE = ("Empty heat map: no region raises this model's pneumonia score (usual for a confident NORMAL); "
+                  "the agreement figures then say nothing.")
+
+
+def is_empty(cam: np.ndarray) -> bool:
+    """Grad-CAM keeps only positive evidence (ReLU): with none for PNEUMONIA the map is all zero."""
+    return float(np.max(cam)) <= 1e-6
+
+
 def agreement(cam_a: np.ndarray, cam_b: np.ndarray) -> dict[str, float]:
     """Correlation of two maps and IoU of their top-20% regions (see AGREEMENT_HELP)."""
     a, b = cam_a.ravel().astype(np.float64), cam_b.ravel().astype(np.float64)

@@ -112,6 +112,15 @@ def test_upload_png_and_dicom_shows_both_models(app_env):
     assert not at.exception and len(at.image) == 4
 
 
+def test_an_empty_heat_map_is_explained_and_agreement_not_claimed(app_env, monkeypatch):
+    monkeypatch.setattr(cam, "explain", lambda loaded, x, method="GradCAM": (0.01, np.zeros(x.shape[-2:], np.float32)))
+    at = start_app()
+    at.file_uploader(key="uploads").set_value([("normal.png", xray_png(), "image/png")]).run()
+    assert not at.exception and not at.error
+    assert all_text(at).count(cam.EMPTY_MAP_NOTE) == 2  # one under each model's map
+    assert metric_values(at, "CAM correlation") == ["n/a"] and metric_values(at, "Top-20% overlap (IoU)") == ["n/a"]
+
+
 def test_bad_uploads_show_their_message_and_the_page_keeps_working(app_env):
     at = start_app()
     uploads = [(filename, make(), "application/octet-stream") for make, filename in BAD_UPLOADS.values()]

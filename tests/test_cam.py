@@ -30,3 +30,8 @@ def test_diagnosis_keeps_model_input_and_display_picture_apart(tiny_weights):
     # the picture is the same X-ray: shrunk to the model size it matches what the model saw
     small = np.asarray(Image.fromarray(d.picture).resize((size, size)))
     assert np.abs(small.astype(int) - d.square.astype(int)).mean() < 6
+
+
+def test_an_all_zero_map_is_called_empty():
+    assert cam.is_empty(np.zeros((4, 4), np.float32))
+    assert not cam.is_empty(np.eye(4, dtype=np.float32))

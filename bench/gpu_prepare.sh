@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Here, on the CPU machine, before a lent GPU session: put what bench/gpu.sh needs inside the checkout,
+# git-ignored, so that the device tool's `carry` takes it along (../shared does not travel):
+#   data/chest_xray/{train,val}   the 224 px train split (42 MB) and the official 16-image val
+#   .whl/                         lightly, the one package kd's training path needs that the device image lacks
+#                                 (it has torch, torchvision, pytorch_lightning, safetensors, scikit-learn, tqdm)
+#   bash bench/gpu_prepare.sh [SHARED_CHEST_XRAY]
+# The shipped weights (69 MB, tracked) alone exceed the 64 MiB that one device call may carry, and the GPU run
+# does not need them: move them aside for the call and put them back after:
+#   mkdir -p /tmp/kd-weights-aside && mv weights/*.safetensors /tmp/kd-weights-aside/
+#   ... one device call, carry=["data", ".whl"], command:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && bash bench/gpu.sh data/chest_xray /tmp/gpu 2>&1 | tee $OUT/gpu.log;
+#   cd /tmp/gpu/run && cp model_card.json $OUT/ && split -b 15M teacher.safetensors $OUT/teacher.part. \
+#     && split -b 15M student.safetensors $OUT/student.part.
+#   (at most 8 files of 16 MiB come back: log, card, 4 + 2 weight parts; `cat teacher.part.* > teacher.safetensors`)
+#   mv /tmp/kd-weights-aside/*.safetensors weights/ && git status --short weights   (nothing listed: restored)
+set -euo pipefail
+SRC=${1:-../shared/data/chest_xray}
+cd "$(dirname "$0")/.."
+[ -d "$SRC/train" ] || { echo "no $SRC/train: pass the dataset root (with train/ and val/)" >&2; exit 1; }
+mkdir -p data/chest_xray
+for split in train val; do
+  [ -d "$SRC/$split" ] && cp -r "$SRC/$split" data/chest_xray/
+done
+LIGHTLY=$(python3 -c "import importlib.metadata as m; print(m.version('lightly'))")
+rm -rf .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "lightly==$LIGHTLY"
+{ git check-ignore -q data && git check-ignore -q .whl; } || { echo "data/ or .whl/ is not git-ignored: it would travel as tracked work" >&2; exit 1; }
+du -sh data .whl
+tracked=$(git ls-files -z -- ':!weights/*.safetensors' | du -cb --files0-from=- | tail -1 | cut -f1)
+carried=$(du -cb data .whl | tail -1 | cut -f1)
+echo "would travel with the weights moved aside: $(( (tracked + carried) / 1048576 )) MiB of 64"

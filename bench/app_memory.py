@@ -13,21 +13,16 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common import REPO, SHARED
-
-CHROMIUM = "/usr/bin/chromium"
+from common import SHARED
+from tests import app_server
+from tests.app_server import CHROMIUM, CHROMIUM_ARGS
 
 
 def status_mib(pid: int) -> dict[str, float]:
@@ -53,28 +48,6 @@ def uploads(n: int) -> list[dict]:
     return out
 
 
-def start_server(runs_dir: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "KD_WEIGHTS"}  # the shipped weights
-    env["KD_RUNS_DIR"] = runs_dir
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "streamlit_app.py"),
-                             "--server.headless", "true", "--server.port", str(port)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise SystemExit("streamlit did not start in 90 s")
-
-
 def main(argv=None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=24)
@@ -89,14 +62,14 @@ def main(argv=None) -> dict | None:
         return None
     files = uploads(args.files)
     with tempfile.TemporaryDirectory() as runs:
-        proc, url = start_server(runs)
+        env = {k: v for k, v in os.environ.items() if k != "KD_WEIGHTS"}  # the shipped weights
+        proc, url = app_server.start({**env, "KD_RUNS_DIR": runs})
         try:
             time.sleep(1)
             idle = status_mib(proc.pid)
             t0 = time.perf_counter()
             with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=["--no-sandbox", "--disable-gpu"])
+                browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(url)
                 expect(page.get_by_role("heading", name="Diagnose")).to_be_visible(timeout=60_000)
@@ -106,8 +79,7 @@ def main(argv=None) -> dict | None:
                 loaded = status_mib(proc.pid)
                 browser.close()
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            app_server.stop(proc)
     print(f"streamlit server, shipped weights, {len(files)} X-rays diagnosed in {seconds:.1f} s "
           f"(both models, both Grad-CAM overlays each)")
     print(f"  idle RSS {idle['VmRSS']:7.0f} MiB (baseline)")

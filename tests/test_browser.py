@@ -8,69 +8,28 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from kd import jobs
+from tests import app_server
+from tests.app_server import CHROMIUM, CHROMIUM_ARGS
 from tests.xray_fixtures import xray_png
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def server(app_env):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(app_env.tmp / "streamlit.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "streamlit_app.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env={**os.environ, **app_env.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, url = app_server.start({**os.environ, **app_env.env}, log=app_env.tmp / "streamlit.log")
     try:
-        deadline = time.time() + 90
-        while not _healthy(url):
-            assert proc.poll() is None, (app_env.tmp / "streamlit.log").read_text()[-3000:]
-            assert time.time() < deadline, "streamlit did not start in 90 s"
-            time.sleep(0.5)
         yield url
     finally:
         jobs.stop_job(app_env.runs)  # a training left running by a failed test
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
-        log.close()
+        app_server.stop(proc)
 
 
 def _chart_points(page) -> int:

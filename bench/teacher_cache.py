@@ -31,9 +31,9 @@ from kd.checkpoint import load_weights
 from kd.config import preset
 from kd.distributed import Dist, resolve_device
 from kd.evaluate import predict_logits
-from kd.models import build_student, build_teacher, seed_student_from_teacher
-from kd.objectives import DistillationObjective, ValContext, cache_teacher_logits, class_weights
-from kd.pipeline import RunData, recalibrate_batchnorm
+from kd.models import build_teacher
+from kd.objectives import ValContext, class_weights
+from kd.pipeline import RunData, recalibrate_batchnorm, student_objective
 from kd.progress import Reporter
 from kd.train import fit
 
@@ -53,24 +53,22 @@ def paired_auc_difference(y, p_a, p_b, n_boot: int = 1000, seed: int = 0) -> tup
     return metrics.rank_auc(y, p_b) - metrics.rank_auc(y, p_a), float(lo), float(hi)
 
 
-def distil(arm: str, teacher, train, phase, cfg, device) -> tuple[torch.nn.Module, dict]:
-    torch.manual_seed(cfg.seed)
-    student = build_student()
-    seed_student_from_teacher(student, teacher)
-    objective = DistillationObjective(student, teacher, phase.image_size, class_weights(train.class_counts()),
-                                      cfg.temperature, cfg.alpha)
+def distil(arm: str, teacher, train, cfg, device) -> tuple[torch.nn.Module, dict]:
+    """The pipeline's distill phase with this arm's teacher targets (kd.pipeline.student_objective + fit)."""
+    phase = cfg.phase("distill")
+    cfg.teacher_targets = arm
+    torch.manual_seed(cfg.seed)  # the same student initialisation in both arms
     t0 = time.perf_counter()
-    if arm == "cached":
-        train = cache_teacher_logits(teacher.to(device), train, phase.image_size, device, max(phase.batch_size, 64))
-    t_cache = time.perf_counter() - t0
+    objective, train, t_cache = student_objective("distill", cfg, teacher, train, class_weights(train.class_counts()),
+                                                  device)
     with tempfile.TemporaryDirectory() as tmp:
         history = fit(objective, train, phase, ValContext(None, train, device), tmp, Reporter(tmp, False), "distill",
                       seed=cfg.seed, grad_clip=cfg.grad_clip)
     total = time.perf_counter() - t0
     images = len(train) // phase.batch_size * phase.batch_size * phase.epochs
-    return student, {"cache_s": t_cache, "train_s": total - t_cache, "total_s": total,
-                     "train_images_per_s": images / (total - t_cache), "images_per_s": images / total,
-                     "epochs": len(history)}
+    return objective.student, {"cache_s": t_cache, "train_s": total - t_cache, "total_s": total,
+                               "train_images_per_s": images / (total - t_cache), "images_per_s": images / total,
+                               "epochs": len(history)}
 
 
 def main(argv=None) -> dict:
@@ -115,7 +113,7 @@ def main(argv=None) -> dict:
 
     results, probs = {}, {}
     for arm in ("online", "cached"):
-        student, r = distil(arm, teacher, train, phase, cfg, device)
+        student, r = distil(arm, teacher, train, cfg, device)
         if args.eval_size != phase.image_size:  # as export does
             recalibrate_batchnorm(student, train_eval, args.eval_size, device)
         probs[arm] = metrics.softmax_pneumonia(predict_logits(student, val, args.eval_size, device))

@@ -90,19 +90,7 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
         objective = SupervisedObjective(teacher, "teacher", phase.image_size, weights)
     else:
         teacher = _load("teacher", out / "finetune" / "teacher.safetensors")
-        student = build_student()
-        seed_student_from_teacher(student, teacher)
-        if name == "distill":
-            objective = DistillationObjective(student, teacher, phase.image_size, weights, cfg.temperature,
-                                              cfg.alpha, cfg.hint_weight)
-            if cfg.teacher_targets == "cached":
-                reporter.log("teacher_targets", phase=name, images=len(train))
-                t0 = time.time()
-                train = cache_teacher_logits(teacher, train, phase.image_size, device,
-                                             max(phase.batch_size, 64))
-                prep_s = time.time() - t0
-        else:  # the ablation: same student, same budget, labels only
-            objective = SupervisedObjective(student, "student", phase.image_size, weights)
+        objective, train, prep_s = student_objective(name, cfg, teacher, train, weights, device, reporter)
     reporter.log("phase_start", phase=name, epochs=phase.epochs, image_size=phase.image_size,
                  train_images=len(train), val_images=len(ctx.val))
     history = fit(objective, train, phase, ctx, phase_dir, reporter, name, seed=cfg.seed, grad_clip=cfg.grad_clip,
@@ -117,6 +105,27 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
         write_json_atomic(done_path, result)
     distributed.barrier()
     return result
+
+
+def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: ImageSet, class_weight: torch.Tensor,
+                      device: torch.device, reporter: Reporter | None = None):
+    """A new student (stem copied from the teacher) and its objective for phase `name` (distill, or the
+    labels-only baseline), with the training set it sees: under cfg.teacher_targets == "cached" that set
+    carries the teacher's logits, computed here. Returns (objective, train, seconds spent caching)."""
+    phase = cfg.phase(name)
+    student = build_student()
+    seed_student_from_teacher(student, teacher)
+    if name != "distill":  # the ablation: same student, same budget, labels only
+        return SupervisedObjective(student, "student", phase.image_size, class_weight), train, 0.0
+    objective = DistillationObjective(student, teacher, phase.image_size, class_weight, cfg.temperature, cfg.alpha,
+                                      cfg.hint_weight)
+    if cfg.teacher_targets != "cached":
+        return objective, train, 0.0
+    if reporter is not None:
+        reporter.log("teacher_targets", phase=name, images=len(train))
+    t0 = time.time()
+    train = cache_teacher_logits(teacher, train, phase.image_size, device, max(phase.batch_size, 64))
+    return objective, train, time.time() - t0
 
 
 @torch.no_grad()

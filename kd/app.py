@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import random
 import time
@@ -35,7 +34,7 @@ from kd import progress as kprogress
 from kd.checkpoint import CheckpointError
 from kd.config import PRESETS, Config, preset
 from kd.inference import ModelPair, default_weights, load_pair
-from kd.model_card import CARD_FILE, DISCLAIMER  # noqa: F401  (DISCLAIMER: shown by the entry script)
+from kd.model_card import CARD_FILE, DISCLAIMER, read_card  # noqa: F401  (DISCLAIMER: shown by the entry script)
 
 ROLES = ("teacher", "student")
 ROLE_LABEL = {"teacher": "Teacher", "student": "Student"}
@@ -313,9 +312,8 @@ def render_dataset_help(error: str | None = None) -> None:
 def split_params() -> tuple[float, int]:
     """val_fraction and seed of the patient-level split: the active weights' config, else the defaults."""
     cfg = Config()
-    card = active_weights() / CARD_FILE
     try:
-        saved = json.loads(card.read_text()).get("config", {})
+        saved = read_card(active_weights()).get("config", {})
         return float(saved.get("val_fraction", cfg.val_fraction)), int(saved.get("seed", cfg.seed))
     except (OSError, ValueError):
         return cfg.val_fraction, cfg.seed
@@ -937,7 +935,8 @@ def faithfulness(pair: ModelPair, samples: list[kdata.Sample], method: str = "Gr
                  percentiles: tuple[int, ...] = (20, 40, 60, 80)) -> dict:
     """ROAD faithfulness of each model's maps and the mean teacher/student CAM agreement on a sample.
 
-    `progress(fraction, text)` is called as the work goes (two ROAD passes and one agreement pass)."""
+    `progress(fraction, text)` is called as the work goes (one ROAD pass per model); the agreement
+    reuses the maps ROAD computed."""
     squares, names = [], []
     for s in samples:
         try:
@@ -950,20 +949,14 @@ def faithfulness(pair: ModelPair, samples: list[kdata.Sample], method: str = "Gr
     out = {"n": n, "method": method, "files": names, "road": {}, "agreement": {}}
     if not n:
         return out
-    total = 3 * n
+    total, maps = len(ROLES) * n, {}
     for k, role in enumerate(ROLES):
         cb = (lambda i, m, k=k, role=role: progress((k * n + i) / total, f"ROAD, {role}: {i}/{m}")) \
             if progress else None
-        scores = cam.road_scores(pair.models[role], np.stack(squares), method, percentiles, progress=cb)
+        scores, maps[role] = cam.road_scores(pair.models[role], np.stack(squares), method, percentiles, progress=cb)
         out["road"][role] = {"mean": float(np.mean(scores)), "std": float(np.std(scores)), "scores": scores.tolist()}
-    corr, iou = [], []
-    for i, square in enumerate(squares):
-        d = cam.diagnose_square(pair, square, None, method)
-        corr.append(d.agreement["correlation"])
-        iou.append(d.agreement["top20_iou"])
-        if progress:
-            progress((2 * n + i + 1) / total, f"CAM agreement: {i + 1}/{n}")
-    out["agreement"] = {"correlation": float(np.mean(corr)), "top20_iou": float(np.mean(iou))}
+    pairs = [cam.agreement(t, s) for t, s in zip(maps["teacher"], maps["student"])]
+    out["agreement"] = {key: float(np.mean([a[key] for a in pairs])) for key in ("correlation", "top20_iou")}
     return out
 
 
@@ -1024,6 +1017,16 @@ def size_summary(sizes: pd.DataFrame) -> str:
     return (f"{len(sizes)} images sampled (up to 300 per split, read from the file headers): width "
             f"{w.min()}-{w.max()} px (median {int(w.median())}), height {h.min()}-{h.max()} px (median "
             f"{int(h.median())}). Every image is stretched to a square before the models see it.")
+
+
+def page_count(rows: int, per_page: int) -> int:
+    return max(1, -(-rows // max(1, int(per_page))))
+
+
+def page_rows(frame: pd.DataFrame, page: int, per_page: int) -> pd.DataFrame:
+    """Rows of page `page` (from 1) of `frame`, `per_page` at a time."""
+    start = (int(page) - 1) * int(per_page)
+    return frame.iloc[start:start + int(per_page)]
 
 
 def faithfulness_key(weights_dir: Path, root: Path, split: str, n: int, method: str) -> str:

@@ -130,9 +130,9 @@ def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = "
 
 
 def road_scores(loaded: LoadedModel, squares: np.ndarray, method: str = "GradCAM",
-                percentiles=(20, 40, 60, 80), progress=None) -> np.ndarray:
-    """ROAD combined faithfulness score of each image's CAM for the pneumonia class."""
-    scores = []
+                percentiles=(20, 40, 60, 80), progress=None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """ROAD combined faithfulness score of each image's CAM for the pneumonia class, and the CAMs."""
+    scores, maps = [], []
     metric = ROADCombined(percentiles=list(percentiles))
     for i, square in enumerate(squares):
         x = preprocess.to_tensor(square)
@@ -140,6 +140,7 @@ def road_scores(loaded: LoadedModel, squares: np.ndarray, method: str = "GradCAM
         with loaded.lock, torch.no_grad():
             score = metric(x, cam[None], [ClassifierOutputSoftmaxTarget(PNEUMONIA)], loaded.model)
         scores.append(float(np.asarray(score).ravel()[0]))
+        maps.append(cam)
         if progress:
             progress(i + 1, len(squares))
-    return np.asarray(scores)
+    return np.asarray(scores), maps

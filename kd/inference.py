@@ -1,6 +1,7 @@
 """Loading shipped weights and predicting on single files: what `kd predict` and the app share."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,14 +17,14 @@ from kd.metrics import softmax_pneumonia
 from kd.model_card import CARD_FILE, read_card
 from kd.models import build
 
-import os
-
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
 def default_weights() -> Path:
     """The weights folder used when none is named: env KD_WEIGHTS (read at call time), else the shipped one."""
     return Path(os.environ.get("KD_WEIGHTS") or SHIPPED_WEIGHTS)
+
+
 ROLES = ("teacher", "student")
 
 

@@ -13,7 +13,7 @@ left, right = st.columns(2)
 method = left.selectbox("Heat map method", app.CAM_METHODS, key="cam_method",
                         help="Grad-CAM on the last ResNet block, for the PNEUMONIA output of each model.")
 opacity = right.slider("Heat map opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacity",
-                       help="0 shows the X-ray as the models saw it.")
+                       help="0 shows the X-ray alone.")
 
 upload_tab, dataset_tab = st.tabs(["Upload X-rays", "Pick a dataset case"])
 

@@ -74,10 +74,9 @@ with disagreements_tab:
             method = c1.selectbox("Heat map method", app.CAM_METHODS, key="eval_cam_method")
             opacity = c2.slider("Heat map opacity", 0.0, 1.0, 0.4, 0.05, key="eval_opacity")
             per_page = c3.number_input("Images per page", 1, 10, 3, key="eval_per_page")
-            pages = max(1, -(-len(frame) // int(per_page)))
+            pages = app.page_count(len(frame), per_page)
             page = c4.number_input(f"Page (of {pages})", 1, pages, 1, key="eval_page")
-            start = (int(page) - 1) * int(per_page)
-            for _, row in frame.iloc[start:start + int(per_page)].iterrows():
+            for _, row in app.page_rows(frame, page, per_page).iterrows():
                 case = app.diagnose_file(pair, row["path"], method, memo=app.session_memo(), truth=row["truth"])
                 st.caption(row["reason"])
                 app.render_case(case, pair, opacity)

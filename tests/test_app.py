@@ -121,6 +121,17 @@ def test_an_empty_heat_map_is_explained_and_agreement_not_claimed(app_env, monke
     assert metric_values(at, "CAM correlation") == ["n/a"] and metric_values(at, "Top-20% overlap (IoU)") == ["n/a"]
 
 
+def test_faithfulness_computes_each_heat_map_once(app_env, monkeypatch):
+    """ROAD's maps also give the teacher/student agreement: one CAM per image and model, no second pass."""
+    pair, _ = app.load_models(app_env.weights)
+    calls = []
+    real = cam.explain
+    monkeypatch.setattr(cam, "explain", lambda *a, **k: calls.append(1) or real(*a, **k))
+    samples = app.stratified_sample(app.split_samples(app_env.data, "test"), 4)
+    res = app.faithfulness(pair, samples, "GradCAM", percentiles=(50,))
+    assert res["n"] == 4 and len(calls) == 2 * 4
+
+
 def test_bad_uploads_show_their_message_and_the_page_keeps_working(app_env):
     at = start_app()
     uploads = [(filename, make(), "application/octet-stream") for make, filename in BAD_UPLOADS.values()]

@@ -240,6 +240,11 @@ def overlay_image(result: CaseResult, role: str, opacity: float) -> np.ndarray:
     return cam.overlay(d.picture, d.views[role].cam, opacity)
 
 
+def agreement_text(value: float | None) -> str:
+    """An agreement figure, or n/a when a heat map was empty (cam.agreement)."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def decision_badge(decision: str) -> str:
     return f":red-badge[{decision}]" if decision == "PNEUMONIA" else f":green-badge[{decision}]"
 
@@ -270,12 +275,10 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> No
                          caption=f"{ROLE_LABEL[role]} · {result.method} heat map for PNEUMONIA")
                 if cam.is_empty(view.cam):
                     st.caption(cam.EMPTY_MAP_NOTE)
-        agree = d.agreement
-        empty = any(cam.is_empty(v.cam) for v in d.views.values())
         a, b, c = st.columns(3)
         a.metric("Decisions", "same" if d.same_decision else "different")
-        b.metric("CAM correlation", "n/a" if empty else f"{agree['correlation']:.2f}", help=AGREEMENT_HELP)
-        c.metric("Top-20% overlap (IoU)", "n/a" if empty else f"{agree['top20_iou']:.2f}", help=AGREEMENT_HELP)
+        b.metric("CAM correlation", agreement_text(d.agreement["correlation"]), help=AGREEMENT_HELP)
+        c.metric("Top-20% overlap (IoU)", agreement_text(d.agreement["top20_iou"]), help=AGREEMENT_HELP)
         st.caption(AGREEMENT_HELP)
 
 
@@ -936,7 +939,7 @@ def faithfulness(pair: ModelPair, samples: list[kdata.Sample], method: str = "Gr
     """ROAD faithfulness of each model's maps and the mean teacher/student CAM agreement on a sample.
 
     `progress(fraction, text)` is called as the work goes (one ROAD pass per model); the agreement
-    reuses the maps ROAD computed."""
+    reuses the maps ROAD computed, averaged over the images where neither map is empty."""
     squares, names = [], []
     for s in samples:
         try:
@@ -956,8 +959,16 @@ def faithfulness(pair: ModelPair, samples: list[kdata.Sample], method: str = "Gr
         scores, maps[role] = cam.road_scores(pair.models[role], np.stack(squares), method, percentiles, progress=cb)
         out["road"][role] = {"mean": float(np.mean(scores)), "std": float(np.std(scores)), "scores": scores.tolist()}
     pairs = [cam.agreement(t, s) for t, s in zip(maps["teacher"], maps["student"])]
-    out["agreement"] = {key: float(np.mean([a[key] for a in pairs])) for key in ("correlation", "top20_iou")}
+    defined = [a for a in pairs if a["correlation"] is not None]
+    out["agreement"] = {key: float(np.mean([a[key] for a in defined])) if defined else None
+                        for key in ("correlation", "top20_iou")}
+    out["agreement"]["empty_maps"] = n - len(defined)
     return out
+
+
+def empty_maps_note(res: dict) -> str:
+    empty = res["agreement"].get("empty_maps", 0)
+    return f" {empty} of {res['n']} images had an empty map in a model and are left out of the means." if empty else ""
 
 
 def faithfulness_frame(res: dict) -> pd.DataFrame:

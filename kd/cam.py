@@ -67,8 +67,11 @@ def is_empty(cam: np.ndarray) -> bool:
     return float(np.max(cam)) <= 1e-6
 
 
-def agreement(cam_a: np.ndarray, cam_b: np.ndarray) -> dict[str, float]:
-    """Correlation of two maps and IoU of their top-20% regions (see AGREEMENT_HELP)."""
+def agreement(cam_a: np.ndarray, cam_b: np.ndarray) -> dict[str, float | None]:
+    """Correlation of two maps and IoU of their top-20% regions (see AGREEMENT_HELP); both None when
+    either map is empty (is_empty): there is then nothing to compare, not an agreement of 0."""
+    if is_empty(cam_a) or is_empty(cam_b):
+        return {"correlation": None, "top20_iou": None}
     a, b = cam_a.ravel().astype(np.float64), cam_b.ravel().astype(np.float64)
     corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
     k = max(1, int(TOP_FRACTION * a.size))

@@ -130,6 +130,18 @@ def test_faithfulness_computes_each_heat_map_once(app_env, monkeypatch):
     samples = app.stratified_sample(app.split_samples(app_env.data, "test"), 4)
     res = app.faithfulness(pair, samples, "GradCAM", percentiles=(50,))
     assert res["n"] == 4 and len(calls) == 2 * 4
+    assert res["agreement"]["empty_maps"] in range(5)
+
+
+def test_faithfulness_tab_reports_road_and_agreement(app_env):
+    at = open_page(start_app(), "pages/evaluate.py")
+    at.slider(key="faith_n").set_value(4)
+    at.button(key="faith_run").click().run(timeout=120)
+    assert not at.exception and not at.error
+    assert "ROAD (mean)" in at.dataframe[-1].value.columns
+    [correlation] = metric_values(at, "Mean CAM correlation (teacher vs student)")
+    empty_note = "had an empty map in a model and are left out of the means" in all_text(at)
+    assert empty_note or correlation != "n/a"  # n/a only when every image had an empty map
 
 
 def test_bad_uploads_show_their_message_and_the_page_keeps_working(app_env):
@@ -387,7 +399,9 @@ def test_diagnose_bytes_memo_and_faithfulness(app_env):
     seen = []
     res = app.faithfulness(pair, samples, "GradCAM", progress=lambda f, text: seen.append(f), percentiles=(50,))
     assert res["n"] == 2 and set(res["road"]) == set(app.ROLES) and seen[-1] == pytest.approx(1.0)
-    assert -1.0 <= res["agreement"]["correlation"] <= 1.0 and 0.0 <= res["agreement"]["top20_iou"] <= 1.0
+    agree = res["agreement"]  # means over the images where neither map is empty; None when there are none
+    assert (agree["correlation"] is None) == (agree["empty_maps"] == res["n"])
+    assert agree["correlation"] is None or (-1.0 <= agree["correlation"] <= 1.0 and 0.0 <= agree["top20_iou"] <= 1.0)
     assert list(app.faithfulness_frame(res).index) == ["Teacher", "Student"]
 
 

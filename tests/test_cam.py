@@ -35,3 +35,10 @@ def test_diagnosis_keeps_model_input_and_display_picture_apart(tiny_weights):
 def test_an_all_zero_map_is_called_empty():
     assert cam.is_empty(np.zeros((4, 4), np.float32))
     assert not cam.is_empty(np.eye(4, dtype=np.float32))
+
+
+def test_agreement_with_an_empty_map_is_undefined_not_zero():
+    assert cam.agreement(np.zeros((4, 4), np.float32), np.eye(4, dtype=np.float32)) == \
+        {"correlation": None, "top20_iou": None}
+    same = cam.agreement(np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32))
+    assert same["correlation"] > 0.99 and same["top20_iou"] == 1.0

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
@@ -39,18 +38,6 @@ from kd.train import fit
 
 DEFAULT_DATA = common.SHARED / "chest_xray"
 DEFAULT_TEACHER = common.REPO / "weights" / "teacher.safetensors"
-
-
-def paired_auc_difference(y, p_a, p_b, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """AUC(b) - AUC(a) on the same images, with a 95% paired bootstrap interval."""
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[i])) == 2:
-            diffs.append(metrics.rank_auc(y[i], p_b[i]) - metrics.rank_auc(y[i], p_a[i]))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return metrics.rank_auc(y, p_b) - metrics.rank_auc(y, p_a), float(lo), float(hi)
 
 
 def distil(arm: str, teacher, train, cfg, device) -> tuple[torch.nn.Module, dict]:
@@ -129,7 +116,7 @@ def main(argv=None) -> dict:
         print(f"{arm:7s} {r['cache_s']:8.1f} {r['train_s']:8.1f} {r['total_s']:8.1f} {r['train_images_per_s']:11.1f}"
               f"  {r['auc']:.4f} ({lo:.4f}-{hi:.4f})")
     speedup = results["online"]["total_s"] / results["cached"]["total_s"]
-    diff, lo, hi = paired_auc_difference(y, probs["online"], probs["cached"])
+    diff, lo, hi = metrics.paired_auc_difference(y, probs["online"], probs["cached"])
     print(f"cached vs online: {speedup:.2f}x faster end to end (caching included); "
           f"AUC difference cached - online {diff:+.4f} (paired 95% CI {lo:+.4f} to {hi:+.4f})")
     return {**results, "speedup": speedup, "auc_difference": (diff, lo, hi)}

@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 def default_runs_root() -> Path:
     """Where runs are written: env KD_RUNS_DIR (read at call time), else <repo>/runs."""
     return Path(os.environ.get("KD_RUNS_DIR") or REPO / "runs")
+
+
 LOCK_FILE = ".job.lock"
 ACTIVE_FILE = "active.json"
 COMMANDS = ("pipeline", "pretrain", "finetune", "distill")

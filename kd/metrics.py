@@ -166,6 +166,17 @@ def bootstrap_ci(
     return {m: _percentile_interval(np.concatenate(v), alpha) for m, v in samples.items()}
 
 
+def paired_auc_difference(y, p_a, p_b, n_boot: int = 1000, alpha: float = 0.05,
+                          seed: int = 0) -> tuple[float, float | None, float | None]:
+    """AUC(p_b) - AUC(p_a) on the same cases, with its paired percentile bootstrap CI (both models
+    scored on each resample, so what the cases share cancels out)."""
+    y, p_a = _as_labels_and_probs(y, p_a)
+    _, p_b = _as_labels_and_probs(y, p_b)
+    counts = _resample_counts(np.random.default_rng(seed), n_boot, y.size)
+    diffs = weighted_rank_auc(y, p_b, counts) - weighted_rank_auc(y, p_a, counts)
+    return (rank_auc(y, p_b) - rank_auc(y, p_a), *_percentile_interval(diffs, alpha))
+
+
 def _percentile_interval(values: np.ndarray, alpha: float) -> tuple:
     """(alpha/2, 1-alpha/2) quantiles of the finite bootstrap values."""
     values = values[np.isfinite(values)]

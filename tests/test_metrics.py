@@ -224,3 +224,20 @@ def test_softmax_pneumonia():
     assert M.softmax_pneumonia(z[:2], temperature=2.0)[1] == pytest.approx(1 / (1 + math.exp(-1)))
     with pytest.raises(ValueError):
         M.softmax_pneumonia(np.zeros((3, 3)))
+
+
+def test_paired_auc_difference_matches_a_plain_resampling_loop():
+    from sklearn.metrics import roc_auc_score
+
+    from kd.metrics import paired_auc_difference
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    p_a = np.clip(y * 0.3 + rng.random(60) * 0.7, 0, 1)
+    p_b = np.clip(y * 0.5 + rng.random(60) * 0.5, 0, 1)
+    diff, lo, hi = paired_auc_difference(y, p_a, p_b, n_boot=300, seed=7)
+    assert diff == pytest.approx(roc_auc_score(y, p_b) - roc_auc_score(y, p_a))
+    idx = np.random.default_rng(7).integers(0, 60, size=(300, 60))  # the same resamples
+    loop = [roc_auc_score(y[i], p_b[i]) - roc_auc_score(y[i], p_a[i]) for i in idx if len(set(y[i])) == 2]
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(loop, [0.025, 0.975])))
+    assert paired_auc_difference(y, p_a, p_a, n_boot=50) == (0.0, 0.0, 0.0)

@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from common import SHARED
-from tests import app_server
-from tests.app_server import CHROMIUM, CHROMIUM_ARGS
+from kd.testing import app_server
+from kd.testing.app_server import CHROMIUM, CHROMIUM_ARGS
 
 
 def status_mib(pid: int) -> dict[str, float]:

@@ -13,7 +13,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A clean generated Kermany-layout dataset: train/val/test, 12 + 12 images each, 64 px."""
-    from tests.xray_fixtures import write_kermany_dataset
+    from kd.testing.xray_fixtures import write_kermany_dataset
 
     return write_kermany_dataset(tmp_path_factory.mktemp("tiny_dataset") / "data", n_per_class=(12, 12), size=64,
                                  splits=("train", "val", "test"))
@@ -25,7 +25,7 @@ def tiny_run(tmp_path_factory):
     and a finished `tiny` pipeline run on it (teacher, student and labels-only baseline student)."""
     from kd.config import preset
     from kd.pipeline import run
-    from tests.xray_fixtures import write_kermany_dataset
+    from kd.testing.xray_fixtures import write_kermany_dataset
 
     root = tmp_path_factory.mktemp("tiny_run")
     data = write_kermany_dataset(root / "data", n_per_class=(12, 12), size=64, splits=("train", "val", "test"))

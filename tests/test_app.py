@@ -21,7 +21,7 @@ from kd import app, cam, jobs  # noqa: E402
 from kd.config import PRESETS  # noqa: E402
 from kd.data import LAYOUT_HELP  # noqa: E402
 from kd.model_card import DISCLAIMER  # noqa: E402
-from tests.xray_fixtures import (BAD_UPLOAD_KEYWORDS, BAD_UPLOADS, colour_photo, xray_dicom,  # noqa: E402
+from kd.testing.xray_fixtures import (BAD_UPLOAD_KEYWORDS, BAD_UPLOADS, colour_photo, xray_dicom,  # noqa: E402
                                  xray_png)
 
 APP = Path(__file__).resolve().parent.parent / "streamlit_app.py"

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from kd import jobs
-from tests import app_server
-from tests.app_server import CHROMIUM, CHROMIUM_ARGS
-from tests.xray_fixtures import xray_png
+from kd.testing import app_server
+from kd.testing.app_server import CHROMIUM, CHROMIUM_ARGS
+from kd.testing.xray_fixtures import xray_png
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from kd.data import DatasetError, list_split, patient_id, patient_split, samples_for
-from tests.xray_fixtures import write_kermany_dataset
+from kd.testing.xray_fixtures import write_kermany_dataset
 
 
 @pytest.mark.parametrize("name, patient", [

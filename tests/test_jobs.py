@@ -34,7 +34,7 @@ def test_stop_kills_torchrun_and_its_workers(tiny_dataset, tmp_path):
 def test_concurrent_diagnoses_do_not_mix_results(tiny_weights):
     from kd import cam
     from kd.inference import load_pair
-    from tests.xray_fixtures import add_opacities, png_bytes, xray_like_array
+    from kd.testing.xray_fixtures import add_opacities, png_bytes, xray_like_array
 
     pair = load_pair(tiny_weights)
     images = [png_bytes(xray_like_array(96, 96, seed=s)) for s in range(3)]

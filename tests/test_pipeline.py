@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from kd.checkpoint import CheckpointError, load_state, save_state
 from kd.cli import main
-from tests.xray_fixtures import BAD_UPLOADS, dicom_bytes, jpeg_bytes, png_bytes, write_kermany_dataset, xray16_array, \
+from kd.testing.xray_fixtures import BAD_UPLOADS, dicom_bytes, jpeg_bytes, png_bytes, write_kermany_dataset, xray16_array, \
     xray_like_array
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from kd.cli import main
-from tests.xray_fixtures import dicom_bytes, jpeg_bytes, write_kermany_dataset, xray16_array, xray_like_array
+from kd.testing.xray_fixtures import dicom_bytes, jpeg_bytes, write_kermany_dataset, xray16_array, xray_like_array
 
 _WRITES: list[str] | None = None
 

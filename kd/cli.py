@@ -85,8 +85,10 @@ def summary(card: dict) -> str:
 def cmd_evaluate(args) -> int:
     from kd.distributed import resolve_device
     from kd.evaluate import evaluate_weights
+    from kd.inference import default_weights
 
-    result = evaluate_weights(args.weights, args.data, args.split, resolve_device(args.device), n_boot=args.bootstrap)
+    result = evaluate_weights(args.weights or default_weights(), args.data, args.split, resolve_device(args.device),
+                              n_boot=args.bootstrap)
     for role in ("teacher", "student"):
         r = result[role]
         lo, hi = r["ci"]["auc"]
@@ -125,35 +127,44 @@ def cmd_predict(args) -> int:
     return 2 if refused else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from kd.inference import default_weights
+WEIGHTS_HELP = ("weights folder (teacher.safetensors, student.safetensors, model_card.json; a run folder works); "
+                "default: $KD_WEIGHTS if set, else the weights/ shipped in this checkout")
+SPLIT_HELP = ("test: DATA/test/; official-val: DATA/val/ (16 images in Kermany's release, a sanity check only); "
+              "val: the patient-level validation split carved from DATA/train/ with the weights' seed and fraction "
+              "(what the thresholds were chosen on: optimistic); train: the rest of DATA/train/. Default: test")
 
-    parser = argparse.ArgumentParser(prog="python -m kd", description=__doc__)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser. Imports no torch, so `kd --help` and usage errors answer at once."""
+    prog = "kd" if Path(sys.argv[0]).name == "kd" else "python -m kd"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub, "pipeline", "all phases: SSL pretrain, fine-tune, distil (+ labels-only baseline), export")
     _train_parser(sub, "pretrain", "self-supervised pretraining of the ResNet50 teacher")
     _train_parser(sub, "finetune", "fine-tune the teacher on the labels")
     _train_parser(sub, "distill", "distil the fine-tuned teacher into the ResNet18 student")
     e = sub.add_parser("evaluate", help="evaluate teacher and student of a weights folder on a split")
-    e.add_argument("--data", required=True)
-    e.add_argument("--split", default="test", choices=("test", "official-val", "val", "train"))
-    e.add_argument("--weights", default=str(default_weights()))
+    e.add_argument("--data", required=True, help="dataset root in the Kermany layout (train/, val/, test/ with "
+                   "NORMAL/ and PNEUMONIA/ inside); the chosen split's folder must exist")
+    e.add_argument("--split", default="test", choices=("test", "official-val", "val", "train"), help=SPLIT_HELP)
+    e.add_argument("--weights", help=WEIGHTS_HELP)
     e.add_argument("--json", help="write the full report here")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p = sub.add_parser("predict", help="probability of pneumonia for X-ray files (JPEG, PNG, DICOM)")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--weights", default=str(default_weights()))
+    p.add_argument("files", nargs="+", help="JPEG, PNG or DICOM files")
+    p.add_argument("--weights", help=WEIGHTS_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help and usage errors exit here, before torch is imported
+
     from kd.checkpoint import CheckpointError
     from kd.data import DatasetError
     from kd.pipeline import PhaseOrderError
 
-    args = build_parser().parse_args(argv)
     handlers = {"evaluate": cmd_evaluate, "predict": cmd_predict}
     try:
         return handlers.get(args.command, cmd_train)(args)

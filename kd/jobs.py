@@ -1,8 +1,10 @@
 """Background training jobs for the app: one at a time, surviving page reruns and closed tabs.
 
 A job is `python -m kd <command>` (or torchrun for several GPUs) in its own process group, so
-stopping it stops every worker. The lock file names the job's pid and the process start time; a
-lock whose process is gone (or was replaced by another with the same pid) is stale and recovered.
+stopping it stops every worker. One job at a time: `RUNS/.job.lock` is a `kd.locks` lock taken by
+the starter and handed to the job's process, which holds it until it exits, however it exits; so
+two starts at once cannot both win, and a killed job leaves nothing to clean up. Reading whether a
+job runs, or how a run stands, only reads.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from kd import locks
 from kd.checkpoint import write_json_atomic
 from kd.config import Config
 from kd.inference import default_weights
@@ -33,6 +36,7 @@ LOCK_FILE = ".job.lock"
 ACTIVE_FILE = "active.json"
 COMMANDS = ("pipeline", "pretrain", "finetune", "distill")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ENDED_UNEXPECTEDLY = "the training process ended unexpectedly; Resume continues from the last epoch"
 
 
 class JobError(RuntimeError):
@@ -94,29 +98,23 @@ def _signal_all(pids: list[int], sig: int) -> None:
                 pass
 
 
-def _read_lock(runs_root: Path) -> dict | None:
-    try:
-        return json.loads((runs_root / LOCK_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def current_job(runs_root: str | Path | None = None) -> dict | None:
-    """The running job's lock record, or None; a stale lock is removed."""
+    """The running job's record (pid, run_dir, command, ...), or None. Only reads."""
     runs_root = Path(runs_root or default_runs_root())
-    lock = _read_lock(runs_root)
-    if lock is None:
-        if (runs_root / LOCK_FILE).exists():  # unreadable: half-written by a crashed start
-            (runs_root / LOCK_FILE).unlink(missing_ok=True)
+    record = locks.holder(runs_root / LOCK_FILE)
+    if record is None:
         return None
-    if _start_time(int(lock.get("pid", -1))) == lock.get("start_time") and lock.get("start_time"):
-        return lock
-    (runs_root / LOCK_FILE).unlink(missing_ok=True)
-    status = read_status(lock.get("run_dir", ""))
-    if status and status.get("state") == "running":  # died without saying so (killed, OOM)
-        write_json_atomic(Path(lock["run_dir"]) / "status.json", {**status, "state": "failed",
-                          "error": "the training process ended unexpectedly; Resume continues from the last epoch"})
-    return None
+    return {"pid": None, "run_dir": "", "command": "", "gpus": 1, "started": 0, **record}
+
+
+def run_status(run_dir: str | Path, status: dict | None = None) -> dict:
+    """A run's status (`status` when the caller has read it already, else its status.json), except that
+    a run recorded as running whose folder no process holds any more ended without saying so (killed,
+    out of memory, disk full): it reads as failed. Only reads."""
+    status = (read_status(run_dir) or {}) if status is None else status
+    if status.get("state") == "running" and locks.holder(Path(run_dir) / locks.RUN_LOCK) is None:
+        return {**status, "state": "failed", "error": status.get("error") or ENDED_UNEXPECTEDLY}
+    return status
 
 
 def run_dir_for(name: str, runs_root: str | Path | None = None) -> Path:
@@ -139,15 +137,17 @@ def start_job(cfg: Config, command: str = "pipeline", gpus: int = 1, resume: boo
         raise JobError(f"Runs are written inside {runs_root} only.")
     cfg.validate()
     runs_root.mkdir(parents=True, exist_ok=True)
-    lock_path = runs_root / LOCK_FILE
-    running = current_job(runs_root)
-    if running:
-        raise JobError(f"A training job is already running ({Path(running['run_dir']).name}, pid {running['pid']}). "
-                       "Stop it first or wait for it to finish.")
+    writer = locks.holder(run_dir / locks.RUN_LOCK)
+    if writer is not None:
+        raise JobError(f"{run_dir.name} is being written by another run (process {writer.get('pid', '?')}, "
+                       "perhaps started from the command line): wait for it to finish or stop it.")
     try:
-        fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # atomic: one winner
-    except FileExistsError:
-        raise JobError("Another training job is being started right now.") from None
+        lock = locks.acquire(runs_root / LOCK_FILE, run_dir=str(run_dir), command=command, gpus=gpus)
+    except locks.LockedError as e:
+        name = Path(e.holder.get("run_dir") or "?").name
+        raise JobError(f"A training job is already running ({name}, pid {e.holder.get('pid', '?')}). "
+                       "Stop it first or wait for it to finish.") from None
+    proc = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "config.json"
@@ -157,23 +157,19 @@ def start_job(cfg: Config, command: str = "pipeline", gpus: int = 1, resume: boo
                 "--device", cfg.device] + (["--resume"] if resume else [])
         if gpus > 1:
             args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", *args[1:]]
-        log = open(run_dir / "train.log", "ab")
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        record = {"pid": proc.pid, "pgid": proc.pid, "start_time": None, "run_dir": str(run_dir),
+        with open(run_dir / "train.log", "ab") as log:  # the job inherits the lock: held until it exits
+            proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(lock.fileno(),))
+        record = {"pid": proc.pid, "pgid": proc.pid, "start_time": _start_time(proc.pid), "run_dir": str(run_dir),
                   "command": command, "gpus": gpus, "started": time.time()}
-        for _ in range(50):  # /proc entry appears immediately, but be tolerant
-            record["start_time"] = _start_time(proc.pid)
-            if record["start_time"]:
-                break
-            time.sleep(0.01)
-        os.write(fd, json.dumps(record).encode())
+        lock.describe(**record)
     except BaseException:
-        os.close(fd)
-        lock_path.unlink(missing_ok=True)
+        if proc is not None:  # a job nobody could find or stop must not run on
+            proc.kill()
+            proc.wait()
         raise
-    os.close(fd)
+    finally:
+        lock.release()  # this process's descriptor only; the job's keeps the lock
     return record
 
 
@@ -190,10 +186,9 @@ def stop_job(runs_root: str | Path | None = None, timeout: float = 10.0) -> bool
         time.sleep(0.1)
     _signal_all([p for p in family if p in _parents()], signal.SIGKILL)
     for pid in family:
-        _start_time(pid)  # reaps our own exited children
+        _start_time(pid)  # reaps our own exited children; the lock went with the job's process
     status = read_status(job["run_dir"]) or {}
     write_json_atomic(Path(job["run_dir"]) / "status.json", {**status, "state": "stopped", "stopped": time.time()})
-    Path(runs_root, LOCK_FILE).unlink(missing_ok=True)
     return True
 
 
@@ -227,7 +222,7 @@ def list_runs(runs_root: str | Path | None = None) -> list[dict]:
                 card = json.loads((d / CARD_FILE).read_text())
             except ValueError:
                 card = None
-        runs.append({"name": d.name, "path": str(d), "status": read_status(d) or {}, "card": card,
+        runs.append({"name": d.name, "path": str(d), "status": run_status(d), "card": card,
                      "modified": d.stat().st_mtime})
     return sorted(runs, key=lambda r: r["modified"], reverse=True)
 

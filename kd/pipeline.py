@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd import distributed, metrics
+from kd import distributed, locks, metrics
 from kd.augment import center
 from kd.cache import ImageSet, build_cache
 from kd.checkpoint import load_weights, save_weights, write_json_atomic
@@ -224,6 +224,8 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
     out = Path(cfg.out)
     device = distributed.resolve_device(cfg.device)
     dist = distributed.setup(device)
+    # one run per folder, whoever started it (CLI, app job, torchrun): a second is refused before it writes
+    run_lock = locks.run_folder(out) if dist.is_main else None
     reporter = Reporter(out, enabled=dist.is_main)
     try:
         if dist.is_main:
@@ -251,3 +253,5 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
         raise
     finally:
         distributed.cleanup()
+        if run_lock is not None:
+            run_lock.release()

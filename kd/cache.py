@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from kd.checkpoint import write_json_atomic
+from kd.checkpoint import temporary_path, write_json_atomic
 from kd.preprocess import PREPROCESS_VERSION, ImageError, load_xray_file, to_square
 
 
@@ -78,12 +78,16 @@ def build_cache(paths: list[str], size: int, cache_dir: str | Path | None, progr
     data_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     if not (data_path.exists() and meta_path.exists()):
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{key}.{os.getpid()}.npy.tmp"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
-        valid, errors = _decode_into(out, paths, size, progress, workers)
-        out.flush()
-        del out
-        os.replace(tmp, data_path)
+        tmp = temporary_path(data_path)  # removes what builders killed mid-way left (as large as the cache)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+            valid, errors = _decode_into(out, paths, size, progress, workers)
+            out.flush()
+            del out
+            os.replace(tmp, data_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         write_json_atomic(meta_path, {"n": len(paths), "size": size, "valid": valid.tolist(), "errors": errors,
                                       "preprocess_version": PREPROCESS_VERSION})
     meta = json.loads(meta_path.read_text())

@@ -1,38 +1,112 @@
 """Safe model and state I/O.
 
 Training state: `torch.save` to a temporary file in the same folder, then `os.replace`, so a crash or
-a full disk never leaves a half-written checkpoint in place of a good one; loaded with
+a full disk never leaves a half-written checkpoint in place of a good one (temporaries left by
+killed writers are removed by the next write in the same folder); loaded with
 `weights_only=True`, so a crafted pickle cannot run code. Shipped weights: safetensors.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+try:
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # older safetensors
+    _SafetensorError = RuntimeError
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint or weights file that cannot be written or read; the message says which and why."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+# ".<name>.<pid>.<random>.tmp" (temporary_path) or ".<key>.<pid>.npy.tmp" (image caches of earlier versions)
+_TEMPORARY = re.compile(r"\..+\.(?P<pid>\d+)\.(?:[a-z0-9_]{8}|npy)\.tmp")
+_UNTAGGED = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # written before temporaries carried their writer's pid
+_UNTAGGED_AGE_S = 3600
+
+
+def _alive(pid: int) -> bool:
     try:
-        write(tmp)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        pass
+    return True
+
+
+def remove_dead_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries in `folder` whose writer is gone: a writer killed mid-save runs no
+    clean-up, and a training state's temporary is tens of MB, an image cache's gigabytes. Live
+    writers' files are left alone; untagged ones, from earlier versions, go once an hour old."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        tagged = _TEMPORARY.fullmatch(name)
+        if not (tagged or _UNTAGGED.fullmatch(name)):
+            continue
+        tmp = Path(folder) / name
+        try:
+            stale = not _alive(int(tagged["pid"])) if tagged else time.time() - tmp.stat().st_mtime > _UNTAGGED_AGE_S
+            if stale:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def temporary_path(path: str | Path) -> Path:
+    """A new empty temporary beside `path` (`.<name>.<pid>.<random>.tmp`), to write it atomically;
+    what dead writers left in that folder is removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _write_failure(path: Path, e: BaseException) -> CheckpointError:
+    """Name the file and the cause; torch.save reports a full disk as a RuntimeError without errno."""
+    if isinstance(e, OSError):
+        reason = e.strerror or str(e)
+    else:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        try:
+            reason += f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MB free on that disk)"
+        except OSError:
+            pass
+    return CheckpointError(f"Could not write {path}: {reason}. The previous file, if any, is intact.")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = None
+    try:
+        tmp = temporary_path(path)
+        write(str(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"Could not write {path}: {e.strerror or e}. The previous file, if any, is intact.") from e
+    except (OSError, RuntimeError, _SafetensorError) as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise _write_failure(path, e) from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 

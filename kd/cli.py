@@ -134,6 +134,25 @@ SPLIT_HELP = ("test: DATA/test/; official-val: DATA/val/ (16 images in Kermany's
               "(what the thresholds were chosen on: optimistic); train: the rest of DATA/train/. Default: test")
 
 
+def _resumable(args) -> str:
+    """The note for a failed training command, said only when its run folder holds something to resume."""
+    if args.command not in PHASE_COMMANDS:
+        return ""
+    try:
+        out = Path(args.out)
+        kept = any(out.glob("*/state.pt")) or any(out.glob("*/done.json"))
+    except OSError:
+        kept = False
+    return " Checkpoints already written are intact: --resume continues from them." if kept else ""
+
+
+WEIGHTS_HELP = ("weights folder (teacher.safetensors, student.safetensors, model_card.json; a run folder works); "
+                "default: $KD_WEIGHTS if set, else the weights/ shipped in this checkout")
+SPLIT_HELP = ("test: DATA/test/; official-val: DATA/val/ (16 images in Kermany's release, a sanity check only); "
+              "val: the patient-level validation split carved from DATA/train/ with the weights' seed and fraction "
+              "(what the thresholds were chosen on: optimistic); train: the rest of DATA/train/. Default: test")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser. Imports no torch, so `kd --help` and usage errors answer at once."""
     prog = "kd" if Path(sys.argv[0]).name == "kd" else "python -m kd"
@@ -173,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # unwritable output folder, disk full, unreadable input
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where}. Checkpoints already written are intact.", file=sys.stderr)
+        print(f"error: {e.strerror or e}{where}.{_resumable(args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: resume with --resume", file=sys.stderr)

@@ -249,7 +249,10 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
         reporter.log("finished", phase="done")
         return card
     except BaseException as e:
-        reporter.update(state="failed" if not isinstance(e, KeyboardInterrupt) else "stopped", error=str(e))
+        try:  # best effort: on a full disk this write fails too, and must not hide the error that matters
+            reporter.update(state="failed" if not isinstance(e, KeyboardInterrupt) else "stopped", error=str(e))
+        except Exception:
+            pass  # status.json still says running; with the folder's lock released, kd.jobs reads it as failed
         raise
     finally:
         distributed.cleanup()

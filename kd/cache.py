@@ -2,7 +2,8 @@
 
 The cache is keyed by the file list (path, size, mtime), the square size and PREPROCESS_VERSION;
 it lives on disk and is paged in by the OS, so RAM stays bounded even for 400k unlabeled images.
-Unreadable files are skipped and counted, never a crash mid-epoch.
+Unreadable files are skipped and counted, never a crash mid-epoch; a split left with too few
+readable images is refused up front, naming some of the files.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kd.checkpoint import temporary_path, write_json_atomic
+from kd.data import CLASSES, DatasetError
 from kd.preprocess import PREPROCESS_VERSION, ImageError, load_xray_file, to_square
 
 
@@ -95,6 +97,26 @@ def build_cache(paths: list[str], size: int, cache_dir: str | Path | None, progr
     return ImageCache(images, np.asarray(meta["valid"], dtype=bool), list(paths), meta["errors"])
 
 
+def check_readable(cache: ImageCache, labels: np.ndarray, examples: int = 3) -> None:
+    """Refuse a split that decoding left unusable: a class (or the unlabeled images) with no readable
+    image, or fewer than half of the labelled images readable. Otherwise training would fail later
+    on an empty batch with a message that names no file."""
+    problems = []
+    for label in sorted(set(labels.tolist())):
+        mine = labels == label
+        if not cache.valid[mine].any():
+            what = CLASSES[label] if 0 <= label < len(CLASSES) else "unlabeled"
+            problems.append(f"none of the {int(mine.sum())} {what} images could be read")
+    labelled = labels >= 0
+    if not problems and labelled.any() and cache.valid[labelled].sum() * 2 < labelled.sum():
+        problems.append(f"only {int(cache.valid[labelled].sum())} of {int(labelled.sum())} labelled images could be read")
+    if problems:
+        bad = [p for p, ok in zip(cache.paths, cache.valid) if not ok][:examples]
+        shown = "; ".join(f"{p}: {cache.errors.get(p, 'unreadable')}" for p in bad)
+        raise DatasetError(f"The dataset cannot be used: {', '.join(problems)}. For example {shown}. "
+                           "Replace or remove the unreadable files (JPEG or PNG X-rays).")
+
+
 @dataclass
 class ImageSet:
     """Readable images of a split with their labels (-1 = unlabeled), served as uint8 batches."""
@@ -106,8 +128,12 @@ class ImageSet:
 
     @classmethod
     def from_cache(cls, cache: ImageCache, labels) -> "ImageSet":
+        """The readable images; a DatasetError naming unreadable files when too few are left to use."""
+        labels = np.asarray(labels, dtype=np.int64)
+        check_readable(cache, labels)
         rows = np.flatnonzero(cache.valid)
-        return cls(cache.images, np.asarray(labels, dtype=np.int64)[rows], rows)
+        return cls(cache.images, labels[rows], rows)
+
 
     def __len__(self) -> int:
         return len(self.rows)

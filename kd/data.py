@@ -6,7 +6,9 @@ same child never appears on both sides, otherwise validation scores are inflated
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import random
 import re
 from collections import Counter, defaultdict
@@ -54,19 +56,53 @@ def patient_id(filename: str) -> str:
     return stem
 
 
+def _listing_errors(fn):
+    """An OSError while listing a dataset (a folder without read permission, /proc) becomes a
+    DatasetError naming the path, like every other dataset problem: callers show it, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            where = e.filename or (args[0] if args else "the dataset")
+            raise DatasetError(f"{where} cannot be read ({e.strerror or e}): check the path and its permissions.") from e
+    return wrapper
+
+
+def _raise(error: OSError):
+    raise error
+
+
+def _is(path: Path, test) -> bool:
+    """A file-type test that says no for an entry that cannot even be looked at (/proc/1/cwd)."""
+    try:
+        return test(path)
+    except OSError:
+        return False
+
+
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and _is(path, Path.is_file)
 
 
 def _child_dirs(folder: Path) -> dict[str, Path]:
-    return {p.name.lower(): p for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else {}
+    return {p.name.lower(): p for p in folder.iterdir() if _is(p, Path.is_dir)} if _is(folder, Path.is_dir) else {}
 
 
+def _has_train(folder: Path) -> bool:
+    try:
+        return find_split(folder, "train") is not None
+    except DatasetError:  # only a hint is looked for here: an unreadable sub-folder is not it
+        return False
+
+
+@_listing_errors
 def find_split(root: str | Path, split: str) -> Path | None:
     """The folder of a split (case-insensitive), or None when the dataset does not have it."""
     return _child_dirs(Path(root)).get(split.lower())
 
 
+@_listing_errors
 def check_root(root: str | Path) -> Path:
     """The dataset root, or a DatasetError that says what is wrong and shows the layout."""
     root = Path(root).expanduser()
@@ -75,7 +111,7 @@ def check_root(root: str | Path) -> Path:
     if not root.is_dir():
         raise DatasetError(f"{root} is a file, not a folder.\n\n{LAYOUT_HELP}")
     if find_split(root, "train") is None:
-        nested = [d for d in _child_dirs(root).values() if find_split(d, "train") is not None]
+        nested = [d for d in _child_dirs(root).values() if _has_train(d)]
         hint = f" It looks nested one level too deep: try {nested[0]}." if nested else ""
         if {c.lower() for c in CLASSES} <= set(_child_dirs(root)):
             hint = " It holds the class folders directly: point to the folder above the split folders."
@@ -83,6 +119,7 @@ def check_root(root: str | Path) -> Path:
     return root
 
 
+@_listing_errors
 def list_split(root: str | Path, split: str) -> list[Sample]:
     """The labelled images of a split, sorted; a DatasetError for a missing or empty class folder."""
     root = check_root(root) if split == "train" else Path(root).expanduser()
@@ -97,26 +134,35 @@ def list_split(root: str | Path, split: str) -> list[Sample]:
             raise DatasetError(f"{folder} has no {name}/ folder.\n\n{LAYOUT_HELP}")
         files = sorted(p for p in class_dir.iterdir() if is_image_file(p))
         if not files:
-            sub = [d for d in class_dir.iterdir() if d.is_dir()]
+            sub = [d for d in class_dir.iterdir() if _is(d, Path.is_dir)]
             hint = f" (it holds only sub-folders such as {sub[0].name}/: nested one level too deep?)" if sub else ""
             raise DatasetError(f"{class_dir} has no JPEG or PNG images{hint}.\n\n{LAYOUT_HELP}")
         samples += [Sample(str(p), label, patient_id(p.name)) for p in files]
     return samples
 
 
+@_listing_errors
 def list_unlabeled(folders: list[str | Path]) -> list[str]:
     """Every JPEG/PNG under the given folders (any layout, searched recursively), sorted."""
     paths: list[str] = []
     for folder in folders:
         folder = Path(folder).expanduser()
-        if not folder.is_dir():
+        if not _is(folder, Path.is_dir):
             raise DatasetError(f"Unlabeled folder {folder} does not exist or is not a folder.")
-        paths += sorted(str(p) for p in folder.rglob("*") if is_image_file(p))
+        found = []
+        for parent, _, files in os.walk(folder, onerror=_raise):  # rglob would skip unreadable sub-folders silently
+            found += [str(p) for p in map(Path(parent).joinpath, files) if is_image_file(p)]
+        paths += sorted(found)
     return paths
 
 
 def _content_hash(path: str) -> str:
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    """The file's content hash; an unreadable file gets a hash of its own (it matches no other file,
+    and the image cache records it as unreadable)."""
+    try:
+        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    except OSError:
+        return f"unreadable:{path}"
 
 
 def _patient_groups(samples: list[Sample]) -> dict[str, str]:
@@ -164,6 +210,7 @@ def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int =
     return train, val
 
 
+@_listing_errors
 def load_splits(root: str | Path, val_fraction: float, seed: int) -> dict[str, list[Sample]]:
     """`train` and `val` carved from train/ by patient, plus `official-val` and `test` when present."""
     train, val = patient_split(list_split(root, "train"), val_fraction, seed)
@@ -174,6 +221,7 @@ def load_splits(root: str | Path, val_fraction: float, seed: int) -> dict[str, l
     return splits
 
 
+@_listing_errors
 def samples_for(root: str | Path, split: str, val_fraction: float = 0.15, seed: int = 0) -> list[Sample]:
     """Samples of a named split: `train`/`val` (patient-level, carved from train/), `official-val`, `test`."""
     if split in ("train", "val"):

@@ -35,7 +35,7 @@ def default_runs_root() -> Path:
 LOCK_FILE = ".job.lock"
 ACTIVE_FILE = "active.json"
 COMMANDS = ("pipeline", "pretrain", "finetune", "distill")
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole name (fullmatch): no trailing newline
 ENDED_UNEXPECTEDLY = "the training process ended unexpectedly; Resume continues from the last epoch"
 
 
@@ -120,7 +120,7 @@ def run_status(run_dir: str | Path, status: dict | None = None) -> dict:
 def run_dir_for(name: str, runs_root: str | Path | None = None) -> Path:
     """A run folder inside runs_root; names are restricted so no path can escape it."""
     runs_root = Path(runs_root or default_runs_root())
-    if not _RUN_NAME.match(name or ""):
+    if not _RUN_NAME.fullmatch(name or ""):
         raise JobError(f"Run name {name!r} is not allowed: use letters, digits, '.', '_' or '-' (max 64).")
     return Path(runs_root) / name
 

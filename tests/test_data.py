@@ -83,3 +83,80 @@ def test_non_images_are_ignored(tmp_path):
     (root / "train" / "NORMAL" / "notes.txt").write_text("hello")
     (root / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\0")
     assert len(list_split(root, "train")) == 8
+
+
+def _unreadable(monkeypatch, folder):
+    """`folder` cannot be listed, as without read permission (chmod does not stop root, who runs CI)."""
+    import os
+
+    def denied(real):
+        def listing(path=".", *args):
+            if os.path.abspath(os.fspath(path)) == str(folder):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args)
+        return listing
+
+    monkeypatch.setattr(os, "listdir", denied(os.listdir))
+    monkeypatch.setattr(os, "scandir", denied(os.scandir))
+
+
+@pytest.mark.parametrize("where", ["", "train", "train/NORMAL", "test"])
+def test_an_unreadable_folder_is_a_dataset_error_naming_it(tmp_path, monkeypatch, where):
+    from kd.data import check_root, load_splits
+
+    root = write_kermany_dataset(tmp_path / "d", n_per_class=(4, 4), size=40, splits=("train", "test"))
+    folder = root / where if where else root
+    _unreadable(monkeypatch, folder)
+    calls = [lambda: load_splits(root, 0.15, 0)] + ([lambda: check_root(root)] if folder == root else [])
+    for call in calls:
+        with pytest.raises(DatasetError, match=f"{folder} cannot be read \\(Permission denied\\)"):
+            call()
+
+
+def test_proc_as_a_dataset_is_a_dataset_error(tmp_path):
+    """KD_DATA=/proc: entries even root may not look at (/proc/1/cwd in a container) are not the dataset."""
+    from kd.data import check_root, load_splits
+
+    for call in (lambda: check_root("/proc"), lambda: load_splits("/proc", 0.15, 0)):
+        with pytest.raises(DatasetError, match="/proc has no train/ folder"):
+            call()
+
+
+def test_an_unlabeled_folder_that_cannot_be_listed_is_a_dataset_error(tmp_path, monkeypatch):
+    from kd.data import list_unlabeled
+
+    (tmp_path / "nih").mkdir()
+    _unreadable(monkeypatch, tmp_path / "nih")
+    with pytest.raises(DatasetError, match="nih cannot be read"):
+        list_unlabeled([tmp_path / "nih"])
+
+
+def test_a_class_of_files_that_are_not_images_names_them(tmp_path, capsys):
+    """Files named .jpeg that decode to nothing: the run says which, instead of failing on an empty batch."""
+    from kd.cli import main
+
+    root = write_kermany_dataset(tmp_path / "d", n_per_class=(4, 4), size=40)
+    for f in (root / "train" / "NORMAL").iterdir():
+        f.write_bytes(b"<html>not an X-ray</html>")
+    code = main(["finetune", "--data", str(root), "--out", str(tmp_path / "run"), "--preset", "tiny", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "none of the" in err and "NORMAL images could be read" in err
+    assert str(root / "train" / "NORMAL") in err  # an example file, with why it was refused
+
+
+def test_a_split_mostly_unreadable_is_refused_naming_files(tmp_path):
+    import numpy as np
+
+    from kd.cache import ImageSet, build_cache
+
+    root = write_kermany_dataset(tmp_path / "d", n_per_class=(4, 4), size=40)
+    paths = sorted(str(p) for p in (root / "train").rglob("*.jpeg"))
+    for p in paths[1:4] + paths[5:8]:
+        open(p, "wb").write(b"garbage")
+    labels = [0 if "NORMAL" in p else 1 for p in paths]
+    cache = build_cache(paths, 16, None, progress=False)
+    with pytest.raises(DatasetError, match=f"only 2 of 8 labelled images could be read.*{paths[1]}"):
+        ImageSet.from_cache(cache, labels)
+    fine = build_cache(paths[:1] + paths[4:5], 16, None, progress=False)
+    assert len(ImageSet.from_cache(fine, [labels[0], labels[4]])) == 2 and np.all(fine.valid)

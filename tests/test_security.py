@@ -63,3 +63,23 @@ def test_streamlit_config_is_locked_down():
     assert 0 < cfg["server"]["maxUploadSize"] <= 50
     assert cfg["browser"]["gatherUsageStats"] is False
     assert cfg["client"]["showErrorDetails"] in ("none", False)
+
+
+def test_a_dataset_that_cannot_be_read_is_a_message_about_the_dataset(tmp_path, capsys):
+    """Not an OSError about some file deep inside, and no claim about checkpoints of a run that never started."""
+    assert main(["pipeline", "--data", "/proc", "--out", str(tmp_path / "run"), "--preset", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: /proc has no train/ folder") and "Traceback" not in err
+    assert "Checkpoints" not in err
+
+
+def test_run_names_are_whole_matches():
+    """A run name becomes a folder: only the whole name is checked (no trailing newline, no path)."""
+    from pathlib import Path
+
+    from kd import jobs
+
+    for bad in ("run\n", "run\n../x", "", ".hidden", "a/b", "x" * 65):
+        with pytest.raises(jobs.JobError, match="not allowed"):
+            jobs.run_dir_for(bad, "/tmp/runs")
+    assert jobs.run_dir_for("cpu-ref_2.b", "/tmp/runs") == Path("/tmp/runs/cpu-ref_2.b")

@@ -1,8 +1,11 @@
 """Teacher vs student CPU inference at 224 px, batch 1 and 32, and what each CPU trick buys.
 
-    python bench/inference.py [--repeats 5] [--compile] [--no-onnx]
+    python bench/inference.py [--repeats 5] [--pairs 3] [--compile] [--no-onnx]
 
-Variants (each timed in this run; the first is the baseline of the ratios):
+Variants (each timed in this run; the first is the baseline of the ratios). At each batch size every
+variant of both models is timed once per round, for --pairs rounds (interleaved, so that other work on a
+shared machine lands on every variant alike); images/s are medians over the rounds, each ratio is the
+median of the per-round ratios with its range:
   eager      : model(x) under torch.no_grad, default memory format
   optimised  : channels_last + torch.inference_mode (what kd.inference uses)
   1 thread   : optimised with torch.set_num_threads(1) instead of one thread per core
@@ -10,14 +13,16 @@ Variants (each timed in this run; the first is the baseline of the ratios):
                torch.onnx export of the same model; skipped when onnxruntime/onnxscript are not
                installed (`pip install onnxruntime onnxscript`)
   compiled   : torch.compile of the optimised model (--compile; minutes to compile on 2 cores)
-Target: student images/s >= 2.5 x teacher images/s (optimised, batch 32).
+Target: student images/s >= 2.5 x teacher images/s (optimised, batch 32), on the median ratio.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import model_pair, seconds, target
+from common import MIN_PAIRS, interleaved, model_pair, ratio, seconds, target
 
 VARIANTS = ("eager", "optimised", "1 thread", "onnxrt", "compiled")
+BATCHES = (1, 32)  # the last is the target's
 
 
 def rate(model, batch: int, repeats: int, channels_last: bool, inference_mode: bool) -> float:
@@ -74,44 +80,68 @@ def onnx_rate(session, model, batch: int, repeats: int) -> tuple[float, float]:
     with torch.inference_mode():
         reference = model(torch.from_numpy(x)).numpy()
     diff = float(np.abs(session.run(None, {"x": x})[0] - reference).max())
-    return batch / seconds(lambda: session.run(None, {"x": x}), repeats=repeats), diff
+    return onnx_images_per_s(session, batch, repeats), diff
+
+
+def onnx_images_per_s(session, batch: int, repeats: int) -> float:
+    x = np.random.default_rng(0).standard_normal((batch, 1, 224, 224)).astype(np.float32)
+    return batch / seconds(lambda: session.run(None, {"x": x}), repeats=repeats)
+
+
+def one_thread_rate(model, batch: int, repeats: int) -> float:
+    """The optimised variant with torch.set_num_threads(1), then back to the previous count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return rate(model, batch, repeats, True, True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main(argv=None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per variant and round (median)")
+    p.add_argument("--pairs", type=int, default=MIN_PAIRS, help=f"interleaved rounds of all variants (>= {MIN_PAIRS})")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime variant")
     args = p.parse_args(argv)
+    if args.pairs < MIN_PAIRS:
+        p.error(f"--pairs must be at least {MIN_PAIRS}: the target is judged on the median of the pairs")
     pair = model_pair()
     threads = torch.get_num_threads()
     sessions = {} if args.no_onnx else {role: onnx_session(pair.models[role].model, threads) for role in pair.models}
     if not args.no_onnx and None in sessions.values():
         print("onnxruntime/onnxscript not installed: ONNX Runtime variant skipped (pip install onnxruntime onnxscript)")
         sessions = {}
-    results, onnx_diff = {}, {}
-    print(f"threads={threads} (cores: {os.cpu_count()})  images/s at 224 px, (ratio to eager)")
-    for batch in (1, 32):
-        for role in ("teacher", "student"):
-            m = pair.models[role].model.eval()
-            results[(role, batch, "eager")] = rate(m, batch, args.repeats, False, False)
-            results[(role, batch, "optimised")] = rate(m, batch, args.repeats, True, True)
-            torch.set_num_threads(1)
-            try:
-                results[(role, batch, "1 thread")] = rate(m, batch, args.repeats, True, True)
-            finally:
-                torch.set_num_threads(threads)
+    models = {role: pair.models[role].model.eval() for role in ("teacher", "student")}
+    # a separate copy to compile (the other variants switch the memory format of the model they time)
+    compiled = {role: torch.compile(copy.deepcopy(m).to(memory_format=torch.channels_last))
+                for role, m in models.items()} if args.compile else {}
+    rounds, onnx_diff = {}, {}
+    print(f"threads={threads} (cores: {os.cpu_count()})  images/s at 224 px, median of {args.pairs} interleaved "
+          f"rounds (ratio to eager: median of the rounds)")
+    for batch in BATCHES:
+        variants = {}
+        for role, m in models.items():
+            variants[(role, batch, "eager")] = lambda m=m: rate(m, batch, args.repeats, False, False)
+            variants[(role, batch, "optimised")] = lambda m=m: rate(m, batch, args.repeats, True, True)
+            variants[(role, batch, "1 thread")] = lambda m=m: one_thread_rate(m, batch, args.repeats)
             if sessions:
-                results[(role, batch, "onnxrt")], onnx_diff[(role, batch)] = onnx_rate(sessions[role], m, batch,
-                                                                                         args.repeats)
-                m.to(memory_format=torch.channels_last)
-            if args.compile:
-                compiled = torch.compile(m.to(memory_format=torch.channels_last))
-                results[(role, batch, "compiled")] = rate(compiled, batch, args.repeats, True, True)
-            base = results[(role, batch, "eager")]
+                onnx_diff[(role, batch)] = onnx_rate(sessions[role], m, batch, 1)[1]
+                variants[(role, batch, "onnxrt")] = lambda role=role: onnx_images_per_s(sessions[role], batch,
+                                                                                       args.repeats)
+            if compiled:
+                rate(compiled[role], batch, 1, True, True)  # compiles for this shape, outside the timing
+                variants[(role, batch, "compiled")] = lambda role=role: rate(compiled[role], batch, args.repeats,
+                                                                             True, True)
+        rounds.update(interleaved(variants, args.pairs))
+        for role in models:
+            base = rounds[(role, batch, "eager")]
             print(f"  batch {batch:2d} {role:8s} " + "  ".join(
-                f"{v}={results[(role, batch, v)]:6.1f} ({results[(role, batch, v)] / base:.2f}x)"
-                for v in VARIANTS if (role, batch, v) in results))
+                f"{v}={statistics.median(rounds[(role, batch, v)]):6.1f} "
+                f"({ratio(rounds[(role, batch, v)], base).median:.2f}x)"
+                for v in VARIANTS if (role, batch, v) in rounds))
+    results = {key: statistics.median(values) for key, values in rounds.items()}
     for (role, batch), diff in onnx_diff.items():
         print(f"  onnxrt {role} batch {batch}: largest logit difference from PyTorch {diff:.2e}")
     for role, session in sessions.items():
@@ -119,11 +149,11 @@ def main(argv=None) -> list[str]:
         print(f"  onnxrt {role}: export + session {session.export_seconds:.1f} s, repaid after "
               f"{session.export_seconds / saved:.0f} single-image predictions" if saved > 0 else
               f"  onnxrt {role}: export + session {session.export_seconds:.1f} s, never repaid at batch 1")
-    for batch in (1, 32):
-        s, t = results[("student", batch, "optimised")], results[("teacher", batch, "optimised")]
-        print(f"  batch {batch:2d} student/teacher = {s / t:.2f}x")
-    return [target("student_vs_teacher_speedup_b32", results[("student", 32, "optimised")]
-                   / results[("teacher", 32, "optimised")], 2.5, unit="x")]
+    speedup = {batch: ratio(rounds[("student", batch, "optimised")], rounds[("teacher", batch, "optimised")])
+               for batch in BATCHES}
+    for batch, r in speedup.items():
+        print(f"  batch {batch:2d} student/teacher = {r}")
+    return [target(f"student_vs_teacher_speedup_b{BATCHES[-1]}", speedup[BATCHES[-1]], 2.5, unit="x")]
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """What training the early phases at lower resolution saves: each phase's training step at the cpu
 preset's resolution vs at 224 px, measured in the same run, and the preset's wall time estimated both ways.
 
-    python bench/resolution.py [--batch 16] [--steps 2] [--images 4430] [--accuracy [--sizes 128 160 224]]
+    python bench/resolution.py [--batch 16] [--steps 2] [--pairs 3] [--images 4430] [--accuracy [--sizes 128 160 224]]
 
 Phases (the model compute of kd.objectives, on tensors already in memory, like train_throughput's
 model-only): SSL pretraining (ResNet50, two SimCLR views), fine-tuning (ResNet50), distillation
-(ResNet18 step + frozen ResNet50 forward).
+(ResNet18 step + frozen ResNet50 forward). The two sizes of a phase are timed interleaved, --pairs
+rounds (so that other work on a shared machine slows both alike): images/s are medians, the speed-up is
+the median of the per-round ratios, with its range.
 
 --accuracy: what the serving resolution costs or gains. The shipped teacher and student (trained at
 128 px, exported for 224 px) are served at each of --sizes after re-estimating their BatchNorm
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
+from common import MIN_PAIRS, interleaved, ratio
 from kd.config import preset
 from train_throughput import model_only
 
@@ -32,6 +36,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=2, help="timed steps per phase and size (after one warm-up step)")
+    p.add_argument("--pairs", type=int, default=MIN_PAIRS, help="interleaved rounds of the two sizes of each phase")
     p.add_argument("--images", type=int, default=4430, help="training images per epoch (the 224 px train split "
                    "minus the patient-level validation split)")
     p.add_argument("--full-size", type=int, default=224)
@@ -49,13 +54,17 @@ def main(argv=None) -> dict:
     rows, low_total, full_total = {}, 0.0, 0.0
     for name, objective, arch in PHASES:
         ph = cfg.phase(name)
-        low = model_only(objective, arch, ph.image_size, args.batch, args.steps, device)
-        full = model_only(objective, arch, args.full_size, args.batch, args.steps, device)
+        rates = interleaved({
+            "low": lambda: model_only(objective, arch, ph.image_size, args.batch, args.steps, device),
+            "full": lambda: model_only(objective, arch, args.full_size, args.batch, args.steps, device),
+        }, args.pairs)
+        low, full = statistics.median(rates["low"]), statistics.median(rates["full"])
+        speedup = ratio(rates["low"], rates["full"])
         low_s, full_s = ph.epochs * args.images / low, ph.epochs * args.images / full
         low_total, full_total = low_total + low_s, full_total + full_s
-        rows[name] = {"size": ph.image_size, "low": low, "full": full}
+        rows[name] = {"size": ph.image_size, "low": low, "full": full, "speedup": speedup}
         print(f"  {name:9s} {arch}: {ph.image_size:3d} px {low:6.1f} img/s | {args.full_size} px {full:6.1f} img/s | "
-              f"{low / full:.2f}x faster; {ph.epochs} epochs ~ {low_s / 60:5.1f} min instead of {full_s / 60:5.1f} min")
+              f"{speedup} x faster; {ph.epochs} epochs ~ {low_s / 60:5.1f} min instead of {full_s / 60:5.1f} min")
     print(f"  cpu preset (pretrain+finetune+distill): ~{low_total / 60:.0f} min at its resolutions vs "
           f"~{full_total / 60:.0f} min all at {args.full_size} px: {full_total / low_total:.2f}x "
           f"({100 * (1 - low_total / full_total):.0f}% of the training time saved)")

@@ -1,6 +1,10 @@
 """Run the CPU benchmarks and end with one line per target:  TARGET <name> <measured> <goal> PASS|FAIL
 
     python bench/run_all.py
+
+Every compared variant is timed interleaved with its baseline, three rounds (bench/common.py's
+`interleaved`); a ratio's TARGET judges the median of the three per-round ratios, whose range is printed
+on the line before it.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ def run_script(script: str, *args: str) -> str:
 def main() -> int:
     lines = []
     print("== inference (teacher vs student)")
-    lines += inference.main(["--repeats", "5"])
+    lines += inference.main(["--repeats", "3"])
     print("== diagnose end to end")
     lines += diagnose.main(["--repeats", "3"])
     # each phase of the cpu preset: SSL (two views), fine-tuning, distillation (teacher forward + student step)

@@ -1,4 +1,5 @@
-"""The benchmarks that are not part of run_all's targets still run end to end (tiny sizes; figures unchecked)."""
+"""The benchmarks' interleaved timing judges the median (fake clock), and the benchmarks run end to end
+(tiny sizes; figures unchecked)."""
 from __future__ import annotations
 
 import sys
@@ -7,6 +8,69 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+
+class FakeClock:
+    """A clock that moves only when fake work is done: deterministic timings for the timing helpers."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def fake_rates(clock: FakeClock, seconds_per_call: dict[str, list[float]]) -> dict:
+    """Variants for common.interleaved: each returns calls/s from common.seconds on the fake clock; round i
+    of variant v costs seconds_per_call[v][i] a call (other work on the machine makes some rounds slower)."""
+    import common
+
+    def variant(name):
+        rounds = iter(seconds_per_call[name])
+
+        def measure():
+            cost = next(rounds)
+            return 1 / common.seconds(lambda: clock.work(cost), repeats=3, warmup=1, clock=clock)
+        return measure
+    return {name: variant(name) for name in seconds_per_call}
+
+
+def test_interleaved_alternates_the_variants():
+    import common
+
+    calls = []
+    out = common.interleaved({"a": lambda: calls.append("a") or 1.0, "b": lambda: calls.append("b") or 2.0}, 3)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert out == {"a": [1.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0]}
+
+
+def test_a_noisy_pair_does_not_flip_the_verdict(capsys):
+    import common
+
+    clock = FakeClock()
+    # ours runs at 0.95 x model-only, except in pair 2, where other work slowed ours alone 2.2-fold
+    rates = common.interleaved(fake_rates(clock, {"model-only": [0.95, 0.95, 0.95], "ours": [1.0, 2.2, 1.0]}), 3)
+    r = common.ratio(rates["ours"], rates["model-only"])
+    assert r.values == pytest.approx((0.95, 0.95 / 2.2, 0.95))
+    assert r.median == pytest.approx(0.95) and r.low == pytest.approx(0.95 / 2.2) and r.high == pytest.approx(0.95)
+    line = common.target("data_path", r, 0.9)
+    assert line.startswith("TARGET data_path 0.95 >=0.9") and line.endswith("PASS")
+    assert "median of 3 pairs, range 0.43-0.95" in capsys.readouterr().out
+    # and a pair disturbed the other way does not turn a slow data path into a PASS
+    clock = FakeClock()
+    rates = common.interleaved(fake_rates(clock, {"model-only": [0.8, 2.0, 0.8], "ours": [1.0, 1.0, 1.0]}), 3)
+    assert common.target("data_path", common.ratio(rates["ours"], rates["model-only"]), 0.9).endswith("FAIL")
+
+
+def test_a_target_needs_three_pairs():
+    import common
+
+    with pytest.raises(ValueError, match="at least 3 pairs"):
+        common.target("speedup", common.Ratio((2.0, 3.0)), 2.5)
+    assert common.target("seconds", 0.2, 1.0, higher_is_better=False).endswith("PASS")  # plain figures as before
 
 
 def test_teacher_cache_bench_compares_both_arms(tiny_dataset, tmp_path, capsys):
@@ -27,7 +91,7 @@ def test_teacher_cache_bench_compares_both_arms(tiny_dataset, tmp_path, capsys):
 def test_resolution_bench_reports_each_phase(capsys):
     import resolution
 
-    r = resolution.main(["--batch", "2", "--steps", "1", "--images", "100", "--full-size", "48"])
+    r = resolution.main(["--batch", "2", "--steps", "1", "--pairs", "1", "--images", "100", "--full-size", "48"])
     assert set(r["phases"]) == {"pretrain", "finetune", "distill"}
     assert all(v["low"] > 0 and v["full"] > 0 for v in r["phases"].values())
     assert "of the training time saved" in capsys.readouterr().out

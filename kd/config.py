@@ -6,9 +6,11 @@ A run is fully described by a `Config`; it is saved as `config.json` in the run 
 from __future__ import annotations
 
 import dataclasses
-import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kd import statefile
 
 PHASES = ("pretrain", "finetune", "distill", "baseline")
 SSL_METHODS = ("simclr", "byol")
@@ -67,15 +69,12 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown configuration keys: {', '.join(sorted(unknown))}")
-        d = dict(d)
-        for name in ("pretrain", "finetune", "distill"):
-            if isinstance(d.get(name), dict):
-                d[name] = PhaseConfig(**d[name])
-        return cls(**d)
+        """A Config from its JSON object; ValueError naming the setting that is unknown or of the wrong type
+        (a hand-edited config.json must not get as far as training, nor fail there with a traceback)."""
+        try:
+            return _from_json(cls, d, "it")
+        except statefile.ShapeError as e:
+            raise ValueError(f"configuration: {e}") from None
 
     def save(self, path: str | Path) -> None:
         from kd.checkpoint import write_json_atomic
@@ -84,7 +83,13 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The Config saved in `path`; statefile.UnreadableState (a ValueError) "unreadable: <file>, <why>"
+        when the file is missing, not JSON, or holds settings of the wrong name or type."""
+        value = statefile.read_json(path)
+        try:
+            return _from_json(cls, value, "it")
+        except statefile.ShapeError as e:
+            raise statefile.UnreadableState(path, str(e)) from None
 
     def validate(self) -> None:
         """Raise ValueError with a human message for settings that cannot train."""
@@ -110,6 +115,29 @@ class Config:
                     f"{name}: epochs must be >= 0, batch size >= 2, image size >= 16 and lr > 0 "
                     f"(got epochs={p.epochs}, batch={p.batch_size}, size={p.image_size}, lr={p.lr})"
                 )
+
+
+def _from_json(cls, value, what: str):
+    """A settings dataclass (Config, PhaseConfig, AugmentConfig...) from a JSON object, by its field types:
+    statefile.ShapeError names the first unknown key or value of the wrong type. Missing keys keep defaults."""
+    statefile.expect(value, dict, what)
+    types = typing.get_type_hints(cls)
+    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise statefile.ShapeError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+                                   + ("" if what == "it" else f" in {what}"))
+    settings = {}
+    for key, item in value.items():
+        kind, where = types[key], statefile.child(what, key)
+        if dataclasses.is_dataclass(kind):
+            settings[key] = _from_json(kind, item, where)
+        elif typing.get_origin(kind) is list:
+            statefile.conform(item, statefile.list_of(typing.get_args(kind)[0]), where)
+            settings[key] = list(item)
+        else:
+            statefile.conform(item, statefile.NUMBER if kind is float else kind, where)
+            settings[key] = float(item) if kind is float else item
+    return cls(**settings)
 
 
 def _preset_tiny() -> Config:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import subprocess
 from pathlib import Path
 
-from kd import preprocess
+from kd import preprocess, statefile
 from kd.data import Sample
 from kd.models import ARCHITECTURES
+from kd.statefile import (NUMBER, OPTIONAL_DICT, OPTIONAL_NUMBER, OPTIONAL_STR, list_of, mapping_of, nullable,
+                          object_with)
 
 CARD_FILE = "model_card.json"
 DISCLAIMER = ("Research tool, not a diagnostic device: not cleared for clinical use; every output must be "
@@ -52,5 +53,30 @@ def base_card(input_size: int) -> dict:
     }
 
 
+_CI = mapping_of(nullable(list_of(OPTIONAL_NUMBER)))
+# What the app, `kd predict` and `kd evaluate` use of a card; other keys pass unchecked.
+_REPORT = object_with(optional={
+    **{m: OPTIONAL_NUMBER for m in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "threshold")},
+    "n": int, "n_positive": int, "n_negative": int, "ci": _CI, "confusion_matrix": mapping_of(int),
+    "roc": OPTIONAL_DICT, "calibration": OPTIONAL_DICT})
+_MODEL_FIELDS = {"threshold": NUMBER, "temperature": NUMBER, "calibration_temperature": NUMBER, "parameters": int,
+                 "cpu_ms_per_image": NUMBER,
+                 "validation": nullable(_REPORT)}
+_SERVED = object_with({"architecture": str, "file": str}, _MODEL_FIELDS)  # teacher, student: loaded by the app
+_EXTRA = object_with({"architecture": str}, {"file": OPTIONAL_STR, **_MODEL_FIELDS})  # student_baseline: not shipped
+
+
+def _check_models(value, what: str = "it") -> None:
+    mapping_of(_EXTRA)(value, what)
+    object_with(optional={"teacher": _SERVED, "student": _SERVED})(value, what)
+
+
+CARD_SHAPE = object_with(
+    {"models": _check_models, "input": object_with({"size": int}, {"mean": NUMBER, "std": NUMBER})},
+    {"config": dict, "wall_time_s": mapping_of(NUMBER)})
+
+
 def read_card(weights_dir: str | Path) -> dict:
-    return json.loads((Path(weights_dir) / CARD_FILE).read_text())
+    """The model card of a weights folder; statefile.UnreadableState (a ValueError) when it is missing or
+    not of the shape its readers rely on."""
+    return statefile.read_json(Path(weights_dir) / CARD_FILE, CARD_SHAPE)

@@ -2,7 +2,8 @@
 
 `progress.jsonl` gets one line per logged step and per epoch (phase, epoch, step, loss, lr,
 images/s, ETA, validation metrics); `status.json` always holds the latest state. The app's live
-page only reads these two files.
+page only reads these two files, through kd.statefile: what it cannot use is reported as
+"unreadable: <file>, <why>" rather than crashing the page.
 """
 from __future__ import annotations
 
@@ -11,10 +12,29 @@ import os
 import time
 from pathlib import Path
 
+from kd import statefile
 from kd.checkpoint import write_json_atomic
+from kd.statefile import NUMBER, OPTIONAL_NUMBER, OPTIONAL_STR, UnreadableState, list_of, object_with
 
 PROGRESS_FILE = "progress.jsonl"
 STATUS_FILE = "status.json"
+
+_COUNTERS = ("epoch", "epochs", "step", "steps", "global_step", "total_steps", "images_per_s", "eta_s", "loss", "lr",
+             "started", "finished", "stopped", "updated")
+# What the readers of status.json use (the app's live panel, kd.jobs); other keys pass unchecked.
+STATUS_SHAPE = object_with(optional={
+    "state": str, "phases": list_of(str), "phase": OPTIONAL_STR, "last_event": str, "error": OPTIONAL_STR,
+    "pid": int, "model": str, **{key: OPTIONAL_NUMBER for key in _COUNTERS}})
+# One progress event; steps and epochs need what the charts are drawn from.
+_EVENT_FIELDS = {"time": NUMBER, "phase": OPTIONAL_STR, "metrics": statefile.mapping_of(OPTIONAL_NUMBER),
+                 "seconds": OPTIONAL_NUMBER, **{key: OPTIONAL_NUMBER for key in _COUNTERS}}
+_EVENT_REQUIRED = {"step": {"phase": str, "global_step": NUMBER}, "epoch": {"phase": str, "epoch": NUMBER}}
+
+
+def check_event(value, what: str = "it") -> None:
+    """statefile check of one progress.jsonl record (its required fields depend on its kind)."""
+    object_with({"kind": str})(value, what)
+    object_with(_EVENT_REQUIRED.get(value["kind"], {}), _EVENT_FIELDS)(value, what)
 
 
 class Reporter:
@@ -45,23 +65,24 @@ class Reporter:
         write_json_atomic(self.run_dir / STATUS_FILE, self.state)
 
 
+def load_status(run_dir: str | Path) -> dict | None:
+    """The run's status; None before the run wrote one; UnreadableState when it cannot be used."""
+    return statefile.read_json(Path(run_dir) / STATUS_FILE, STATUS_SHAPE, default=None)
+
+
 def read_status(run_dir: str | Path) -> dict | None:
+    """The run's status, or None when there is none or it cannot be used (load_status says why)."""
     try:
-        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
+        return load_status(run_dir)
+    except UnreadableState:
         return None
 
 
+def load_progress(run_dir: str | Path) -> tuple[list[dict], UnreadableState | None]:
+    """The usable events so far, and what was wrong with the lines left out (None when nothing was)."""
+    return statefile.read_json_lines(Path(run_dir) / PROGRESS_FILE, check_event)
+
+
 def read_progress(run_dir: str | Path) -> list[dict]:
-    """All events so far; a partially written last line is ignored."""
-    events = []
-    try:
-        with open(Path(run_dir) / PROGRESS_FILE) as f:
-            for line in f:
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    pass
-    except OSError:
-        pass
-    return events
+    """The usable events so far; a partially written last line and malformed lines are left out."""
+    return load_progress(run_dir)[0]

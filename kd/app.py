@@ -35,6 +35,7 @@ from kd.checkpoint import CheckpointError
 from kd.config import PRESETS, Config, preset
 from kd.inference import ModelPair, default_weights, load_pair
 from kd.model_card import CARD_FILE, DISCLAIMER, read_card  # noqa: F401  (DISCLAIMER: shown by the entry script)
+from kd.statefile import UnreadableState
 
 ROLES = ("teacher", "student")
 ROLE_LABEL = {"teacher": "Teacher", "student": "Student"}
@@ -74,8 +75,39 @@ def shipped_weights() -> Path:
 
 
 def active_weights() -> Path:
-    """The activated run's weights, else the shipped ones."""
-    return jobs.active_weights(runs_root())
+    """The activated run's weights, else the shipped ones (also when active.json cannot be used:
+    `state_problems` says why, and the pages show it)."""
+    try:
+        return jobs.active_weights(runs_root())
+    except UnreadableState:
+        return shipped_weights()
+
+
+def running_job() -> dict | None:
+    """The running job's lock record, or None (also when the lock cannot be used: see `state_problems`)."""
+    try:
+        return jobs.current_job(runs_root())
+    except UnreadableState:
+        return None
+
+
+def state_problems() -> list[str]:
+    """Why shared state files the app relies on (which weights are in use, the running job) could not be
+    used, each as "unreadable: <file>, <why>" plus what the app does instead."""
+    problems = []
+    for read, fallback in ((lambda: jobs.active_weights(runs_root()), "the shipped weights are used instead"),
+                           (lambda: jobs.current_job(runs_root()), "no running job can be shown or stopped")):
+        try:
+            read()
+        except UnreadableState as e:
+            problems.append(f"{e}; {fallback}.")
+    return problems
+
+
+def show_state_problems() -> None:
+    """Called by every page under its title: state files that could not be used, said once, the page goes on."""
+    for message in state_problems():
+        st.warning(message, icon=":material/warning:")
 
 
 def using_shipped_weights() -> bool:
@@ -508,7 +540,7 @@ def start_training(form: dict, command: str, gpus: int = 1) -> tuple[dict | None
     try:
         cfg = build_config(**form)
         run_dir = Path(cfg.out)
-        if jobs.current_job(runs_root()) is None and run_dir.exists() and any(run_dir.iterdir()):
+        if running_job() is None and run_dir.exists() and any(run_dir.iterdir()):
             raise jobs.JobError(f"A run named {run_dir.name} already exists: choose another run name, or select it "
                                 "below and Resume it if it was stopped.")
         record = jobs.start_job(cfg, command, gpus=max(1, int(gpus)), runs_root=runs_root())
@@ -533,14 +565,10 @@ def resume_training(run_name: str) -> tuple[dict | None, str | None]:
     return record, None
 
 
-def running_job() -> dict | None:
-    return jobs.current_job(runs_root())
-
-
 def watched_run() -> Path | None:
     """The run the live view follows: the running job, else the one chosen, else the newest."""
     root = runs_root()
-    job = jobs.current_job(root)
+    job = running_job()
     if job:
         return Path(job["run_dir"])
     name = st.session_state.get(WATCH_KEY)
@@ -575,7 +603,9 @@ def step_frame(events: list[dict]) -> pd.DataFrame:
     offsets, total = {}, 0
     for ph in order:
         offsets[ph] = total
-        total += int(df.loc[df["phase"] == ph, "total_steps"].max() or df.loc[df["phase"] == ph, "global_step"].max())
+        rows = df["phase"] == ph
+        planned = df.loc[rows, "total_steps"].max()  # NaN when no step of the phase said
+        total += int(planned if pd.notna(planned) and planned > 0 else df.loc[rows, "global_step"].max())
     df["x"] = df["global_step"] + df["phase"].astype(str).map(offsets)
     df["phase"] = df["phase"].astype(str)
     return df[cols].reset_index(drop=True)
@@ -643,6 +673,7 @@ class RunView:
     elapsed: str
     error: str | None
     running: bool
+    problems: list[str]  # "unreadable: <file>, <why>" for status.json / progress.jsonl: shown, the rest goes on
 
     @property
     def can_resume(self) -> bool:
@@ -652,10 +683,17 @@ class RunView:
 def run_view(run_dir: str | Path) -> RunView:
     """Everything the live panel shows about one run, from its status and progress files only."""
     run_dir = Path(run_dir)
-    job = jobs.current_job(runs_root())
+    job = running_job()
     running = bool(job and Path(job["run_dir"]).resolve() == run_dir.resolve())
-    status = kprogress.read_status(run_dir) or {}
-    events = kprogress.read_progress(run_dir)
+    problems = []
+    try:
+        status = kprogress.load_status(run_dir) or {}
+    except UnreadableState as e:
+        status = {}
+        problems.append(str(e))
+    events, bad_lines = kprogress.load_progress(run_dir)
+    if bad_lines:
+        problems.append(str(bad_lines))
     state = status.get("state") or "unknown"
     fresh = (status.get("started") or 0) >= (job or {}).get("started", 0)
     if running and (state not in ("running", "finished") or not fresh):
@@ -683,7 +721,7 @@ def run_view(run_dir: str | Path) -> RunView:
     end = status.get("finished") or status.get("stopped") or (time.time() if running else status.get("updated"))
     elapsed = _duration(end - started) if started and end else "?"
     return RunView(run_dir.name, run_dir, state, status, steps, epoch_frame(events), float(fraction), text,
-                   status.get("images_per_s"), elapsed, None if running else status.get("error"), running)
+                   status.get("images_per_s"), elapsed, None if running else status.get("error"), running, problems)
 
 
 def log_tail(run_dir: str | Path, lines: int = 25, max_bytes: int = 64_000) -> str:
@@ -723,8 +761,10 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
             "student acc": _card_number(card, "student", "accuracy"),
             "wall time": _duration((card or {}).get("wall_time_s", {}).get("total")) if card else "",
             "modified": datetime.datetime.fromtimestamp(r["modified"]).strftime("%Y-%m-%d %H:%M"),
+            "note": r.get("problem") or "",  # e.g. "unreadable: <run>/model_card.json, <why>"
         })
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    return frame if frame.empty or frame["note"].any() else frame.drop(columns="note")
 
 
 def has_both_models(run: dict) -> bool:

@@ -6,6 +6,7 @@ from kd import app
 app.ensure_navigation()
 
 st.title("Data")
+app.show_state_problems()
 root, problem = app.dataset_state()
 if root is None:
     app.render_dataset_help(problem)

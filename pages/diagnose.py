@@ -6,6 +6,7 @@ from kd import app
 app.ensure_navigation()
 
 st.title("Diagnose")
+app.show_state_problems()
 pair = app.require_models()
 st.caption(app.weights_caption(pair))
 

@@ -6,6 +6,7 @@ from kd import app
 app.ensure_navigation()
 
 st.title("Evaluate")
+app.show_state_problems()
 pair = app.require_models()
 card = pair.card
 root, data_problem = app.dataset_state()

@@ -7,6 +7,7 @@ app.ensure_navigation()
 from kd.config import PRESETS, SSL_METHODS
 
 st.title("Train")
+app.show_state_problems()
 app.show_flash()
 root, data_problem = app.dataset_state()
 if root is None:
@@ -90,6 +91,8 @@ def live_panel():
     c3.metric("Images / s", f"{view.images_per_s:.1f}" if view.images_per_s else "-")
     c4.metric("Elapsed", view.elapsed)
     st.progress(view.fraction, text=view.progress_text)
+    for problem in view.problems:
+        st.warning(problem, icon=":material/warning:")
     if view.error:
         st.error(view.error)
     b1, b2, _ = st.columns([1, 1, 4])

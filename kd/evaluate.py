@@ -68,7 +68,8 @@ def evaluate_weights(weights_dir, data_root, split: str = "test", device: torch.
         step = (lambda d, n, i=i: progress((i + d / n) / len(pair.models))) if progress else None
         logits = predict_logits(m.model.to(device), images, pair.input_size, device, progress=step)
         result[role] = model_report(images.labels, logits, m.threshold, m.temperature, n_boot=n_boot)
-        result[role]["probabilities"] = metrics.softmax_pneumonia(logits).round(5).tolist()
+        # unrounded: a case near the threshold must get the same decision here as in the report
+        result[role]["probabilities"] = metrics.softmax_pneumonia(logits).tolist()
         decisions[role] = np.asarray(result[role]["probabilities"]) >= m.threshold
     result["labels"] = images.labels.tolist()
     result["files"] = [samples[r].path for r in images.rows]

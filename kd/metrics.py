@@ -222,17 +222,25 @@ def choose_threshold(y, p, method: str = "youden", min_sensitivity: float = 0.95
 
     "youden": maximise sensitivity + specificity - 1; ties go to the threshold closest to 0.5.
     "sensitivity": the highest threshold whose sensitivity is >= min_sensitivity.
+
+    The threshold returned lies midway between the two neighbouring scores where the decisions
+    change, never on a case's own score: a case scored exactly at the threshold flips with any
+    rounding of its score (float16 weights, another machine), and the decisions on these cases are
+    the same anywhere in between.
     """
     fpr, tpr, thresholds = _roc(y, p, drop_intermediate=False)
+    # thresholds[k] is a distinct score (thresholds[0] stands for "none positive"); the same decisions
+    # hold for any threshold above the next lower score (0 below the lowest)
+    midpoints = (thresholds + np.r_[thresholds[1:], 0.0]) / 2.0
     if method == "youden":
         j = tpr - fpr
         best = np.flatnonzero(j >= j.max() - 1e-12)
-        return float(thresholds[best[np.argmin(np.abs(thresholds[best] - 0.5))]])
+        return float(midpoints[best[np.argmin(np.abs(midpoints[best] - 0.5))]])
     if method == "sensitivity":
         if not 0.0 <= min_sensitivity <= 1.0:
             raise ValueError("min_sensitivity must be in [0, 1]")
         # thresholds decrease along the curve, so the first hit is the highest threshold
-        return float(thresholds[np.flatnonzero(tpr >= min_sensitivity - 1e-12)[0]])
+        return float(midpoints[np.flatnonzero(tpr >= min_sensitivity - 1e-12)[0]])
     raise ValueError(f"unknown method {method!r}; use 'youden' or 'sensitivity'")
 
 

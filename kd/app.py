@@ -835,10 +835,24 @@ def metrics_table(reports: dict[str, dict], card: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).T
 
 
+def ci_note(reports: dict[str, dict]) -> str:
+    """What the 95% CIs resampled (patients or images) and whether the threshold was held fixed in them."""
+    report = reports.get("teacher") or {}
+    if not report.get("resampled"):
+        return "95% bootstrap CIs."
+    fixed = report.get("threshold_in_bootstrap", "fixed") == "fixed"
+    return (f"95% bootstrap CIs ({report.get('n_boot', '?')} resamples of {report['resampled']}; threshold "
+            f"{'held fixed' if fixed else 're-chosen in each resample, as it was chosen on this split'}).")
+
+
 def card_caption(card: dict) -> str:
     thr = ", ".join(f"{ROLE_LABEL[r].lower()} {card['models'][r].get('threshold', 0.5):.3f}" for r in ROLES)
-    return (f"From the model card. Split: {card.get('metrics_split', 'validation split')}. "
-            f"Thresholds (Youden's J on validation): {thr}. CPU ms/image measured at batch 1, "
+    split = card.get("metrics_split", "validation split")
+    if isinstance(split, dict):  # one description per split the card reports
+        split = split.get("validation", "validation split")
+    rule = card["models"]["teacher"].get("threshold_rule", "Youden's J on validation")
+    return (f"From the model card. Split: {split}. Thresholds ({rule}): {thr}. "
+            f"{ci_note(reports_from_card(card))} CPU ms/image measured at batch 1, "
             f"{card.get('input', {}).get('size', '?')} px.")
 
 
@@ -847,7 +861,7 @@ def result_caption(result: dict) -> str:
     skipped = len(result.get("skipped_unreadable") or {})
     return (f"Recomputed on split **{result['split']}** ({SPLIT_HELP.get(result['split'], '')}) of `{result['data']}`: "
             f"{result['n']} images{f', {skipped} unreadable skipped' if skipped else ''}. Thresholds from the model "
-            f"card: {thr}. 95% bootstrap CIs.")
+            f"card: {thr}. {ci_note(result)}")
 
 
 def evaluation_key(weights_dir: Path, root: Path, split: str) -> str:

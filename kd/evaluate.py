@@ -31,11 +31,14 @@ def predict_logits(model: nn.Module, images: ImageSet, size: int, device: torch.
 
 
 def model_report(labels: np.ndarray, logits: np.ndarray, threshold: float, temperature: float = 1.0,
-                 n_boot: int = 1000, seed: int = 0) -> dict:
-    """Metrics at `threshold` and at 0.5 with bootstrap CIs, ROC points, calibration (ECE after scaling)."""
+                 n_boot: int = 1000, seed: int = 0, groups=None, rechoose=None) -> dict:
+    """Metrics at `threshold` and at 0.5 with bootstrap CIs, ROC points, calibration (ECE after scaling).
+
+    `groups`: the patient of each image, so the CIs resample patients (None: images); `rechoose`: the
+    threshold rule, when `threshold` was chosen on these same images (see kd.metrics.bootstrap_ci)."""
     p = metrics.softmax_pneumonia(logits)
     p_cal = metrics.softmax_pneumonia(logits, temperature)
-    rep = metrics.report(labels, p, threshold, n_boot=n_boot, seed=seed)
+    rep = metrics.report(labels, p, threshold, n_boot=n_boot, seed=seed, groups=groups, rechoose=rechoose)
     rep["roc"] = metrics.roc_points(labels, p)
     rep["calibration"] = {
         "temperature": temperature,
@@ -50,7 +53,9 @@ def evaluate_weights(weights_dir, data_root, split: str = "test", device: torch.
                      n_boot: int = 1000, progress=None) -> dict:
     """Teacher and student on a split, at the model card's thresholds and at 0.5, with 95% bootstrap CIs.
 
-    `split`: test | official-val | val | train (val/train: the patient-level split of the card's config)."""
+    `split`: test | official-val | val | train (val/train: the patient-level split of the card's config).
+    The CIs resample patients; on `val`, where the thresholds were chosen, each resample re-chooses them
+    by the card's rule, with the card's seed: the same numbers as the card's validation block."""
     from kd.cache import build_cache
     from kd.data import samples_for
     from kd.inference import load_pair
@@ -63,11 +68,15 @@ def evaluate_weights(weights_dir, data_root, split: str = "test", device: torch.
     images = ImageSet.from_cache(cache, [s.label for s in samples])
     result = {"split": split, "data": str(data_root), "n": len(images), "skipped_unreadable": cache.errors,
               "weights": str(weights_dir), "input_size": pair.input_size}
+    patients = [samples[r].patient for r in images.rows]
+    rechoose = (metrics.threshold_chooser(cfg.get("threshold_rule", "youden"), cfg.get("min_sensitivity", 0.95))
+                if split == "val" else None)
     decisions = {}
     for i, (role, m) in enumerate(pair.models.items()):
         step = (lambda d, n, i=i: progress((i + d / n) / len(pair.models))) if progress else None
         logits = predict_logits(m.model.to(device), images, pair.input_size, device, progress=step)
-        result[role] = model_report(images.labels, logits, m.threshold, m.temperature, n_boot=n_boot)
+        result[role] = model_report(images.labels, logits, m.threshold, m.temperature, n_boot=n_boot,
+                                    seed=cfg.get("seed", 0), groups=patients, rechoose=rechoose)
         # unrounded: a case near the threshold must get the same decision here as in the report
         result[role]["probabilities"] = metrics.softmax_pneumonia(logits).tolist()
         decisions[role] = np.asarray(result[role]["probabilities"]) >= m.threshold

@@ -121,15 +121,61 @@ def _resample_counts(rng: np.random.Generator, n_resamples: int, n: int) -> np.n
     return np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n).astype(np.float64)
 
 
+class Resampling:
+    """What a bootstrap draws: images, or patients with all their images (a cluster bootstrap).
+
+    Images of one patient are correlated (same child, often the same day), so drawing images as if
+    they were independent understates the spread: the unit drawn must be the patient."""
+
+    def __init__(self, n: int, groups=None):
+        if groups is None:
+            self.cluster, self.n_units, self.unit = np.arange(n), n, "images"
+        else:
+            groups = np.asarray(groups).reshape(-1)
+            if groups.size != n:
+                raise ValueError(f"groups gives {groups.size} patient ids for {n} cases")
+            _, self.cluster = np.unique(groups, return_inverse=True)
+            self.n_units, self.unit = int(self.cluster.max()) + 1, "patients"
+
+    def counts(self, rng: np.random.Generator, n_resamples: int) -> np.ndarray:
+        """Multiplicity of each case in each resample, shape [resamples, cases]."""
+        return _resample_counts(rng, n_resamples, self.n_units)[:, self.cluster]
+
+    def describe(self) -> str:
+        return f"{self.unit} (n={self.n_units})"
+
+
+def _chunks(resampling: Resampling, n_cases: int, n_boot: int, seed: int):
+    """Count matrices of all n_boot resamples, a memory-bounded chunk at a time."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CELLS_PER_CHUNK // n_cases)
+    for start in range(0, n_boot, chunk):
+        yield resampling.counts(rng, min(chunk, n_boot - start))
+
+
+def _rechosen_thresholds(y, p, counts, rechoose) -> np.ndarray:
+    """rechoose(y, p) on each resample (NaN where the resample lacks a class)."""
+    out = np.full(counts.shape[0], np.nan)
+    for b, row in enumerate(counts.astype(np.int64)):
+        idx = np.repeat(np.arange(y.size), row)
+        if _has_both_classes(y[idx]):
+            out[b] = float(rechoose(y[idx], p[idx]))
+    return out
+
+
 def _bootstrap_metric_samples(y, p, threshold, counts, metrics) -> dict[str, np.ndarray]:
-    """Metric values for each resample described by a count matrix."""
-    pred = p >= threshold
+    """Metric values for each resample described by a count matrix; `threshold` is a number, or one
+    per resample (NaN: no threshold, the resample's threshold metrics are NaN)."""
+    t = np.asarray(threshold, dtype=np.float64)
+    pred = p[None, :] >= (t[:, None] if t.ndim else t)
     is_pos = y == 1
-    tp = counts @ (pred & is_pos)
-    fp = counts @ (pred & ~is_pos)
-    fn = counts @ (~pred & is_pos)
-    tn = counts @ (~pred & ~is_pos)
+    tp = (counts * (pred & is_pos)).sum(axis=1)
+    fp = (counts * (pred & ~is_pos)).sum(axis=1)
+    fn = (counts * (~pred & is_pos)).sum(axis=1)
+    tn = (counts * (~pred & ~is_pos)).sum(axis=1)
     values = _rates_from_counts(tp, fp, fn, tn)
+    if t.ndim:
+        values = {m: np.where(np.isnan(t), np.nan, v) for m, v in values.items()}
     if "auc" in metrics:
         values["auc"] = weighted_rank_auc(y, p, counts)
     return {m: values[m] for m in metrics}
@@ -143,12 +189,19 @@ def bootstrap_ci(
     alpha: float = 0.05,
     seed: int = 0,
     metrics=DEFAULT_CI_METRICS,
+    groups=None,
+    rechoose=None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CIs over cases, to show how much each metric could move.
+    """Percentile bootstrap CIs, to show how much each metric could move with other cases.
 
-    Resamples where AUC is undefined (one class only) are skipped for AUC; other
-    metrics use the 0.0-when-undefined convention of ``binary_metrics``. A metric
-    with no usable resample gets ``(None, None)``.
+    `groups` (a patient id per case) makes it a cluster bootstrap: patients are drawn with
+    replacement and bring all their images. `rechoose(y, p) -> threshold`, when the threshold was
+    chosen on these same cases, chooses it again in every resample, so the threshold metrics' CIs
+    include the threshold's own uncertainty (AUC does not depend on it).
+
+    Resamples where AUC is undefined (one class only) are skipped for AUC, and skipped for the
+    threshold metrics too when `rechoose` has nothing to choose on; otherwise the 0.0-when-undefined
+    convention of ``binary_metrics`` applies. A metric with no usable resample gets ``(None, None)``.
     """
     y, p = _as_labels_and_probs(y, p)
     unknown = set(metrics) - set(DEFAULT_CI_METRICS)
@@ -156,24 +209,22 @@ def bootstrap_ci(
         raise ValueError(f"unknown metrics: {sorted(unknown)}")
     if n_boot < 1 or not 0.0 < alpha < 1.0:
         raise ValueError("need n_boot >= 1 and 0 < alpha < 1")
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _BOOT_CELLS_PER_CHUNK // y.size)
     samples: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
-    for start in range(0, n_boot, chunk):
-        counts = _resample_counts(rng, min(chunk, n_boot - start), y.size)
-        for m, v in _bootstrap_metric_samples(y, p, threshold, counts, metrics).items():
+    for counts in _chunks(Resampling(y.size, groups), y.size, n_boot, seed):
+        t = threshold if rechoose is None else _rechosen_thresholds(y, p, counts, rechoose)
+        for m, v in _bootstrap_metric_samples(y, p, t, counts, metrics).items():
             samples[m].append(v)
     return {m: _percentile_interval(np.concatenate(v), alpha) for m, v in samples.items()}
 
 
-def paired_auc_difference(y, p_a, p_b, n_boot: int = 1000, alpha: float = 0.05,
-                          seed: int = 0) -> tuple[float, float | None, float | None]:
+def paired_auc_difference(y, p_a, p_b, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
+                          groups=None) -> tuple[float, float | None, float | None]:
     """AUC(p_b) - AUC(p_a) on the same cases, with its paired percentile bootstrap CI (both models
-    scored on each resample, so what the cases share cancels out)."""
+    scored on each resample, so what the cases share cancels out); `groups` as in bootstrap_ci."""
     y, p_a = _as_labels_and_probs(y, p_a)
     _, p_b = _as_labels_and_probs(y, p_b)
-    counts = _resample_counts(np.random.default_rng(seed), n_boot, y.size)
-    diffs = weighted_rank_auc(y, p_b, counts) - weighted_rank_auc(y, p_a, counts)
+    diffs = np.concatenate([weighted_rank_auc(y, p_b, c) - weighted_rank_auc(y, p_a, c)
+                            for c in _chunks(Resampling(y.size, groups), y.size, n_boot, seed)])
     return (rank_auc(y, p_b) - rank_auc(y, p_a), *_percentile_interval(diffs, alpha))
 
 
@@ -186,22 +237,29 @@ def _percentile_interval(values: np.ndarray, alpha: float) -> tuple:
     return (float(lo), float(hi))
 
 
-def report(y, p, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Evaluation-report block: metrics at the chosen threshold with 95% CIs (and at 0.5)."""
+def report(y, p, threshold: float, n_boot: int = 1000, seed: int = 0, groups=None, rechoose=None) -> dict:
+    """Evaluation-report block: metrics at the chosen threshold with 95% CIs (and at 0.5).
+
+    `groups` and `rechoose` as in bootstrap_ci. The block records what its CIs resampled
+    ("resampled": "patients (n=420)" or "images (n=786)") and whether the threshold was held fixed."""
     alpha = 0.05
-    out = _metrics_with_ci(y, p, threshold, n_boot, seed, alpha)
+    out = _metrics_with_ci(y, p, threshold, n_boot, seed, alpha, groups, rechoose)
     out["ci_level"] = 1.0 - alpha
     if float(threshold) != 0.5:
-        out["at_0.5"] = _metrics_with_ci(y, p, 0.5, n_boot, seed, alpha)
+        out["at_0.5"] = _metrics_with_ci(y, p, 0.5, n_boot, seed, alpha, groups, None)
     return out
 
 
-def _metrics_with_ci(y, p, threshold, n_boot, seed, alpha) -> dict:
-    """binary_metrics plus a JSON-friendly "ci" mapping of [lo, hi] lists."""
+def _metrics_with_ci(y, p, threshold, n_boot, seed, alpha, groups, rechoose) -> dict:
+    """binary_metrics plus a JSON-friendly "ci" mapping of [lo, hi] lists and how they were drawn."""
     out = binary_metrics(y, p, threshold)
-    ci = bootstrap_ci(y, p, threshold=threshold, n_boot=n_boot, alpha=alpha, seed=seed)
+    ci = bootstrap_ci(y, p, threshold=threshold, n_boot=n_boot, alpha=alpha, seed=seed, groups=groups,
+                      rechoose=rechoose)
     out["ci"] = {m: [lo, hi] for m, (lo, hi) in ci.items()}
     out["n_boot"] = int(n_boot)
+    out["resampled"] = Resampling(out["n"], groups).describe()
+    out["threshold_in_bootstrap"] = (f"re-chosen in each resample ({getattr(rechoose, '__name__', 'rechoose')})"
+                                     if rechoose is not None else "fixed")
     return out
 
 
@@ -242,6 +300,21 @@ def choose_threshold(y, p, method: str = "youden", min_sensitivity: float = 0.95
         # thresholds decrease along the curve, so the first hit is the highest threshold
         return float(midpoints[np.flatnonzero(tpr >= min_sensitivity - 1e-12)[0]])
     raise ValueError(f"unknown method {method!r}; use 'youden' or 'sensitivity'")
+
+
+def threshold_chooser(rule: str = "youden", min_sensitivity: float = 0.95):
+    """The function (y, p) -> threshold that a threshold rule (Config.threshold_rule) applies, or None
+    for a rule that takes nothing from the data ("calibrated-0.5"). Export chooses with it and the
+    bootstraps re-choose with it (`rechoose`), so both apply the same rule."""
+    if rule == "youden":
+        return choose_threshold
+    if rule == "sensitivity":
+        def choose_for_sensitivity(y, p):
+            return choose_threshold(y, p, "sensitivity", min_sensitivity)
+        return choose_for_sensitivity
+    if rule == "calibrated-0.5":
+        return None
+    raise ValueError(f"unknown threshold rule {rule!r}; use youden, sensitivity or calibrated-0.5")
 
 
 def roc_points(y, p, max_points: int = 200) -> dict:

@@ -257,3 +257,69 @@ def test_paired_auc_difference_matches_a_plain_resampling_loop():
     loop = [roc_auc_score(y[i], p_b[i]) - roc_auc_score(y[i], p_a[i]) for i in idx if len(set(y[i])) == 2]
     assert (lo, hi) == pytest.approx(tuple(np.quantile(loop, [0.025, 0.975])))
     assert paired_auc_difference(y, p_a, p_a, n_boot=50) == (0.0, 0.0, 0.0)
+
+
+def _patients(rng, n_patients, copies):
+    """Per patient a label and a score; then each patient's image repeated `copies` times, shuffled."""
+    ids = np.array([f"person{i:03d}" for i in range(n_patients)])
+    y, p = _sigmoid_scores(rng, n_patients, separation=0.5)
+    order = rng.permutation(n_patients * copies)
+    return (y, p), (np.repeat(y, copies)[order], np.repeat(p, copies)[order], np.repeat(ids, copies)[order])
+
+
+def _width(ci):
+    return ci[1] - ci[0]
+
+
+def test_patient_bootstrap_of_identical_copies_is_the_bootstrap_of_one_image_per_patient():
+    """Three identical images per patient carry no more information than one: resampling patients
+    gives the CIs of one image per patient; resampling images pretends to three times the data."""
+    (y1, p1), (y, p, patients) = _patients(np.random.default_rng(5), 60, 3)
+    one_each = M.bootstrap_ci(y1, p1, 0.5, n_boot=4000, seed=1)
+    by_patient = M.bootstrap_ci(y, p, 0.5, n_boot=4000, seed=2, groups=patients)
+    by_image = M.bootstrap_ci(y, p, 0.5, n_boot=4000, seed=2)
+    for name in one_each:
+        assert _width(by_patient[name]) == pytest.approx(_width(one_each[name]), rel=0.15), name
+        assert by_patient[name] == pytest.approx(one_each[name], abs=0.03), name
+        assert _width(by_image[name]) < 0.75 * _width(by_patient[name]), name
+
+
+def test_patient_bootstrap_needs_one_id_per_image():
+    with pytest.raises(ValueError, match="patient ids"):
+        M.bootstrap_ci([0, 1, 1], [0.1, 0.8, 0.7], groups=["a", "b"])
+
+
+def test_report_says_what_its_cis_resampled():
+    _, (y, p, patients) = _patients(np.random.default_rng(6), 40, 2)
+    by_patient = M.report(y, p, 0.4, n_boot=50, groups=patients)
+    assert by_patient["resampled"] == "patients (n=40)" and by_patient["at_0.5"]["resampled"] == "patients (n=40)"
+    assert by_patient["threshold_in_bootstrap"] == "fixed"
+    assert M.report(y, p, 0.4, n_boot=50)["resampled"] == "images (n=80)"
+    rechosen = M.report(y, p, 0.4, n_boot=50, groups=patients, rechoose=M.choose_threshold)
+    assert rechosen["threshold_in_bootstrap"].startswith("re-chosen")
+    assert rechosen["at_0.5"]["threshold_in_bootstrap"] == "fixed"  # 0.5 is not chosen on the data
+    json.dumps(rechosen)
+
+
+def test_rechoosing_the_threshold_carries_its_uncertainty_into_the_cis():
+    """A Youden threshold chosen on weakly separated cases is unstable: re-chosen in each resample,
+    sensitivity and specificity spread much wider than with the threshold held fixed; AUC, which
+    has no threshold, is unchanged."""
+    rng = np.random.default_rng(0)
+    y = (rng.random(60) < 0.5).astype(int)
+    p = np.round(1 / (1 + np.exp(-(0.6 * (2 * y - 1) + rng.normal(size=60)))), 3)
+    t = M.choose_threshold(y, p)
+    fixed = M.bootstrap_ci(y, p, t, n_boot=1000, seed=1)
+    rechosen = M.bootstrap_ci(y, p, t, n_boot=1000, seed=1, rechoose=M.choose_threshold)
+    assert rechosen["auc"] == fixed["auc"]
+    for name in ("sensitivity", "specificity"):
+        assert _width(rechosen[name]) > 1.3 * _width(fixed[name]), name
+
+
+def test_threshold_chooser_follows_the_rule():
+    y, p = Y_FIXED, P_FIXED
+    assert M.threshold_chooser("youden")(y, p) == M.choose_threshold(y, p)
+    assert M.threshold_chooser("sensitivity", 0.9)(y, p) == M.choose_threshold(y, p, "sensitivity", 0.9)
+    assert M.threshold_chooser("calibrated-0.5") is None
+    with pytest.raises(ValueError, match="threshold rule"):
+        M.threshold_chooser("nope")

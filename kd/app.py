@@ -687,7 +687,7 @@ def run_view(run_dir: str | Path) -> RunView:
     running = bool(job and Path(job["run_dir"]).resolve() == run_dir.resolve())
     problems = []
     try:
-        status = kprogress.load_status(run_dir) or {}
+        status = jobs.run_status(run_dir, kprogress.load_status(run_dir) or {})
     except UnreadableState as e:
         status = {}
         problems.append(str(e))
@@ -997,7 +997,7 @@ def faithfulness(pair: ModelPair, samples: list[kdata.Sample], method: str = "Gr
     squares, names = [], []
     for s in samples:
         try:
-            square, _ = preprocess.prepare(Path(s.path).read_bytes(), pair.input_size, Path(s.path).name)
+            square, _ = pair.prepare(Path(s.path).read_bytes(), Path(s.path).name)
         except (preprocess.ImageError, OSError):
             continue
         squares.append(square)

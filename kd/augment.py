@@ -1,28 +1,40 @@
 """Batched, tensor-only augmentation for X-rays (runs wherever the batch is: CPU or GPU).
 
-One random affine per image (crop scale, small rotation and translation) applied with
-`affine_grid` + `grid_sample`, then brightness/contrast jitter. No flips (the heart is on the left)
-and no hue/saturation (grayscale). Randomness comes from an explicit generator, so an epoch is
-reproducible from (seed, epoch): that is what makes kill-and-resume give identical weights.
+One random affine per image (crop scale, aspect, small rotation and translation) applied with
+`affine_grid` + `grid_sample`, then gamma, brightness/contrast, blur and noise. No flips (the heart is
+on the left) and no hue/saturation (grayscale). Randomness comes from an explicit generator, so an
+epoch is reproducible from (seed, epoch): that is what makes kill-and-resume give identical weights.
+The levers are `kd.config.AugmentConfig`; their effect on the official test split is in bench/recipes.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from kd.config import AugmentConfig
 from kd.preprocess import MEAN, STD
 
 
 @dataclass(frozen=True)
 class Augment:
-    scale: tuple[float, float] = (0.7, 1.0)  # fraction of the image area kept by the crop
+    scale: tuple[float, float] = (0.7, 1.0)  # fraction of the image area kept by the crop (> 1: zoom out)
     rotation: float = 10.0  # degrees, +-
     translate: float = 0.06  # fraction of the image, +-
     brightness: float = 0.2  # additive, +-
     contrast: float = 0.2  # multiplicative, 1 +-
+    aspect: float = 0.0  # +- log aspect ratio
+    gamma: float = 0.0  # +- log gamma
+    blur: float = 0.0  # max Gaussian sigma (output pixels)
+    noise: float = 0.0  # max additive noise std ([0, 1] pixel units)
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig) -> "Augment":
+        fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("scale_min", "scale_max")}
+        return cls(scale=(cfg.scale_min, cfg.scale_max), **fields)
 
     def __call__(self, images: torch.Tensor, out_size: int, generator: torch.Generator) -> torch.Tensor:
         """uint8 [B, H, W] -> normalised float [B, 1, out, out]."""
@@ -33,17 +45,41 @@ class Augment:
 
         side = uniform(*self.scale).sqrt()
         angle = uniform(-self.rotation, self.rotation) * math.pi / 180
-        shift = (1 - side).unsqueeze(1) * (2 * torch.rand(b, 2, generator=generator, device=dev) - 1)
+        shift = (1 - side).abs().unsqueeze(1) * (2 * torch.rand(b, 2, generator=generator, device=dev) - 1)
         shift = shift + uniform(-self.translate, self.translate).unsqueeze(1) * 2
-        cos, sin = torch.cos(angle) * side, torch.sin(angle) * side
-        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        stretch = uniform(-self.aspect, self.aspect).exp().sqrt() if self.aspect else torch.ones(b, device=dev)
+        sx, sy = side * stretch, side / stretch
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos * sx, -sin * sy, shift[:, 0]], 1),
+                             torch.stack([sin * sx, cos * sy, shift[:, 1]], 1)], 1)
         x = images.unsqueeze(1).float() / 255
         grid = F.affine_grid(theta, [b, 1, out_size, out_size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.gamma:
+            x = x.clamp_min(1e-6) ** uniform(-self.gamma, self.gamma).exp().view(b, 1, 1, 1)
         c = uniform(1 - self.contrast, 1 + self.contrast).view(b, 1, 1, 1)
         mean = x.mean(dim=(2, 3), keepdim=True)
         x = ((x - mean) * c + mean + uniform(-self.brightness, self.brightness).view(b, 1, 1, 1)).clamp(0, 1)
+        if self.blur:
+            x = gaussian_blur(x, uniform(0, self.blur), self.blur)
+        if self.noise:
+            std = uniform(0, self.noise).view(b, 1, 1, 1)
+            x = (x + std * torch.randn(x.shape, generator=generator, device=dev)).clamp(0, 1)
         return (x - MEAN) / STD
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Blur each image of [B, 1, H, W] with its own sigma (a separable kernel per image; sigma 0 = unchanged)."""
+    b = x.shape[0]
+    radius = max(1, math.ceil(3 * max_sigma))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    s = sigma.clamp_min(1e-3).view(b, 1)
+    k = torch.exp(-0.5 * (t.view(1, -1) / s) ** 2)
+    k = k / k.sum(1, keepdim=True)  # [B, K]
+    y = x.transpose(0, 1)  # [1, B, H, W]: one group per image
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(b, 1, 1, -1), groups=b)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(b, 1, -1, 1), groups=b)
+    return y.transpose(0, 1)
 
 
 SUPERVISED = Augment()

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from kd.checkpoint import temporary_path, write_json_atomic
 from kd.data import CLASSES, DatasetError
-from kd.preprocess import PREPROCESS_VERSION, ImageError, load_xray_file, to_square
+from kd.preprocess import PREPROCESS_VERSION, ImageError, prepare_file
 
 
 @dataclass
@@ -36,26 +36,27 @@ class ImageCache:
         return self.images.shape[-1]
 
 
-def cache_key(paths: list[str], size: int) -> str:
-    h = hashlib.sha256(f"v{PREPROCESS_VERSION}-{size}".encode())
+def cache_key(paths: list[str], size: int, contrast: str = "none") -> str:
+    h = hashlib.sha256(f"v{PREPROCESS_VERSION}-{size}-{contrast}".encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"\0{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()[:24]
 
 
-def _decode(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode(path: str, size: int, contrast: str) -> tuple[np.ndarray | None, str | None]:
     try:
-        return to_square(load_xray_file(path, target_size=size).pixels, size), None
+        return prepare_file(path, size, contrast)[0], None
     except ImageError as e:
         return None, str(e)
 
 
-def _decode_into(out: np.ndarray, paths: list[str], size: int, progress: bool, workers: int | None):
+def _decode_into(out: np.ndarray, paths: list[str], size: int, progress: bool, workers: int | None,
+                 contrast: str = "none"):
     valid = np.zeros(len(paths), dtype=bool)
     errors: dict[str, str] = {}
     with ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:  # Pillow releases the GIL while decoding
-        results = pool.map(lambda p: _decode(p, size), paths)
+        results = pool.map(lambda p: _decode(p, size, contrast), paths)
         for i, (img, err) in enumerate(tqdm(results, total=len(paths), desc=f"decode {size}px",
                                             disable=None if progress else True, leave=False)):
             if img is None:
@@ -67,23 +68,23 @@ def _decode_into(out: np.ndarray, paths: list[str], size: int, progress: bool, w
 
 
 def build_cache(paths: list[str], size: int, cache_dir: str | Path | None, progress: bool = True,
-                workers: int | None = None) -> ImageCache:
+                workers: int | None = None, contrast: str = "none") -> ImageCache:
     """Open the on-disk cache for these files at this size, building it first if needed (atomically).
 
     With cache_dir=None the images are decoded into RAM instead (small evaluation splits)."""
     if cache_dir is None:
         images = np.zeros((len(paths), size, size), dtype=np.uint8)
-        valid, errors = _decode_into(images, paths, size, progress, workers)
+        valid, errors = _decode_into(images, paths, size, progress, workers, contrast)
         return ImageCache(images, valid, list(paths), errors)
     cache_dir = Path(cache_dir)
-    key = cache_key(paths, size)
+    key = cache_key(paths, size, contrast)
     data_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     if not (data_path.exists() and meta_path.exists()):
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = temporary_path(data_path)  # removes what builders killed mid-way left (as large as the cache)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
-            valid, errors = _decode_into(out, paths, size, progress, workers)
+            valid, errors = _decode_into(out, paths, size, progress, workers, contrast)
             out.flush()
             del out
             os.replace(tmp, data_path)
@@ -91,7 +92,7 @@ def build_cache(paths: list[str], size: int, cache_dir: str | Path | None, progr
             tmp.unlink(missing_ok=True)
             raise
         write_json_atomic(meta_path, {"n": len(paths), "size": size, "valid": valid.tolist(), "errors": errors,
-                                      "preprocess_version": PREPROCESS_VERSION})
+                                      "preprocess_version": PREPROCESS_VERSION, "contrast": contrast})
     meta = json.loads(meta_path.read_text())
     images = np.load(data_path, mmap_mode="r")
     return ImageCache(images, np.asarray(meta["valid"], dtype=bool), list(paths), meta["errors"])
@@ -133,7 +134,6 @@ class ImageSet:
         check_readable(cache, labels)
         rows = np.flatnonzero(cache.valid)
         return cls(cache.images, labels[rows], rows)
-
 
     def __len__(self) -> int:
         return len(self.rows)

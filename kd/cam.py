@@ -34,7 +34,7 @@ ROAD_HELP = ("Faithfulness (ROAD, Rong et al. 2022): how much the pneumonia scor
 
 
 def explain(loaded: LoadedModel, x: torch.Tensor, method: str = "GradCAM") -> tuple[float, np.ndarray]:
-    """Probability of pneumonia and the CAM [H, W] in [0, 1] for one normalised input [1, 1, H, W].
+    """Calibrated probability of pneumonia and the CAM [H, W] in [0, 1] for one normalised input [1, 1, H, W].
 
     The model's lock makes this safe when several app sessions diagnose at once; the context
     manager releases the hooks even on error."""
@@ -45,7 +45,7 @@ def explain(loaded: LoadedModel, x: torch.Tensor, method: str = "GradCAM") -> tu
         maps = cam(input_tensor=x.contiguous(memory_format=torch.channels_last),
                    targets=[ClassifierOutputTarget(PNEUMONIA)] * x.shape[0])
         logits = cam.outputs.detach().float().cpu().numpy()
-    return float(softmax_pneumonia(logits)[0]), maps[0]
+    return float(softmax_pneumonia(logits, loaded.temperature)[0]), maps[0]
 
 
 def overlay(square: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> np.ndarray:
@@ -128,8 +128,9 @@ def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = "
              opacity: float = 0.4) -> Diagnosis:
     """Bytes of an upload -> both predictions and both heat maps; raises preprocess.ImageError."""
     size = pair.input_size
-    square, xray = preprocess.prepare(data, size, name, decode_size=max(size, DISPLAY_SIZE))
-    return diagnose_square(pair, square, xray, method, opacity, display_picture(xray.pixels, size))
+    square, xray = pair.prepare(data, name)  # the model's pixels: the same path as training and `kd predict`
+    shown = preprocess.load_xray(data, name=name, target_size=max(size, DISPLAY_SIZE))  # sharper, for the eye only
+    return diagnose_square(pair, square, xray, method, opacity, display_picture(shown.pixels, size))
 
 
 def road_scores(loaded: LoadedModel, squares: np.ndarray, method: str = "GradCAM",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def cmd_train(args) -> int:
     from kd.pipeline import run
 
     cfg = config_from_args(args)
-    card = run(cfg, PHASE_COMMANDS[args.command], resume=args.resume)
+    command = "python -m kd " + shlex.join(args.argv)  # recorded in the model card: how to make these weights
+    card = run(cfg, PHASE_COMMANDS[args.command], resume=args.resume, command=command)
     if card:
         print(summary(card))
     print(f"Run folder: {cfg.out}")
@@ -70,15 +72,20 @@ def cmd_train(args) -> int:
 
 
 def summary(card: dict) -> str:
-    lines = [f"{'model':18} {'AUC (95% CI)':22} {'acc':>6} {'sens':>6} {'spec':>6} {'thr':>6}  (validation split)"]
+    """Validation and test side by side for each model, at the card's threshold (calibrated probability)."""
+    lines = [f"{'model':17} {'split':10} {'AUC (95% CI)':22} {'acc':>6} {'sens':>6} {'spec':>6} {'thr':>6}"]
     for role, m in card["models"].items():
-        v = m.get("validation")
-        if not v:
-            continue
-        lo, hi = v["ci"]["auc"]
-        auc = "n/a" if v["auc"] is None else f"{v['auc']:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None else f"{v['auc']:.3f}"
-        lines.append(f"{role:18} {auc:22} {v['accuracy']:6.3f} {v['sensitivity']:6.3f} {v['specificity']:6.3f} "
-                     f"{m['threshold']:6.3f}")
+        for split, label in (("validation", "validation"), ("test", "test")):
+            v = m.get(split)
+            if not v:
+                continue
+            lo, hi = v["ci"]["auc"]
+            auc = ("n/a" if v["auc"] is None else f"{v['auc']:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None
+                   else f"{v['auc']:.3f}")
+            lines.append(f"{role:17} {label:10} {auc:22} {v['accuracy']:6.3f} {v['sensitivity']:6.3f} "
+                         f"{v['specificity']:6.3f} {m['threshold']:6.3f}")
+    lines.append("validation: patient-level split of train/ (chooses epochs, calibration, thresholds; optimistic); "
+                 "test: the dataset's test/ folder, the external check")
     return "\n".join(lines)
 
 
@@ -125,13 +132,6 @@ def cmd_predict(args) -> int:
             print(f"{path}: teacher p(pneumonia)={t['probability']:.3f} {t['decision']}, "
                   f"student p(pneumonia)={s['probability']:.3f} {s['decision']}{note}")
     return 2 if refused else 0
-
-
-WEIGHTS_HELP = ("weights folder (teacher.safetensors, student.safetensors, model_card.json; a run folder works); "
-                "default: $KD_WEIGHTS if set, else the weights/ shipped in this checkout")
-SPLIT_HELP = ("test: DATA/test/; official-val: DATA/val/ (16 images in Kermany's release, a sanity check only); "
-              "val: the patient-level validation split carved from DATA/train/ with the weights' seed and fraction "
-              "(what the thresholds were chosen on: optimistic); train: the rest of DATA/train/. Default: test")
 
 
 def _resumable(args) -> str:
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from kd.data import DatasetError
     from kd.pipeline import PhaseOrderError
 
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     handlers = {"evaluate": cmd_evaluate, "predict": cmd_predict}
     try:
         return handlers.get(args.command, cmd_train)(args)

@@ -156,7 +156,7 @@ def list_unlabeled(folders: list[str | Path]) -> list[str]:
     return paths
 
 
-def _content_hash(path: str) -> str:
+def content_hash(path: str) -> str:
     """The file's content hash; an unreadable file gets a hash of its own (it matches no other file,
     and the image cache records it as unreadable)."""
     try:
@@ -177,7 +177,7 @@ def _patient_groups(samples: list[Sample]) -> dict[str, str]:
 
     first_owner: dict[str, str] = {}
     for s in samples:
-        h = _content_hash(s.path)
+        h = content_hash(s.path)
         if h in first_owner:
             a, b = find(first_owner[h]), find(s.patient)
             if a != b:

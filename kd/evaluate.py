@@ -35,11 +35,14 @@ def model_report(labels: np.ndarray, logits: np.ndarray, threshold: float, tempe
     """Metrics at `threshold` and at 0.5 with bootstrap CIs, ROC points, calibration (ECE after scaling).
 
     `groups`: the patient of each image, so the CIs resample patients (None: images); `rechoose`: the
-    threshold rule, when `threshold` was chosen on these same images (see kd.metrics.bootstrap_ci)."""
+    threshold rule, when `threshold` was chosen on these same images (see kd.metrics.bootstrap_ci).
+
+    `temperature` is the calibration temperature: thresholds apply to the calibrated probability
+    softmax(logits / temperature), the number the app and `kd predict` show."""
     p = metrics.softmax_pneumonia(logits)
     p_cal = metrics.softmax_pneumonia(logits, temperature)
-    rep = metrics.report(labels, p, threshold, n_boot=n_boot, seed=seed, groups=groups, rechoose=rechoose)
-    rep["roc"] = metrics.roc_points(labels, p)
+    rep = metrics.report(labels, p_cal, threshold, n_boot=n_boot, seed=seed, groups=groups, rechoose=rechoose)
+    rep["roc"] = metrics.roc_points(labels, p_cal)
     rep["calibration"] = {
         "temperature": temperature,
         "ece_raw": metrics.expected_calibration_error(labels, p),
@@ -64,7 +67,8 @@ def evaluate_weights(weights_dir, data_root, split: str = "test", device: torch.
     pair = load_pair(weights_dir)
     cfg = pair.card.get("config", {})
     samples = samples_for(data_root, split, cfg.get("val_fraction", 0.15), cfg.get("seed", 0))
-    cache = build_cache([s.path for s in samples], pair.input_size, None, progress=progress is None)
+    cache = build_cache([s.path for s in samples], pair.input_size, None, progress=progress is None,
+                        contrast=pair.contrast)
     images = ImageSet.from_cache(cache, [s.label for s in samples])
     result = {"split": split, "data": str(data_root), "n": len(images), "skipped_unreadable": cache.errors,
               "weights": str(weights_dir), "input_size": pair.input_size}
@@ -78,7 +82,7 @@ def evaluate_weights(weights_dir, data_root, split: str = "test", device: torch.
         result[role] = model_report(images.labels, logits, m.threshold, m.temperature, n_boot=n_boot,
                                     seed=cfg.get("seed", 0), groups=patients, rechoose=rechoose)
         # unrounded: a case near the threshold must get the same decision here as in the report
-        result[role]["probabilities"] = metrics.softmax_pneumonia(logits).tolist()
+        result[role]["probabilities"] = metrics.softmax_pneumonia(logits, m.temperature).tolist()
         decisions[role] = np.asarray(result[role]["probabilities"]) >= m.threshold
     result["labels"] = images.labels.tolist()
     result["files"] = [samples[r].path for r in images.rows]

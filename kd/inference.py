@@ -32,8 +32,8 @@ ROLES = ("teacher", "student")
 class LoadedModel:
     role: str
     model: nn.Module
-    threshold: float
-    temperature: float = 1.0
+    threshold: float  # on the calibrated probability
+    temperature: float = 1.0  # calibration temperature (not the distillation T): p = softmax(logits / temperature)
     lock: threading.Lock = field(default_factory=threading.Lock)  # hooks and autograd state are per model
 
 
@@ -49,6 +49,15 @@ class ModelPair:
     def input_size(self) -> int:
         return int(self.card["input"]["size"])
 
+    @property
+    def contrast(self) -> str:
+        """Contrast normalisation the models were trained with (kd.preprocess.apply_contrast)."""
+        return str(self.card["input"].get("contrast", "none"))
+
+    def prepare(self, data: bytes, name: str = "upload"):
+        """Bytes -> (model square, XRay) exactly as the training cache prepared its images."""
+        return preprocess.prepare(data, self.input_size, name, self.contrast)
+
 
 def load_pair(weights_dir: str | Path | None = None) -> ModelPair:
     """Build both architectures from the card and load their safetensors (CPU, eval, channels_last)."""
@@ -63,7 +72,7 @@ def load_pair(weights_dir: str | Path | None = None) -> ModelPair:
         model = load_weights(build(info["architecture"]), weights_dir / info["file"]).eval()
         model = model.to(memory_format=torch.channels_last)
         threshold = float(info.get("threshold", 0.5))
-        models[role] = LoadedModel(role, model, threshold, float(info.get("temperature", 1.0)))
+        models[role] = LoadedModel(role, model, threshold, float(info.get("calibration_temperature", 1.0)))
     return ModelPair(card, models, weights_dir)
 
 
@@ -76,7 +85,7 @@ def predict_square(pair: ModelPair, square: np.ndarray) -> dict[str, dict]:
         t0 = time.perf_counter()
         with m.lock:
             logits = m.model(x).float().numpy()
-        p = float(softmax_pneumonia(logits)[0])
+        p = float(softmax_pneumonia(logits, m.temperature)[0])
         out[role] = {"probability": p, "decision": "PNEUMONIA" if p >= m.threshold else "NORMAL",
                      "threshold": m.threshold, "seconds": time.perf_counter() - t0}
     return out
@@ -84,5 +93,5 @@ def predict_square(pair: ModelPair, square: np.ndarray) -> dict[str, dict]:
 
 def predict_bytes(pair: ModelPair, data: bytes, name: str = "upload") -> dict:
     """Decode, preprocess and predict; raises preprocess.ImageError with a human message."""
-    square, xray = preprocess.prepare(data, pair.input_size, name)
+    square, xray = pair.prepare(data, name)
     return {"file": name, **predict_square(pair, square), "warnings": list(xray.warnings)}

@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from kd import locks
+from kd import locks, statefile
 from kd.checkpoint import write_json_atomic
 from kd.config import Config
 from kd.inference import default_weights
-from kd.model_card import CARD_FILE
+from kd.model_card import CARD_FILE, read_card
 from kd.progress import read_status
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,7 +199,7 @@ def resume_job(run_dir: str | Path, runs_root: str | Path | None = None) -> dict
     try:
         cfg = Config.load(run_dir / "config.json")
     except (OSError, ValueError) as e:
-        raise JobError(f"{run_dir} has no readable config.json, so it cannot be resumed.") from e
+        raise JobError(f"{e}: so {run_dir.name} cannot be resumed.") from e
     cfg.out = str(run_dir)
     status = read_status(run_dir) or {}
     command = "pipeline" if len(status.get("phases", [])) != 1 else status["phases"][0]
@@ -216,13 +216,13 @@ def list_runs(runs_root: str | Path | None = None) -> list[dict]:
     for d in root.iterdir():
         if not d.is_dir() or d.name.startswith("."):
             continue
-        card = None
+        card = problem = None
         if (d / CARD_FILE).exists():
             try:
-                card = json.loads((d / CARD_FILE).read_text())
-            except ValueError:
-                card = None
-        runs.append({"name": d.name, "path": str(d), "status": run_status(d), "card": card,
+                card = read_card(d)
+            except statefile.UnreadableState as e:
+                problem = str(e)
+        runs.append({"name": d.name, "path": str(d), "status": run_status(d), "card": card, "problem": problem,
                      "modified": d.stat().st_mtime})
     return sorted(runs, key=lambda r: r["modified"], reverse=True)
 
@@ -239,12 +239,10 @@ def activate(run_dir: str | Path, runs_root: str | Path | None = None) -> None:
 def active_weights(runs_root: str | Path | None = None) -> Path:
     """The weights folder in use: the activated run, else the shipped weights."""
     runs_root = Path(runs_root or default_runs_root())
-    try:
-        path = Path(json.loads((Path(runs_root) / ACTIVE_FILE).read_text())["weights"])
-        if (path / CARD_FILE).exists():
-            return path
-    except (OSError, ValueError, KeyError):
-        pass
+    # a malformed active.json raises statefile.UnreadableState ("unreadable: <file>, <why>"): the app shows it
+    active = statefile.read_json(runs_root / ACTIVE_FILE, statefile.object_with({"weights": str}), default=None)
+    if active is not None and (Path(active["weights"]) / CARD_FILE).exists():
+        return Path(active["weights"])
     return default_weights()
 
 

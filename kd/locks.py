@@ -87,12 +87,15 @@ def acquire(path: str | Path, wait: float = 0.25, **holder) -> Lock:
     return lock
 
 
+
+
 def _read_record(path: Path) -> dict:
-    try:
-        record = json.loads(_record_path(path).read_text())
-        return record if isinstance(record, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    """What the holder wrote about itself; statefile.UnreadableState when it is malformed (the app shows it)."""
+    from kd import statefile
+
+    check = statefile.object_with(optional={"pid": int, "pgid": int, "run_dir": str, "command": str, "gpus": int,
+                                            "started": statefile.NUMBER, "start_time": statefile.OPTIONAL_STR})
+    return statefile.read_json(_record_path(path), check, default={})
 
 
 def holder(path: str | Path) -> dict | None:

@@ -38,14 +38,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def base_card(input_size: int) -> dict:
+def base_card(input_size: int, contrast: str = "none") -> dict:
     return {
         "disclaimer": DISCLAIMER,
         "task": "pneumonia vs normal on pediatric chest X-rays (Kermany et al. 2018)",
         "classes": ["NORMAL", "PNEUMONIA"],
         "positive_class": "PNEUMONIA",
         "input": {"channels": 1, "size": input_size, "resize": "whole image stretched to a square (aspect not kept)",
-                  "mean": preprocess.MEAN, "std": preprocess.STD, "scale": "pixel / 255",
+                  "contrast": contrast, "mean": preprocess.MEAN, "std": preprocess.STD, "scale": "pixel / 255",
                   "preprocess_version": preprocess.PREPROCESS_VERSION},
         "models": {role: {"architecture": arch, "file": f"{role}.safetensors"} for role, arch in ARCHITECTURES.items()},
         "git_commit": git_commit(),

@@ -19,6 +19,7 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.benchmarking import knn_predict
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from kd import augment, metrics
 from kd.cache import ImageSet
@@ -56,14 +57,31 @@ class Objective(nn.Module):
     def __init__(self, image_size: int):
         super().__init__()
         self.image_size = image_size
+        self.ema: AveragedModel | None = None
+
+    def use_ema(self, decay: float) -> "Objective":
+        """Keep an exponential moving average of the exported model's weights (and BatchNorm statistics);
+        the average is what validation sees and what the phase exports (Polyak & Juditsky 1992; the
+        usual EMA of modern training recipes). decay 0 = off."""
+        if decay > 0:
+            (name,) = self.exports
+            self.ema = AveragedModel(getattr(self, name), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+        return self
 
     def on_step_end(self, step: int, total_steps: int) -> None:
-        """Hook after each optimiser step (BYOL's momentum update)."""
+        """Hook after each optimiser step (the EMA; BYOL's momentum update)."""
+        if self.ema is not None:
+            (name,) = self.exports
+            self.ema.update_parameters(getattr(self, name))
 
     def validate(self, ctx: ValContext) -> dict:
         return {}
 
     def exported(self) -> dict[str, nn.Module]:
+        if self.ema is not None:
+            (name,) = self.exports
+            return {name: self.ema.module}
         return {name: getattr(self, name) for name in self.exports}
 
 
@@ -79,6 +97,7 @@ class SSLObjective(Objective):
     def __init__(self, teacher: nn.Module, method: str, image_size: int, distributed: bool = False):
         super().__init__(image_size)
         self.teacher, self.method = teacher, method
+        teacher.fc.requires_grad_(False)  # the head is not part of the SSL loss: DDP needs every trained tensor used
         dim = feature_dim(teacher)
         if method == "simclr":
             self.head = SimCLRProjectionHead(dim, dim, 128)
@@ -107,6 +126,7 @@ class SSLObjective(Objective):
         return 0.5 * (self.criterion(p1, t2) + self.criterion(p2, t1)), {}
 
     def on_step_end(self, step: int, total_steps: int) -> None:
+        super().on_step_end(step, total_steps)
         if self.method == "byol":
             m = cosine_schedule(step, max(total_steps, 1), 0.99, 1.0)
             update_momentum(self.teacher, self.target_backbone, m)
@@ -152,11 +172,13 @@ def _supervised_validate(model: nn.Module, image_size: int, ctx: ValContext) -> 
 class SupervisedObjective(Objective):
     """Weighted cross-entropy on labels: fine-tuning the teacher, or the labels-only student baseline."""
 
-    def __init__(self, model: nn.Module, role: str, image_size: int, class_weight: torch.Tensor):
+    def __init__(self, model: nn.Module, role: str, image_size: int, class_weight: torch.Tensor,
+                 augmentation: augment.Augment = augment.SUPERVISED, label_smoothing: float = 0.0):
         super().__init__(image_size)
         setattr(self, role, model)
         self.role = role
         self.exports = (role,)
+        self.augmentation, self.label_smoothing = augmentation, label_smoothing
         self.register_buffer("class_weight", class_weight)
 
     @property
@@ -164,11 +186,12 @@ class SupervisedObjective(Objective):
         return getattr(self, self.role)
 
     def forward(self, images, labels, generator):
-        x = augment.SUPERVISED(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
-        return F.cross_entropy(self.model(x), labels, weight=self.class_weight), {}
+        x = self.augmentation(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(self.model(x), labels, weight=self.class_weight, label_smoothing=self.label_smoothing)
+        return loss, {}
 
     def validate(self, ctx: ValContext) -> dict:
-        return _supervised_validate(self.model, self.image_size, ctx)
+        return _supervised_validate(self.exported()[self.role], self.image_size, ctx)
 
 
 class DistillationObjective(Objective):
@@ -182,9 +205,11 @@ class DistillationObjective(Objective):
     exports = ("student",)
 
     def __init__(self, student: nn.Module, teacher: nn.Module, image_size: int, class_weight: torch.Tensor,
-                 temperature: float, alpha: float, hint_weight: float = 0.0):
+                 temperature: float, alpha: float, hint_weight: float = 0.0,
+                 augmentation: augment.Augment = augment.SUPERVISED, label_smoothing: float = 0.0):
         super().__init__(image_size)
         self.student, self.teacher = student, teacher
+        self.augmentation, self.label_smoothing = augmentation, label_smoothing
         deactivate_requires_grad(self.teacher)
         self.temperature, self.alpha, self.hint_weight = temperature, alpha, hint_weight
         self.hint = HintLoss(feature_dim(student), feature_dim(teacher)) if hint_weight > 0 else None
@@ -196,14 +221,14 @@ class DistillationObjective(Objective):
         return self
 
     def forward(self, images, labels, generator, teacher_logits=None):
-        x = augment.SUPERVISED(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
+        x = self.augmentation(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
         t_map = None
         if teacher_logits is None:
             with torch.no_grad():
                 teacher_logits, t_map = logits_and_map(self.teacher, x)
         s_logits, s_map = logits_and_map(self.student, x)
         loss = distillation_loss(s_logits, teacher_logits.float(), labels, self.temperature, self.alpha,
-                                 self.class_weight)
+                                 self.class_weight, self.label_smoothing)
         stats = {}
         if self.hint is not None and t_map is not None:
             hint = self.hint(s_map, t_map)
@@ -212,7 +237,7 @@ class DistillationObjective(Objective):
         return loss, stats
 
     def validate(self, ctx: ValContext) -> dict:
-        return _supervised_validate(self.student, self.image_size, ctx)
+        return _supervised_validate(self.exported()["student"], self.image_size, ctx)
 
 
 def cache_teacher_logits(teacher: nn.Module, images: ImageSet, image_size: int, device: torch.device,

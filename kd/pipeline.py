@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from kd import distributed, locks, metrics
-from kd.augment import center
+from kd.augment import Augment, center
 from kd.cache import ImageSet, build_cache
 from kd.checkpoint import load_weights, save_weights, write_json_atomic
 from kd.config import Config
-from kd.data import describe, list_unlabeled, load_splits
+from kd.data import DatasetError, content_hash, describe, list_unlabeled, load_splits
 from kd.evaluate import model_report, predict_logits
 from kd.model_card import CARD_FILE, base_card, data_fingerprint
 from kd.models import (ARCHITECTURES, build, build_student, build_teacher, count_parameters, init_from_file,
@@ -27,7 +27,7 @@ from kd.models import (ARCHITECTURES, build, build_student, build_teacher, count
 from kd.objectives import (DistillationObjective, SSLObjective, SupervisedObjective, ValContext, cache_teacher_logits,
                            class_weights)
 from kd.progress import Reporter
-from kd.train import fit
+from kd.train import fit, phase_seed
 
 PIPELINE = ("pretrain", "finetune", "distill", "baseline")
 PHASE_OUTPUT = {"pretrain": "teacher", "finetune": "teacher", "distill": "student", "baseline": "student"}
@@ -45,17 +45,51 @@ class RunData:
         self.splits = load_splits(cfg.data, cfg.val_fraction, cfg.seed)
         self.unlabeled = list_unlabeled(cfg.unlabeled) if cfg.unlabeled else []
         self.skipped: dict[str, str] = {}
+        check_held_out(self.splits, self.unlabeled)
 
-    def image_set(self, split: str, size: int, with_unlabeled: bool = False) -> ImageSet:
+    def image_set(self, split: str, size: int, with_unlabeled: bool = False, collective: bool = True) -> ImageSet:
+        """The split's images at `size`. collective=True: every rank calls it (rank 0 builds the cache, the
+        others wait at a barrier); False: only this process calls it (export runs on rank 0 alone)."""
         samples = self.splits[split]
         paths = [s.path for s in samples] + (self.unlabeled if with_unlabeled else [])
         labels = [s.label for s in samples] + ([-1] * len(self.unlabeled) if with_unlabeled else [])
-        if self.dist.is_main:
-            build_cache(paths, size, self.cfg.resolved_cache_dir(), self.progress)
-        distributed.barrier()
-        cache = build_cache(paths, size, self.cfg.resolved_cache_dir(), progress=False)
+        cache_dir, contrast = self.cfg.resolved_cache_dir(), self.cfg.contrast
+        if collective and self.dist.enabled:
+            if self.dist.is_main:
+                build_cache(paths, size, cache_dir, self.progress, contrast=contrast)
+            distributed.barrier()
+        cache = build_cache(paths, size, cache_dir, progress=self.progress and self.dist.is_main, contrast=contrast)
         self.skipped.update(cache.errors)
         return ImageSet.from_cache(cache, labels)
+
+    def patients(self, split: str, images: ImageSet) -> list[str]:
+        """Patient id of each readable image of a split (the unit the bootstrap resamples)."""
+        samples = self.splits[split]
+        return [samples[r].patient for r in images.rows]
+
+
+def check_held_out(splits: dict, unlabeled: list[str]) -> None:
+    """Fail loudly when a held-out image is byte-identical to one that is trained on or selected with.
+
+    The official test split is the external check of complete recipes, and validation picks epochs and
+    thresholds: a copy of a test image anywhere in train/ (the training or the validation split) or of a
+    held-out image among the SSL (--unlabeled) images would make those checks meaningless without anyone
+    noticing. (The validation split is carved from train/ with duplicates kept on one side, see
+    kd.data.patient_split, so it cannot clash with the training split.)"""
+    held_out: dict[str, tuple[str, str]] = {}
+    for name in ("val", "official-val", "test"):
+        held_out.update({content_hash(s.path): (name, s.path) for s in splits.get(name, [])})
+    trained = [(p, "--unlabeled", ("val", "official-val", "test")) for p in unlabeled]
+    trained += [(s.path, "train/", ("official-val", "test")) for s in splits["train"] + splits["val"]]
+    clashes = []
+    for path, where, forbidden in trained:
+        hit = held_out.get(content_hash(path))
+        if hit is not None and hit[0] in forbidden:
+            clashes.append(f"{path} ({where}) = {hit[1]} ({hit[0]})")
+    if clashes:
+        shown = "; ".join(clashes[:5]) + (f"; and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+        raise DatasetError(f"{len(clashes)} training image(s) are byte-identical to held-out images, which must "
+                           f"never be trained on: {shown}. Remove them from the training or unlabeled folders.")
 
 
 def _load(arch_role: str, path: Path) -> torch.nn.Module:
@@ -70,6 +104,9 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
     done_path = phase_dir / "done.json"
     if done_path.exists():
         return json.loads(done_path.read_text())
+    # each phase draws from its own (seed, phase) stream: a resumed run that skips finished phases
+    # initialises this one exactly as the uninterrupted run did
+    torch.manual_seed(phase_seed(cfg.seed, name, "init"))
     prep_s = 0.0  # work before the first epoch that belongs to the phase's cost (caching teacher logits)
     train = data.image_set("train", phase.image_size, with_unlabeled=name == "pretrain")
     ctx = ValContext(data.image_set("val", phase.image_size), train, device, batch_size=max(phase.batch_size, 64),
@@ -87,7 +124,8 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
             load_weights(teacher, pretrained)
         elif cfg.init:
             init_from_file(teacher, cfg.init)
-        objective = SupervisedObjective(teacher, "teacher", phase.image_size, weights)
+        objective = SupervisedObjective(teacher, "teacher", phase.image_size, weights,
+                                        Augment.from_config(cfg.augment), cfg.label_smoothing).use_ema(cfg.ema_decay)
     else:
         teacher = _load("teacher", out / "finetune" / "teacher.safetensors")
         objective, train, prep_s = student_objective(name, cfg, teacher, train, weights, device, reporter)
@@ -115,10 +153,13 @@ def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: I
     phase = cfg.phase(name)
     student = build_student()
     seed_student_from_teacher(student, teacher)
+    augmentation = Augment.from_config(cfg.augment)
     if name != "distill":  # the ablation: same student, same budget, labels only
-        return SupervisedObjective(student, "student", phase.image_size, class_weight), train, 0.0
+        objective = SupervisedObjective(student, "student", phase.image_size, class_weight, augmentation,
+                                        cfg.label_smoothing)
+        return objective.use_ema(cfg.ema_decay), train, 0.0
     objective = DistillationObjective(student, teacher, phase.image_size, class_weight, cfg.temperature, cfg.alpha,
-                                      cfg.hint_weight)
+                                      cfg.hint_weight, augmentation, cfg.label_smoothing).use_ema(cfg.ema_decay)
     if cfg.teacher_targets != "cached":
         return objective, train, 0.0
     if reporter is not None:
@@ -159,14 +200,69 @@ def cpu_latency_ms(model: torch.nn.Module, size: int, repeats: int = 10) -> floa
     return 1000 * statistics.median(times)
 
 
-def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter: Reporter) -> dict:
-    """Choose thresholds and temperatures on validation, write weights + model card."""
+def calibration_halves(patients: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split validation images by patient into two halves: one fits the calibration temperature, the other
+    chooses the threshold, so the threshold is never chosen on the data that calibrated it."""
+    import zlib
+
+    half = np.array([zlib.crc32(f"{seed}-{p}".encode()) % 2 for p in patients])
+    return np.flatnonzero(half == 0), np.flatnonzero(half == 1)
+
+
+def choose_operating_point(cfg: Config, labels: np.ndarray, logits: np.ndarray, patients: list[str],
+                           rule: str | None = None) -> dict:
+    """Calibration temperature (fitted on one patient half of validation) and the decision threshold on the
+    calibrated probability (`rule`, default cfg.threshold_rule, chosen on the other half)."""
+    rule_name = rule or cfg.threshold_rule
+    fit_rows, pick_rows = calibration_halves(patients, cfg.seed)
+    if min(len(fit_rows), len(pick_rows)) == 0 or len(set(labels[fit_rows].tolist())) < 2:
+        fit_rows = pick_rows = np.arange(len(labels))  # too small to halve (tiny test data)
+    temperature = metrics.fit_temperature(logits[fit_rows], labels[fit_rows])
+    p = metrics.softmax_pneumonia(logits[pick_rows], temperature)
+    y = labels[pick_rows]
+    if rule_name == "calibrated-0.5" or len(set(y.tolist())) < 2:
+        threshold, rule = 0.5, "0.5 on the calibrated probability"
+    elif rule_name == "sensitivity":
+        threshold = metrics.choose_threshold(y, p, "sensitivity", cfg.min_sensitivity)
+        rule = f"highest threshold with sensitivity >= {cfg.min_sensitivity} on the threshold half of validation"
+    else:
+        threshold, rule = metrics.choose_threshold(y, p), "Youden's J on the threshold half of validation"
+    return {"threshold": threshold, "threshold_rule": rule, "calibration_temperature": temperature,
+            "calibration": (f"temperature fitted on {len(fit_rows)} validation images, threshold chosen on "
+                            f"{len(pick_rows)} others (patient-level halves)")}
+
+
+def compare_threshold_rules(cfg: Config, val: ImageSet, logits: np.ndarray, patients: list[str],
+                            external: dict[str, ImageSet], ext_logits: dict[str, np.ndarray]) -> dict:
+    """Each threshold rule's threshold (chosen on validation alone) and its metrics on every split, so the
+    effect of the rule under the test split's other prevalence is on record; only cfg.threshold_rule is used."""
+    from kd.config import THRESHOLD_RULES
+
+    table = {}
+    for rule in THRESHOLD_RULES:
+        point = choose_operating_point(cfg, val.labels, logits, patients, rule)
+        row = {"threshold": point["threshold"]}
+        for name, labels, z in [("validation", val.labels, logits)] + [(n, external[n].labels, ext_logits[n])
+                                                                        for n in ext_logits]:
+            p = metrics.softmax_pneumonia(z, point["calibration_temperature"])
+            m = metrics.binary_metrics(labels, p, point["threshold"])
+            row[name] = {k: m[k] for k in ("accuracy", "sensitivity", "specificity")}
+        table[rule] = row
+    return table
+
+
+def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter: Reporter,
+           command: str | None = None) -> dict:
+    """Choose thresholds and calibration on validation, write weights + model card; then report the
+    official test split, when the dataset has one, as the external check (used for nothing else)."""
     size = cfg.eval_image_size
-    val = data.image_set("val", size)
-    card = base_card(size)
+    val = data.image_set("val", size, collective=False)
+    val_patients = data.patients("val", val)
+    card = base_card(size, cfg.contrast)
     # role -> the phase that trained it (its weights file and its training resolution)
     sources = {"teacher": "finetune", "student": "distill", "student_baseline": "baseline"}
-    official = data.image_set("official-val", size) if "official-val" in data.splits else None
+    external = {name: data.image_set(name, size, collective=False)
+                for name in ("official-val", "test") if name in data.splits}
     train_at_size = None
     for role, phase_name in sources.items():
         path = out / phase_name / f"{PHASE_OUTPUT[phase_name]}.safetensors"
@@ -177,26 +273,32 @@ def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter
         model = _load("student" if role.startswith("student") else "teacher", path).to(device)
         recalibrated = None
         if trained_px != size:
-            train_at_size = train_at_size or data.image_set("train", size)
+            train_at_size = train_at_size or data.image_set("train", size, collective=False)
             recalibrated = {"from_px": trained_px, "to_px": size,
                             "train_images": recalibrate_batchnorm(model, train_at_size, size, device)}
+        # score the weights as shipped (float16 when cfg.fp16_weights), so the card and `kd evaluate` agree
+        save_weights(model, out / f"{role}.safetensors", fp16=cfg.fp16_weights, metadata={"role": role})
+        model = _load("student" if role.startswith("student") else "teacher", out / f"{role}.safetensors").to(device)
         logits = predict_logits(model, val, size, device)
-        p = metrics.softmax_pneumonia(logits)
-        threshold = metrics.choose_threshold(val.labels, p) if len(set(val.labels.tolist())) == 2 else 0.5
-        temperature = metrics.fit_temperature(logits, val.labels)
+        point = choose_operating_point(cfg, val.labels, logits, val_patients)
+        chooser = metrics.threshold_chooser(cfg.threshold_rule, cfg.min_sensitivity)
         entry = {
             "architecture": ARCHITECTURES["student" if role.startswith("student") else "teacher"],
-            "file": f"{role}.safetensors", "threshold": threshold, "threshold_rule": "Youden's J on validation",
-            "temperature": temperature, "parameters": count_parameters(model),
+            "file": f"{role}.safetensors", **point, "parameters": count_parameters(model),
             "batchnorm_recalibrated": recalibrated,
             "cpu_ms_per_image": cpu_latency_ms(model, size),
-            "validation": model_report(val.labels, logits, threshold, temperature, seed=cfg.seed),
+            "validation": model_report(val.labels, logits, point["threshold"], point["calibration_temperature"],
+                                       seed=cfg.seed, groups=val_patients, rechoose=chooser),
         }
-        if official is not None and len(official):
-            off = metrics.softmax_pneumonia(predict_logits(model.to(device), official, size, device))
-            entry["official_val_sanity_check"] = metrics.binary_metrics(official.labels, off, threshold)
+        model = model.to(device)
+        ext_logits = {name: predict_logits(model, images, size, device) for name, images in external.items()
+                      if len(images)}
+        for name, z in ext_logits.items():
+            key = "test" if name == "test" else "official_val_sanity_check"
+            entry[key] = model_report(external[name].labels, z, point["threshold"], point["calibration_temperature"],
+                                      seed=cfg.seed, groups=data.patients(name, external[name]))
+        entry["threshold_rules"] = compare_threshold_rules(cfg, val, logits, val_patients, external, ext_logits)
         card["models"][role] = entry
-        save_weights(model, out / entry["file"], fp16=cfg.fp16_weights, metadata={"role": role})
     phases = {}
     for name in PIPELINE:
         done = out / name / "done.json"
@@ -205,21 +307,27 @@ def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter
     card["phases"] = phases
     card["wall_time_s"] = {name: ph["seconds"] for name, ph in phases.items()}
     card["wall_time_s"]["total"] = sum(card["wall_time_s"].values())
-    card["metrics_split"] = (f"patient-level validation split carved from train/ (val_fraction={cfg.val_fraction}, "
-                             f"seed={cfg.seed}); thresholds were chosen on the same split, so its metrics at the "
-                             "chosen threshold are optimistic")
+    card["metrics_split"] = {
+        "validation": (f"patient-level split carved from train/ (val_fraction={cfg.val_fraction}, seed={cfg.seed}); "
+                       "it picks epochs, calibration and thresholds, so its metrics are optimistic"),
+        "test": ("the dataset's test/ folder (for Kermany: the official test split, other children and acquisition "
+                 "period than train/): never trained on, never used for any choice; the external check"),
+    }
     card["data"] = {"fingerprint": data_fingerprint(data.splits["train"] + data.splits["val"]),
-                    **{split: describe(samples) for split, samples in data.splits.items() if split != "test"},
+                    **{split: describe(samples) for split, samples in data.splits.items()},
                     "unlabeled_images": len(data.unlabeled), "skipped_unreadable": len(data.skipped)}
     if "pretrain" in phases:
         card["ssl_knn_probe"] = phases["pretrain"].get("metrics", {})
     card["config"] = cfg.to_dict()
+    card["reproduce"] = command
     write_json_atomic(out / CARD_FILE, card)
     return card
 
 
-def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, progress: bool = True) -> dict | None:
-    """Run the given phases (finished ones are skipped) and export; returns the model card (rank 0)."""
+def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, progress: bool = True,
+        command: str | None = None) -> dict | None:
+    """Run the given phases (finished ones are skipped) and export; returns the model card (rank 0).
+    `command` is the command line that started the run, recorded in the model card."""
     cfg.validate()
     out = Path(cfg.out)
     device = distributed.resolve_device(cfg.device)
@@ -244,7 +352,7 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
             run_phase(name, cfg, data, out, reporter, device, dist, resume)
         card = None
         if dist.is_main and any((out / p / "done.json").exists() for p in ("finetune", "distill")):
-            card = export(cfg, data, out, device, reporter)
+            card = export(cfg, data, out, device, reporter, command)
         reporter.update(state="finished", finished=time.time())
         reporter.log("finished", phase="done")
         return card

@@ -114,11 +114,39 @@ def to_square(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
 
 
-def prepare(data: bytes, size: int, name: str = "upload", decode_size: int | None = None) -> tuple[np.ndarray, XRay]:
-    """Bytes to the size x size uint8 picture the model sees, plus the decoded XRay (decoded at no
-    less than `decode_size`, default `size`, when the format allows a reduced-scale decode)."""
-    xray = load_xray(data, name=name, target_size=max(size, decode_size or size))
-    return to_square(xray.pixels, size), xray
+CONTRASTS = ("none", "equalize", "clahe")
+
+
+def apply_contrast(square: np.ndarray, method: str = "none") -> np.ndarray:
+    """Contrast normalisation of the model's square picture, the same in training, evaluation and the app.
+
+    equalize: global histogram equalisation (Pillow). clahe: contrast-limited adaptive histogram
+    equalisation (Zuiderveld 1994, OpenCV; clip 2.0, 8x8 tiles), the usual choice for radiographs:
+    both map each X-ray's exposure onto a common grey-level distribution."""
+    if method == "none":
+        return square
+    if method == "equalize":
+        return np.asarray(ImageOps.equalize(Image.fromarray(square)))
+    if method == "clahe":
+        import cv2
+
+        return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(np.ascontiguousarray(square))
+    raise ValueError(f"Unknown contrast method {method!r}; choose one of {', '.join(CONTRASTS)}")
+
+
+def prepare(data: bytes, size: int, name: str = "upload", contrast: str = "none") -> tuple[np.ndarray, XRay]:
+    """Bytes to the size x size uint8 picture the model sees, plus the decoded XRay.
+
+    The one path from a file to model pixels: the training cache (`prepare_file`), `kd predict`,
+    `kd evaluate` and the app's Diagnose page all come here, so one file gives one probability."""
+    xray = load_xray(data, name=name, target_size=size)
+    return apply_contrast(to_square(xray.pixels, size), contrast), xray
+
+
+def prepare_file(path: str | os.PathLike, size: int, contrast: str = "none") -> tuple[np.ndarray, XRay]:
+    """`prepare` for a file on disk; file errors become ImageError."""
+    xray = load_xray_file(path, target_size=size)
+    return apply_contrast(to_square(xray.pixels, size), contrast), xray
 
 
 def normalize(batch: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The one training loop, used by every phase (SSL, fine-tuning, distillation), the CLI, the app's
 background jobs and torchrun alike.
 
-AdamW with linear warm-up then cosine decay (per step), gradient clipping, bf16 autocast and
-channels_last on CUDA, DDP when launched by torchrun. After each epoch the full training state is
+AdamW with linear warm-up then cosine decay (per step), gradient clipping, channels_last on every
+device (the fast layout for convolutions on CPU and GPU), bf16 autocast on CUDA, DDP when launched by torchrun. After each epoch the full training state is
 written atomically, so a killed run resumes from its last epoch. Batch order and augmentation are
 drawn from (seed, phase, epoch, rank), which makes a resumed run bit-identical on CPU.
 """
@@ -26,7 +26,7 @@ from kd.objectives import Objective, ValContext
 from kd.progress import Reporter
 
 STATE_FILE = "state.pt"
-LOG_EVERY_S = 2.0
+LOGS_PER_EPOCH = 20  # progress lines per epoch; decided by step count, so every rank logs (and all-reduces) together
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -39,7 +39,9 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def _seed(*parts) -> int:
+def phase_seed(*parts) -> int:
+    """A seed drawn from (run seed, phase, ...) alone, so a phase draws the same numbers whether or not
+    the phases before it ran in this process (what makes a resumed run bit-identical)."""
     return zlib.crc32("-".join(map(str, parts)).encode())
 
 
@@ -97,11 +99,12 @@ def fit(objective: Objective, train_set, phase: PhaseConfig, ctx: ValContext, ou
     for epoch in range(start_epoch, phase.epochs):
         sampler.set_epoch(epoch)
         order = np.fromiter(sampler, dtype=np.int64)
-        generator = torch.Generator(device=device).manual_seed(_seed(seed, name, epoch, dist.rank))
+        generator = torch.Generator(device=device).manual_seed(phase_seed(seed, name, epoch, dist.rank))
         objective.train()
         batches = (train_set.batch(order[i * per_rank:(i + 1) * per_rank], device) for i in range(steps_per_epoch))
         bar = tqdm(total=steps_per_epoch, desc=f"{name} {epoch + 1}/{phase.epochs}", disable=None if dist.is_main else True)
-        t_epoch, t_log, running = time.time(), time.time(), []
+        t_epoch, running = time.time(), []
+        log_every = max(1, steps_per_epoch // LOGS_PER_EPOCH)
         for i, (images, labels, *targets) in enumerate(_prefetch(batches)):
             step = epoch * steps_per_epoch + i
             with torch.autocast(**autocast):
@@ -119,8 +122,8 @@ def fit(objective: Objective, train_set, phase: PhaseConfig, ctx: ValContext, ou
             running.append(loss.detach())
             done_steps += 1
             bar.update(1)
-            now = time.time()
-            if now - t_log >= LOG_EVERY_S or i == steps_per_epoch - 1:
+            if (i + 1) % log_every == 0 or i == steps_per_epoch - 1:
+                now = time.time()
                 rate = done_steps * images_per_step / (now - t_phase)
                 remaining = total_steps - step - 1
                 values = distributed.mean_across_ranks(
@@ -130,7 +133,7 @@ def fit(objective: Objective, train_set, phase: PhaseConfig, ctx: ValContext, ou
                              lr=scheduler.get_last_lr()[0], images_per_s=rate,
                              eta_s=remaining * images_per_step / max(rate, 1e-9), **values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
-                running, t_log = [], now
+                running = []
         bar.close()
         metrics = objective.validate(ctx) if dist.is_main else {}
         history.append({"epoch": epoch + 1, "seconds": time.time() - t_epoch, **metrics})

@@ -247,10 +247,12 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
 
 
 def _live_sleeper_lock(runs: Path, run_dir: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(["sleep", "120"])
-    record = {"pid": proc.pid, "pgid": proc.pid, "start_time": jobs._start_time(proc.pid), "run_dir": str(run_dir),
-              "command": "pipeline", "gpus": 1, "started": time.time()}
-    (runs / jobs.LOCK_FILE).write_text(json.dumps(record))
+    """A process that holds the real one-job lock (as a job's launcher does) until it is killed."""
+    from kd import locks
+
+    with locks.acquire(runs / jobs.LOCK_FILE) as lock:
+        proc = subprocess.Popen(["sleep", "120"], pass_fds=(lock.fileno(),))
+        lock.describe(pid=proc.pid, run_dir=str(run_dir), command="pipeline", gpus=1, started=time.time())
     return proc
 
 
@@ -278,13 +280,10 @@ def test_stale_lock_is_recovered_then_resume_and_stop(app_env):
     cfg.save(crashed / "config.json")
     (crashed / "status.json").write_text(json.dumps({"state": "running", "phases": ["finetune"], "phase": "finetune",
                                                      "started": time.time() - 60}))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (runs / jobs.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "pgid": dead.pid, "start_time": "1",
-                                                   "run_dir": str(crashed), "command": "finetune"}))
+    before = (crashed / "status.json").read_bytes()
 
-    at = open_page(start_app(), "pages/train.py")
-    assert not (runs / jobs.LOCK_FILE).exists()  # the dead job's lock was removed
+    at = open_page(start_app(), "pages/train.py")  # nobody holds the run folder: its job died
+    assert (crashed / "status.json").read_bytes() == before  # reading the page rewrote nothing
     assert _state(at) == "failed"
     assert any("ended unexpectedly" in e for e in alerts(at, "error"))
 
@@ -484,11 +483,6 @@ def test_diagnose_says_the_weights_model_card_is_unreadable(app_env, tmp_path, m
     assert any("unreadable: " in e for e in alerts(at, "error"))
 
 
-JOBS_READ_THROUGH_STATEFILE = pytest.mark.xfail(
-    strict=True, reason="needs kd/jobs.py to read active.json and model cards through kd.statefile (issue 11, item 6)")
-
-
-@JOBS_READ_THROUGH_STATEFILE
 @pytest.mark.parametrize("page", ["pages/diagnose.py", "pages/train.py"])
 def test_an_unreadable_active_json_is_said_and_the_shipped_weights_serve(app_env, page):
     (app_env.runs / jobs.ACTIVE_FILE).write_text("[1]")
@@ -500,7 +494,6 @@ def test_an_unreadable_active_json_is_said_and_the_shipped_weights_serve(app_env
         assert not at.exception and len(metric_values(at, "Probability of pneumonia")) == 2
 
 
-@JOBS_READ_THROUGH_STATEFILE
 def test_a_run_whose_model_card_is_unreadable_is_listed_with_why(app_env):
     run = _broken_run(app_env.runs, "model_card.json", b"[1]")
     at = open_page(start_app(), "pages/train.py")

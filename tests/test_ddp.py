@@ -1,5 +1,7 @@
-"""The training loop under DDP: two gloo processes on CPU end with identical parameters."""
+"""The training loop and the whole pipeline under DDP: two gloo processes on CPU, as torchrun starts them."""
+import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -15,10 +17,19 @@ from kd.progress import Reporter
 from kd.train import fit
 
 
-def _worker(rank: int, world: int, port: int, out: str):
+def _join_rank(rank: int, world: int, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, world: int, port: int, out: str, skew_clock: bool = False):
+    _join_rank(rank, world, port)
+    if skew_clock and rank == 1:  # this rank's clock runs 1000x fast: logging must not depend on clocks
+        import kd.train
+
+        real = time.time
+        kd.train.time = type("SkewedTime", (), {"time": staticmethod(lambda: 1000 * real())})
     dist = setup(torch.device("cpu"))
     assert dist == Dist(rank, world, rank)
     rng = np.random.default_rng(0)
@@ -33,17 +44,65 @@ def _worker(rank: int, world: int, port: int, out: str):
     torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_ranks_stay_in_sync(tmp_path):
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+        return s.getsockname()[1]
+
+
+def _spawn(fn, args, timeout: float) -> None:
+    """Start two ranks and wait for both; a hang (a collective one rank never reaches) fails the test."""
+    ctx = mp.start_processes(fn, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the ranks did not finish within {timeout:.0f} s (deadlock?)")
+
+
+def test_two_gloo_ranks_stay_in_sync(tmp_path):
+    _spawn(_worker, (2, _free_port(), str(tmp_path)), timeout=300)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     fresh = dict(build_student().named_parameters())
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["fc.weight"], fresh["fc.weight"])  # it trained
     assert (tmp_path / "run" / "state.pt").exists()
-    assert not (tmp_path / "rank1" / "progress.jsonl").exists()
+    steps = [json.loads(x) for x in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert sum(e["kind"] == "step" for e in steps) >= 1  # rank 0 alone writes progress, averaged over ranks
+
+
+def test_logging_follows_steps_so_skewed_clocks_cannot_deadlock(tmp_path):
+    _spawn(_worker, (2, _free_port(), str(tmp_path), True), timeout=300)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _pipeline_worker(rank: int, world: int, port: int, data: str, out: str):
+    from kd.config import preset
+    from kd.pipeline import run
+
+    _join_rank(rank, world, port)
+    cfg = preset("tiny")
+    cfg.data, cfg.out, cfg.device = data, out, "cpu"
+    run(cfg, progress=False)
+
+
+def test_torchrun_pipeline_runs_every_phase_and_exports(tmp_path):
+    """torchrun --nproc_per_node 2 -m kd pipeline: SSL, fine-tuning, distillation, the labels-only student, and
+    the export that rank 0 does alone (it must not wait at a barrier the other rank never reaches)."""
+    from kd.testing.xray_fixtures import write_kermany_dataset
+
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(8, 8), size=40, splits=("train", "test"))
+    out = tmp_path / "run"
+    _spawn(_pipeline_worker, (2, _free_port(), str(data), str(out)), timeout=600)
+    for phase in ("pretrain", "finetune", "distill", "baseline"):
+        assert (out / phase / "done.json").exists(), phase
+    card = json.loads((out / "model_card.json").read_text())
+    assert {"teacher", "student", "student_baseline"} <= set(card["models"])
+    assert card["models"]["student"]["test"]["n"] == 16
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"

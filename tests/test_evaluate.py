@@ -28,8 +28,6 @@ def test_card_metrics_equal_a_recompute_on_val_at_the_same_threshold(card_and_re
     assert sum(decisions) == shown["confusion_matrix"]["tp"] + shown["confusion_matrix"]["fp"]
 
 
-@pytest.mark.xfail(strict=True, reason="kd/pipeline.py export must pass groups=patients, rechoose and seed to "
-                                       "model_report (see the report of issue 11, items 8 and 10)")
 @pytest.mark.parametrize("role", ["teacher", "student"])
 def test_card_cis_equal_a_recompute_on_val_resampling_patients(card_and_recompute, role):
     card, result = card_and_recompute

@@ -26,10 +26,12 @@ def test_pipeline_writes_weights_card_and_progress(tiny_run):
     for role in ("teacher", "student", "student_baseline"):
         m = card["models"][role]
         assert (out / m["file"]).exists()
-        assert 0.0 <= m["threshold"] <= 1.0 and m["temperature"] > 0
+        assert 0.0 <= m["threshold"] <= 1.0 and m["calibration_temperature"] > 0
         v = m["validation"]
         assert set(v["ci"]) >= {"auc", "accuracy", "sensitivity", "specificity"}
         assert v["n"] > 0
+        assert m["test"]["n"] == 24  # the test split, reported beside validation, at the same threshold
+        assert set(m["threshold_rules"]) == {"youden", "sensitivity", "calibrated-0.5"}
     assert card["models"]["teacher"]["architecture"] == "resnet50"
     assert card["models"]["student"]["architecture"] == "resnet18"
     assert card["input"]["mean"] == 0.5 and card["input"]["size"] == 32
@@ -217,3 +219,63 @@ def test_image_set_serves_cached_logits_with_each_batch():
     x, y, t = dataclasses.replace(s, teacher_logits=logits).batch([2, 0], torch.device("cpu"))
     assert torch.equal(x[0], torch.from_numpy(images[2])) and torch.equal(x[1], torch.from_numpy(images[4]))
     assert y.tolist() == [0, 0] and t.tolist() == [[4, 5], [0, 1]]
+
+
+def _copy_into(src, dst):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+
+
+def test_a_test_image_among_the_training_images_fails_the_run_loudly(tmp_path, capsys):
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40, splits=("train", "test"))
+    leaked = next((data / "test" / "NORMAL").iterdir())
+    _copy_into(leaked, data / "train" / "NORMAL" / "IM-9999-0001.jpeg")  # same bytes, another name
+    assert main(["finetune", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                 "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "byte-identical to held-out images" in err and leaked.name in err and "(test)" in err
+    assert not (tmp_path / "r" / "finetune").exists()  # refused before any training
+
+
+def test_unlabeled_images_that_are_validation_or_test_images_are_refused(tmp_path, capsys):
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40, splits=("train", "val"))
+    extra = tmp_path / "unlabeled"
+    official_val = next((data / "val" / "PNEUMONIA").iterdir())
+    _copy_into(official_val, extra / "a" / "copy.png")
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                 "--device", "cpu", "--unlabeled", str(extra)]) == 1
+    err = capsys.readouterr().err
+    assert "--unlabeled" in err and "(official-val)" in err
+
+
+def test_one_file_gives_one_probability_in_the_app_in_predict_and_in_evaluate(tiny_weights, tmp_path):
+    """Diagnose (kd.cam.diagnose), `kd predict` (kd.inference.predict_bytes) and `kd evaluate` decode and
+    preprocess the same way, apply the same calibration: one full-resolution JPEG, one probability."""
+    from kd.cam import diagnose
+    from kd.evaluate import evaluate_weights
+    from kd.inference import load_pair, predict_bytes
+    from kd.testing.xray_fixtures import jpeg_bytes, xray_like_array
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for f in tiny_weights.iterdir():
+        if f.suffix in (".safetensors", ".json") and f.name != "config.json" and f.is_file():
+            _copy_into(f, weights / f.name)
+    card = json.loads((weights / "model_card.json").read_text())
+    card["input"]["contrast"] = "equalize"  # exercise the contrast step on every path
+    (weights / "model_card.json").write_text(json.dumps(card))
+    big = jpeg_bytes(xray_like_array(1700, 1800, seed=7))  # decoded with a JPEG draft on every path
+    data = tmp_path / "data"
+    _copy_into_bytes = lambda path, b: (path.parent.mkdir(parents=True, exist_ok=True), path.write_bytes(b))  # noqa
+    _copy_into_bytes(data / "test" / "NORMAL" / "IM-0001-0001.jpeg", big)
+    _copy_into_bytes(data / "test" / "PNEUMONIA" / "person1_virus_1.jpeg", jpeg_bytes(xray_like_array(300, 300, 8)))
+    pair = load_pair(weights)
+    app = diagnose(pair, big, "IM-0001-0001.jpeg")
+    cli = predict_bytes(pair, big, "IM-0001-0001.jpeg")
+    report = evaluate_weights(weights, data, "test", n_boot=10)
+    row = report["files"].index(str(data / "test" / "NORMAL" / "IM-0001-0001.jpeg"))
+    for role in ("teacher", "student"):
+        p = cli[role]["probability"]
+        assert abs(app.views[role].probability - p) < 1e-4
+        assert abs(report[role]["probabilities"][row] - p) < 1e-4
+        assert pair.models[role].temperature != 1.0 or card["models"][role].get("calibration_temperature") == 1.0

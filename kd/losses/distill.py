@@ -25,7 +25,7 @@ class DistillKL(nn.Module):
 
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float,
-                      class_weight: torch.Tensor | None = None) -> torch.Tensor:
+                      class_weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)."""
-    ce = F.cross_entropy(student_logits, labels, weight=class_weight)
+    ce = F.cross_entropy(student_logits, labels, weight=class_weight, label_smoothing=label_smoothing)
     return alpha * ce + (1 - alpha) * DistillKL(temperature)(student_logits, teacher_logits.detach())

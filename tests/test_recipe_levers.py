@@ -1,0 +1,137 @@
+"""The recipe levers of bench/recipes.py: each behaves as its docstring says, on small synthetic data."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd import metrics, preprocess
+from kd.augment import Augment, gaussian_blur
+from kd.config import AugmentConfig, Config, preset
+from kd.losses import distillation_loss
+from kd.models import build_student
+from kd.objectives import SupervisedObjective, class_weights
+from kd.pipeline import calibration_halves, choose_operating_point
+from kd.testing.xray_fixtures import jpeg_bytes, xray_like_array
+
+
+def _batch(n=6, size=48, seed=0):
+    return torch.from_numpy(np.stack([xray_like_array(size, size, seed=seed + i) for i in range(n)]))
+
+
+def test_contrast_normalisation_spreads_a_dim_xray_over_the_grey_levels():
+    dim = (xray_like_array(96, 96, seed=1).astype(np.float32) * 0.3 + 20).astype(np.uint8)  # under-exposed
+    for method, spread in (("equalize", 2.0), ("clahe", 1.3)):  # CLAHE limits its contrast gain by design
+        out = preprocess.apply_contrast(dim, method)
+        assert out.dtype == np.uint8 and out.shape == dim.shape
+        assert out.std() > spread * dim.std()
+        assert np.corrcoef(out.ravel(), dim.ravel())[0, 1] > 0.8  # the same picture, not another one
+    assert preprocess.apply_contrast(dim, "none") is dim
+    with pytest.raises(ValueError, match="Unknown contrast"):
+        preprocess.apply_contrast(dim, "sharpen")
+
+
+def test_contrast_is_the_same_in_the_training_cache_and_for_an_upload(tmp_path):
+    from kd.cache import build_cache
+
+    path = tmp_path / "a.jpeg"
+    path.write_bytes(jpeg_bytes(xray_like_array(300, 260, seed=3)))
+    cached = build_cache([str(path)], 64, tmp_path / "cache", progress=False, contrast="clahe").images[0]
+    upload, _ = preprocess.prepare(path.read_bytes(), 64, "a.jpeg", "clahe")
+    np.testing.assert_array_equal(cached, upload)
+    plain = build_cache([str(path)], 64, tmp_path / "cache", progress=False).images[0]
+    assert not np.array_equal(cached, plain)  # a separate cache entry, not the same pixels
+
+
+def test_augment_levers_off_by_default_and_each_changes_the_view():
+    x, g = _batch(), lambda: torch.Generator().manual_seed(0)
+    base = Augment()(x, 40, g())
+    assert torch.equal(base, Augment.from_config(AugmentConfig())(x, 40, g()))
+    for lever in (dict(aspect=0.3), dict(gamma=0.4), dict(blur=1.5), dict(noise=0.05), dict(scale=(1.2, 1.3))):
+        out = Augment(**lever)(x, 40, g())
+        assert out.shape == base.shape and torch.isfinite(out).all()
+        assert not torch.allclose(out, base), lever
+
+
+def test_zoom_out_shows_the_whole_xray_inside_a_black_border():
+    x = torch.full((2, 40, 40), 200, dtype=torch.uint8)
+    out = Augment(scale=(1.44, 1.44), rotation=0, translate=0, brightness=0, contrast=0)(x, 40, torch.Generator())
+    pixels = out * preprocess.STD + preprocess.MEAN
+    black = (pixels < 0.05).float().mean(dim=(1, 2, 3))  # the frame around the shrunken X-ray
+    assert torch.all((black > 0.2) & (black < 0.4))  # 1 - 1/1.44 of the area, wherever the X-ray was placed
+    assert pixels[:, :, 20, 20].min() > 0.7
+
+
+def test_gaussian_blur_keeps_the_mean_and_lowers_the_variance_per_image():
+    x = torch.rand(3, 1, 32, 32)
+    y = gaussian_blur(x, torch.tensor([0.0, 1.0, 2.0]), 2.0)
+    assert torch.allclose(y[0], x[0], atol=1e-3)  # sigma 0: unchanged
+    assert y[1].var() < x[1].var() and y[2].var() < y[1].var()
+    assert torch.allclose(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=0.02)
+
+
+def test_label_smoothing_is_the_textbook_mixture_in_both_losses():
+    logits, labels = torch.randn(8, 2), torch.randint(0, 2, (8,))
+    eps = 0.1
+    target = F.one_hot(labels, 2).float() * (1 - eps) + eps / 2
+    expected = -(target * F.log_softmax(logits, 1)).sum(1).mean()
+    assert torch.allclose(distillation_loss(logits, logits, labels, 4.0, 1.0, None, eps), expected, atol=1e-6)
+    obj = SupervisedObjective(build_student(), "student", 32, class_weights([1, 1]), label_smoothing=eps)
+    assert obj.label_smoothing == eps
+
+
+def test_ema_is_what_is_exported_and_lags_the_trained_weights():
+    obj = SupervisedObjective(build_student(), "student", 32, class_weights([1, 1])).use_ema(0.9)
+    exported = obj.exported()["student"]
+    assert exported is not obj.student and not any(p.requires_grad for p in exported.parameters())
+    obj.on_step_end(1, 10)  # the first update starts the average at the current weights
+    with torch.no_grad():
+        obj.student.fc.weight.add_(1.0)
+    before = exported.fc.weight.clone()
+    obj.on_step_end(2, 10)
+    moved = exported.fc.weight - before
+    assert torch.allclose(moved, 0.1 * (obj.student.fc.weight - before), atol=1e-5)  # (1 - decay) of the gap
+    assert SupervisedObjective(build_student(), "student", 32, class_weights([1, 1])).use_ema(0).ema is None
+
+
+def _val(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    logits = np.stack([np.zeros(n), (2 * y - 1) * 3.0 + rng.normal(0, 2.0, n)], 1)
+    return y, logits, [f"p{i // 2}" for i in range(n)]
+
+
+def test_calibration_and_threshold_come_from_disjoint_patient_halves():
+    _, _, patients = _val()
+    fit, pick = calibration_halves(patients, 0)
+    assert len(fit) + len(pick) == len(patients) and abs(len(fit) - len(pick)) < 0.2 * len(patients)
+    assert not {patients[i] for i in fit} & {patients[i] for i in pick}
+
+
+@pytest.mark.parametrize("rule", ["youden", "sensitivity", "calibrated-0.5"])
+def test_threshold_rules(rule):
+    y, logits, patients = _val()
+    cfg = preset("tiny")
+    cfg.threshold_rule, cfg.min_sensitivity = rule, 0.95
+    point = choose_operating_point(cfg, y, logits, patients)
+    _, pick = calibration_halves(patients, cfg.seed)
+    p = metrics.softmax_pneumonia(logits[pick], point["calibration_temperature"])
+    if rule == "calibrated-0.5":
+        assert point["threshold"] == 0.5
+    elif rule == "sensitivity":
+        assert metrics.binary_metrics(y[pick], p, point["threshold"])["sensitivity"] >= 0.95
+    else:
+        j = lambda t: sum(metrics.binary_metrics(y[pick], p, t)[k] for k in ("sensitivity", "specificity"))  # noqa
+        assert j(point["threshold"]) >= max(j(t) for t in np.linspace(0.01, 0.99, 99)) - 1e-9
+    fit, _ = calibration_halves(patients, cfg.seed)
+    nll = lambda t: -np.mean(np.log(np.where(y[fit] == 1, *(lambda q: (q, 1 - q))(  # noqa: E731
+        metrics.softmax_pneumonia(logits[fit], t)))))
+    assert nll(point["calibration_temperature"]) <= min(nll(0.5), nll(1.0), nll(2.0)) + 1e-9  # fitted: lowest NLL
+
+
+def test_config_refuses_unknown_levers():
+    for bad in (dict(contrast="sharpen"), dict(threshold_rule="f1"), dict(label_smoothing=0.6),
+                dict(ema_decay=1.0), dict(augment=AugmentConfig(scale_min=0.9, scale_max=0.5)),
+                dict(augment=AugmentConfig(noise=-1))):
+        cfg = Config(**bad)
+        with pytest.raises(ValueError):
+            cfg.validate()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Here, on the CPU machine, before a lent GPU session: put what bench/gpu.sh needs inside the checkout,
 # git-ignored, so that the device tool's `carry` takes it along (../shared does not travel):
-#   data/chest_xray/{train,val}   the 224 px train split (42 MB) and the official 16-image val
+#   data/chest_xray/{train,val,test}   the 224 px train split (42 MB), the official 16-image val and the test half
 #   .whl/                         lightly, the one package kd's training path needs that the device image lacks
 #                                 (it has torch, torchvision, pytorch_lightning, safetensors, scikit-learn, tqdm)
 #   bash bench/gpu_prepare.sh [SHARED_CHEST_XRAY]
@@ -20,7 +20,7 @@ SRC=${1:-../shared/data/chest_xray}
 cd "$(dirname "$0")/.."
 [ -d "$SRC/train" ] || { echo "no $SRC/train: pass the dataset root (with train/ and val/)" >&2; exit 1; }
 mkdir -p data/chest_xray
-for split in train val; do
+for split in train val test; do
   [ -d "$SRC/$split" ] && cp -r "$SRC/$split" data/chest_xray/
 done
 LIGHTLY=$(python3 -c "import importlib.metadata as m; print(m.version('lightly'))")

@@ -11,7 +11,7 @@ the median of the per-round ratios, with its range.
 
 --accuracy: what the serving resolution costs or gains. The shipped teacher and student (trained at
 128 px, exported for 224 px) are served at each of --sizes after re-estimating their BatchNorm
-statistics at that size on training images (kd.pipeline.recalibrate_batchnorm, as export does):
+statistics at that size on training images (kd.export.recalibrate_batchnorm, as export does):
 validation AUC with 95% bootstrap CI on the patient-level split, and CPU ms per image at batch 1.
 """
 from __future__ import annotations
@@ -77,9 +77,9 @@ def main(argv=None) -> dict:
 def serving_accuracy(args) -> dict:
     from kd import metrics
     from kd.distributed import Dist
-    from kd.evaluate import predict_logits
-    from kd.inference import load_pair
-    from kd.pipeline import RunData, cpu_latency_ms, recalibrate_batchnorm
+    from kd.export import cpu_latency_ms, recalibrate_batchnorm
+    from kd.inference import load_pair, predict_logits
+    from kd.pipeline import RunData
 
     if not (Path(args.data) / "train").is_dir():
         print(f"  no dataset at {args.data}: serving accuracy not measured")

@@ -33,10 +33,11 @@ from kd import metrics
 from kd.checkpoint import load_weights
 from kd.config import preset
 from kd.distributed import Dist, resolve_device
-from kd.evaluate import predict_logits
+from kd.export import recalibrate_batchnorm
+from kd.inference import predict_logits
 from kd.models import build_teacher
 from kd.objectives import ValContext, class_weights
-from kd.pipeline import RunData, recalibrate_batchnorm, student_objective
+from kd.pipeline import RunData, student_objective
 from kd.progress import Reporter
 from kd.train import fit
 

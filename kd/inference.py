@@ -1,7 +1,7 @@
-"""Loading shipped weights and predicting on single files: what `kd predict` and the app share."""
+"""Loading a weights folder and predicting: single files (what `kd predict` and the app share) and
+whole image sets (what validation, export and `kd evaluate` share)."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -10,20 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from kd import preprocess
+from kd.augment import center
+from kd.cache import ImageSet
 from kd.checkpoint import CheckpointError, load_weights
 from kd.metrics import softmax_pneumonia
 from kd.model_card import CARD_FILE, read_card
 from kd.models import build
-
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-
-
-def default_weights() -> Path:
-    """The weights folder used when none is named: env KD_WEIGHTS (read at call time), else the shipped one."""
-    return Path(os.environ.get("KD_WEIGHTS") or SHIPPED_WEIGHTS)
-
+from kd.paths import default_weights
 
 ROLES = ("teacher", "student")
 
@@ -95,3 +91,22 @@ def predict_bytes(pair: ModelPair, data: bytes, name: str = "upload") -> dict:
     """Decode, preprocess and predict; raises preprocess.ImageError with a human message."""
     square, xray = pair.prepare(data, name)
     return {"file": name, **predict_square(pair, square), "warnings": list(xray.warnings)}
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: ImageSet, size: int, device: torch.device,
+                   batch_size: int = 64, progress=None) -> np.ndarray:
+    """Logits [N, 2] of the whole-image view at `size`; `progress(done, total)` is called per batch."""
+    was_training = model.training
+    model.eval()
+    out = []
+    n = len(images)
+    for start in tqdm(range(0, n, batch_size), desc="predict", leave=False, disable=None):
+        x, *_ = images.batch(np.arange(start, min(start + batch_size, n)), device)
+        x = center(x, size).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(x).float().cpu())
+        if progress:
+            progress(min(start + batch_size, n), n)
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.float32)

@@ -1,5 +1,5 @@
 """The phases of a run, in order: SSL-pretrain the teacher, fine-tune it, distil the student (and the
-labels-only student of the ablation), then export safetensors and the model card.
+labels-only student of the ablation), then export safetensors and the model card (kd.export).
 
 Each phase writes `<out>/<phase>/done.json` when it finishes, so `--resume` skips finished phases
 and continues an interrupted one from its last epoch.
@@ -7,30 +7,26 @@ and continues an interrupted one from its last epoch.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from kd import distributed, locks, metrics
-from kd.augment import Augment, center
+from kd import distributed, locks
+from kd.augment import Augment
 from kd.cache import ImageSet, build_cache
 from kd.checkpoint import load_weights, save_weights, write_json_atomic
 from kd.config import Config
 from kd.data import DatasetError, content_hash, describe, list_unlabeled, load_splits
-from kd.evaluate import model_report, predict_logits
-from kd.model_card import CARD_FILE, base_card, data_fingerprint
-from kd.models import (ARCHITECTURES, build, build_student, build_teacher, count_parameters, init_from_file,
+from kd.export import export
+from kd.models import (ARCHITECTURES, build, build_student, build_teacher, init_from_file,
                        seed_student_from_teacher)
 from kd.objectives import (DistillationObjective, SSLObjective, SupervisedObjective, ValContext, cache_teacher_logits,
                            class_weights)
 from kd.progress import Reporter
 from kd.train import fit, phase_seed
 
-PIPELINE = ("pretrain", "finetune", "distill", "baseline")
-PHASE_OUTPUT = {"pretrain": "teacher", "finetune": "teacher", "distill": "student", "baseline": "student"}
+PIPELINE = ("pretrain", "finetune", "distill", "baseline")  # the one list of the phases, in order
 
 
 class PhaseOrderError(RuntimeError):
@@ -169,159 +165,10 @@ def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: I
     return objective, train, time.time() - t0
 
 
-@torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, images: ImageSet, size: int, device: torch.device,
-                          max_images: int = 1024, batch_size: int = 64) -> int:
-    """Re-estimate BatchNorm statistics on training images at the inference resolution.
-
-    Touvron et al., "Fixing the train-test resolution discrepancy" (NeurIPS 2019): a network trained at
-    a lower resolution sees other activation statistics at a higher one; refreshing the BN statistics (not
-    the weights) on training images at test resolution recovers most of the gap. Returns images used."""
-    index = np.linspace(0, len(images) - 1, min(max_images, len(images))).astype(int)
-    batches = (center(images.batch(index[i:i + batch_size], device)[0], size).contiguous(
-        memory_format=torch.channels_last) for i in range(0, len(index), batch_size))
-    torch.optim.swa_utils.update_bn(batches, model, device)
-    model.eval()
-    return len(index)
-
-
-@torch.inference_mode()
-def cpu_latency_ms(model: torch.nn.Module, size: int, repeats: int = 10) -> float:
-    """Median CPU milliseconds per image at batch 1 (channels_last, inference mode)."""
-    model = model.to("cpu").eval().to(memory_format=torch.channels_last)
-    x = torch.zeros(1, 1, size, size).contiguous(memory_format=torch.channels_last)
-    for _ in range(2):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
-def calibration_halves(patients: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split validation images by patient into two halves: one fits the calibration temperature, the other
-    chooses the threshold, so the threshold is never chosen on the data that calibrated it."""
-    import zlib
-
-    half = np.array([zlib.crc32(f"{seed}-{p}".encode()) % 2 for p in patients])
-    return np.flatnonzero(half == 0), np.flatnonzero(half == 1)
-
-
-def choose_operating_point(cfg: Config, labels: np.ndarray, logits: np.ndarray, patients: list[str],
-                           rule: str | None = None) -> dict:
-    """Calibration temperature (fitted on one patient half of validation) and the decision threshold on the
-    calibrated probability (`rule`, default cfg.threshold_rule, chosen on the other half)."""
-    rule_name = rule or cfg.threshold_rule
-    fit_rows, pick_rows = calibration_halves(patients, cfg.seed)
-    if min(len(fit_rows), len(pick_rows)) == 0 or len(set(labels[fit_rows].tolist())) < 2:
-        fit_rows = pick_rows = np.arange(len(labels))  # too small to halve (tiny test data)
-    temperature = metrics.fit_temperature(logits[fit_rows], labels[fit_rows])
-    p = metrics.softmax_pneumonia(logits[pick_rows], temperature)
-    y = labels[pick_rows]
-    if rule_name == "calibrated-0.5" or len(set(y.tolist())) < 2:
-        threshold, rule = 0.5, "0.5 on the calibrated probability"
-    elif rule_name == "sensitivity":
-        threshold = metrics.choose_threshold(y, p, "sensitivity", cfg.min_sensitivity)
-        rule = f"highest threshold with sensitivity >= {cfg.min_sensitivity} on the threshold half of validation"
-    else:
-        threshold, rule = metrics.choose_threshold(y, p), "Youden's J on the threshold half of validation"
-    return {"threshold": threshold, "threshold_rule": rule, "calibration_temperature": temperature,
-            "calibration": (f"temperature fitted on {len(fit_rows)} validation images, threshold chosen on "
-                            f"{len(pick_rows)} others (patient-level halves)")}
-
-
-def compare_threshold_rules(cfg: Config, val: ImageSet, logits: np.ndarray, patients: list[str],
-                            external: dict[str, ImageSet], ext_logits: dict[str, np.ndarray]) -> dict:
-    """Each threshold rule's threshold (chosen on validation alone) and its metrics on every split, so the
-    effect of the rule under the test split's other prevalence is on record; only cfg.threshold_rule is used."""
-    from kd.config import THRESHOLD_RULES
-
-    table = {}
-    for rule in THRESHOLD_RULES:
-        point = choose_operating_point(cfg, val.labels, logits, patients, rule)
-        row = {"threshold": point["threshold"]}
-        for name, labels, z in [("validation", val.labels, logits)] + [(n, external[n].labels, ext_logits[n])
-                                                                        for n in ext_logits]:
-            p = metrics.softmax_pneumonia(z, point["calibration_temperature"])
-            m = metrics.binary_metrics(labels, p, point["threshold"])
-            row[name] = {k: m[k] for k in ("accuracy", "sensitivity", "specificity")}
-        table[rule] = row
-    return table
-
-
-def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter: Reporter,
-           command: str | None = None) -> dict:
-    """Choose thresholds and calibration on validation, write weights + model card; then report the
-    official test split, when the dataset has one, as the external check (used for nothing else)."""
-    size = cfg.eval_image_size
-    val = data.image_set("val", size, collective=False)
-    val_patients = data.patients("val", val)
-    card = base_card(size, cfg.contrast)
-    # role -> the phase that trained it (its weights file and its training resolution)
-    sources = {"teacher": "finetune", "student": "distill", "student_baseline": "baseline"}
-    external = {name: data.image_set(name, size, collective=False)
-                for name in ("official-val", "test") if name in data.splits}
-    train_at_size = None
-    for role, phase_name in sources.items():
-        path = out / phase_name / f"{PHASE_OUTPUT[phase_name]}.safetensors"
-        trained_px = cfg.phase(phase_name).image_size
-        if not path.exists():
-            continue
-        reporter.log("export", phase="export", model=role)
-        model = _load("student" if role.startswith("student") else "teacher", path).to(device)
-        recalibrated = None
-        if trained_px != size:
-            train_at_size = train_at_size or data.image_set("train", size, collective=False)
-            recalibrated = {"from_px": trained_px, "to_px": size,
-                            "train_images": recalibrate_batchnorm(model, train_at_size, size, device)}
-        # score the weights as shipped (float16 when cfg.fp16_weights), so the card and `kd evaluate` agree
-        save_weights(model, out / f"{role}.safetensors", fp16=cfg.fp16_weights, metadata={"role": role})
-        model = _load("student" if role.startswith("student") else "teacher", out / f"{role}.safetensors").to(device)
-        logits = predict_logits(model, val, size, device)
-        point = choose_operating_point(cfg, val.labels, logits, val_patients)
-        chooser = metrics.threshold_chooser(cfg.threshold_rule, cfg.min_sensitivity)
-        entry = {
-            "architecture": ARCHITECTURES["student" if role.startswith("student") else "teacher"],
-            "file": f"{role}.safetensors", **point, "parameters": count_parameters(model),
-            "batchnorm_recalibrated": recalibrated,
-            "cpu_ms_per_image": cpu_latency_ms(model, size),
-            "validation": model_report(val.labels, logits, point["threshold"], point["calibration_temperature"],
-                                       seed=cfg.seed, groups=val_patients, rechoose=chooser),
-        }
-        model = model.to(device)
-        ext_logits = {name: predict_logits(model, images, size, device) for name, images in external.items()
-                      if len(images)}
-        for name, z in ext_logits.items():
-            key = "test" if name == "test" else "official_val_sanity_check"
-            entry[key] = model_report(external[name].labels, z, point["threshold"], point["calibration_temperature"],
-                                      seed=cfg.seed, groups=data.patients(name, external[name]))
-        entry["threshold_rules"] = compare_threshold_rules(cfg, val, logits, val_patients, external, ext_logits)
-        card["models"][role] = entry
-    phases = {}
-    for name in PIPELINE:
-        done = out / name / "done.json"
-        if done.exists():
-            phases[name] = json.loads(done.read_text())
-    card["phases"] = phases
-    card["wall_time_s"] = {name: ph["seconds"] for name, ph in phases.items()}
-    card["wall_time_s"]["total"] = sum(card["wall_time_s"].values())
-    card["metrics_split"] = {
-        "validation": (f"patient-level split carved from train/ (val_fraction={cfg.val_fraction}, seed={cfg.seed}); "
-                       "it picks epochs, calibration and thresholds, so its metrics are optimistic"),
-        "test": ("the dataset's test/ folder (for Kermany: the official test split, other children and acquisition "
-                 "period than train/): never trained on, never used for any choice; the external check"),
-    }
-    card["data"] = {"fingerprint": data_fingerprint(data.splits["train"] + data.splits["val"]),
-                    **{split: describe(samples) for split, samples in data.splits.items()},
-                    "unlabeled_images": len(data.unlabeled), "skipped_unreadable": len(data.skipped)}
-    if "pretrain" in phases:
-        card["ssl_knn_probe"] = phases["pretrain"].get("metrics", {})
-    card["config"] = cfg.to_dict()
-    card["reproduce"] = command
-    write_json_atomic(out / CARD_FILE, card)
-    return card
+def finished_phases(out: Path) -> dict[str, dict]:
+    """The done.json of each finished phase of the run in `out`, in pipeline order."""
+    return {name: json.loads((out / name / "done.json").read_text())
+            for name in PIPELINE if (out / name / "done.json").exists()}
 
 
 def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, progress: bool = True,
@@ -352,7 +199,7 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
             run_phase(name, cfg, data, out, reporter, device, dist, resume)
         card = None
         if dist.is_main and any((out / p / "done.json").exists() for p in ("finetune", "distill")):
-            card = export(cfg, data, out, device, reporter, command)
+            card = export(cfg, data, out, device, reporter, finished_phases(out), command)
         reporter.update(state="finished", finished=time.time())
         reporter.log("finished", phase="done")
         return card

@@ -10,7 +10,7 @@ from kd.config import AugmentConfig, Config, preset
 from kd.losses import distillation_loss
 from kd.models import build_student
 from kd.objectives import SupervisedObjective, class_weights
-from kd.pipeline import calibration_halves, choose_operating_point
+from kd.export import calibration_halves, choose_operating_point
 from kd.testing.xray_fixtures import jpeg_bytes, xray_like_array
 
 

@@ -29,11 +29,13 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from kd import cam, jobs, metrics, preprocess
+from kd import runs as kruns
 from kd import data as kdata
 from kd import progress as kprogress
 from kd.checkpoint import CheckpointError
 from kd.config import PRESETS, Config, preset
-from kd.inference import ModelPair, default_weights, load_pair
+from kd.inference import ModelPair, load_pair
+from kd.paths import REPO, default_runs_root, default_weights
 from kd.model_card import CARD_FILE, DISCLAIMER, read_card  # noqa: F401  (DISCLAIMER: shown by the entry script)
 from kd.statefile import UnreadableState
 
@@ -42,7 +44,7 @@ ROLE_LABEL = {"teacher": "Teacher", "student": "Student"}
 CAM_METHODS = tuple(cam.METHODS)
 AGREEMENT_HELP = cam.AGREEMENT_HELP
 ROAD_HELP = cam.ROAD_HELP
-ENTRY_SCRIPT = jobs.REPO / "streamlit_app.py"
+ENTRY_SCRIPT = REPO / "streamlit_app.py"
 DATA_KEY = "kd_data_root"  # the dataset folder, shared by every page (sidebar text input)
 MEMO_KEY = "_kd_diagnoses"
 EVAL_KEY = "_kd_evaluations"
@@ -66,7 +68,7 @@ DATASET_HELP = (
 
 def runs_root() -> Path:
     """Where the Train page writes runs (env KD_RUNS_DIR, else <repo>/runs)."""
-    return jobs.default_runs_root()
+    return default_runs_root()
 
 
 def shipped_weights() -> Path:
@@ -78,7 +80,7 @@ def active_weights() -> Path:
     """The activated run's weights, else the shipped ones (also when active.json cannot be used:
     `state_problems` says why, and the pages show it)."""
     try:
-        return jobs.active_weights(runs_root())
+        return kruns.active_weights(runs_root())
     except UnreadableState:
         return shipped_weights()
 
@@ -95,7 +97,7 @@ def state_problems() -> list[str]:
     """Why shared state files the app relies on (which weights are in use, the running job) could not be
     used, each as "unreadable: <file>, <why>" plus what the app does instead."""
     problems = []
-    for read, fallback in ((lambda: jobs.active_weights(runs_root()), "the shipped weights are used instead"),
+    for read, fallback in ((lambda: kruns.active_weights(runs_root()), "the shipped weights are used instead"),
                            (lambda: jobs.current_job(runs_root()), "no running job can be shown or stopped")):
         try:
             read()
@@ -151,7 +153,7 @@ def data_root_value() -> str:
 
 
 def no_weights_message(weights_dir: Path) -> str:
-    repo = jobs.REPO
+    repo = REPO
     return (
         f"No model weights found in `{weights_dir}` (it has no `{CARD_FILE}`).\n\n"
         "To get weights, train them once on the Kermany dataset:\n\n"
@@ -523,7 +525,7 @@ def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs
 
     None keeps the preset's value (epochs, image size and batch size then differ per phase)."""
     root = kdata.check_root(data_root)
-    run_dir = jobs.run_dir_for(run_name, runs_root())
+    run_dir = kruns.run_dir_for(run_name, runs_root())
     if device not in DEVICES.values():
         raise ValueError(f"Unknown device {device!r}")
     if device == "cuda" and gpu_count() == 0:
@@ -544,7 +546,7 @@ def start_training(form: dict, command: str, gpus: int = 1) -> tuple[dict | None
             raise jobs.JobError(f"A run named {run_dir.name} already exists: choose another run name, or select it "
                                 "below and Resume it if it was stopped.")
         record = jobs.start_job(cfg, command, gpus=max(1, int(gpus)), runs_root=runs_root())
-    except (kdata.DatasetError, jobs.JobError, ValueError, OSError) as e:
+    except (kdata.DatasetError, kruns.RunError, ValueError, OSError) as e:
         return None, str(e)
     st.session_state[WATCH_KEY] = Path(record["run_dir"]).name
     st.session_state[_NEXT_RUN_NAME] = True
@@ -558,8 +560,8 @@ def stop_training() -> str:
 
 def resume_training(run_name: str) -> tuple[dict | None, str | None]:
     try:
-        record = jobs.resume_job(jobs.run_dir_for(run_name, runs_root()), runs_root())
-    except (jobs.JobError, ValueError, OSError) as e:
+        record = jobs.resume_job(kruns.run_dir_for(run_name, runs_root()), runs_root())
+    except (kruns.RunError, ValueError, OSError) as e:
         return None, str(e)
     st.session_state[WATCH_KEY] = run_name
     return record, None
@@ -574,12 +576,12 @@ def watched_run() -> Path | None:
     name = st.session_state.get(WATCH_KEY)
     if name and (root / name).is_dir():
         return root / name
-    runs = jobs.list_runs(root)
+    runs = kruns.list_runs(root)
     return Path(runs[0]["path"]) if runs else None
 
 
 def run_names() -> list[str]:
-    return [r["name"] for r in jobs.list_runs(runs_root())]
+    return [r["name"] for r in kruns.list_runs(runs_root())]
 
 
 # ----------------------------------------------------------------------------- train: progress
@@ -687,7 +689,7 @@ def run_view(run_dir: str | Path) -> RunView:
     running = bool(job and Path(job["run_dir"]).resolve() == run_dir.resolve())
     problems = []
     try:
-        status = jobs.run_status(run_dir, kprogress.load_status(run_dir) or {})
+        status = kruns.run_status(run_dir, kprogress.load_status(run_dir) or {})
     except UnreadableState as e:
         status = {}
         problems.append(str(e))
@@ -780,21 +782,21 @@ def usable_runs(runs: list[dict]) -> list[str]:
 
 
 def list_runs() -> list[dict]:
-    return jobs.list_runs(runs_root())
+    return kruns.list_runs(runs_root())
 
 
 def use_run(name: str) -> str | None:
     """Activate a finished run's weights for Diagnose and Evaluate; returns an error message or None."""
     try:
-        jobs.activate(jobs.run_dir_for(name, runs_root()), runs_root())
-    except (jobs.JobError, OSError) as e:
+        kruns.activate(kruns.run_dir_for(name, runs_root()), runs_root())
+    except (kruns.RunError, OSError) as e:
         return str(e)
     clear_model_cache()
     return None
 
 
 def use_shipped() -> None:
-    jobs.reset_active(runs_root())
+    kruns.reset_active(runs_root())
     clear_model_cache()
 
 

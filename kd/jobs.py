@@ -4,42 +4,30 @@ A job is `python -m kd <command>` (or torchrun for several GPUs) in its own proc
 stopping it stops every worker. One job at a time: `RUNS/.job.lock` is a `kd.locks` lock taken by
 the starter and handed to the job's process, which holds it until it exits, however it exits; so
 two starts at once cannot both win, and a killed job leaves nothing to clean up. Reading whether a
-job runs, or how a run stands, only reads.
+job runs only reads. The runs themselves (which there are, how each stands, the weights in use) are
+kd.runs.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from kd import locks, statefile
+from kd import locks
 from kd.checkpoint import write_json_atomic
 from kd.config import Config
-from kd.inference import default_weights
-from kd.model_card import CARD_FILE, read_card
+from kd.paths import REPO, default_runs_root
 from kd.progress import read_status
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def default_runs_root() -> Path:
-    """Where runs are written: env KD_RUNS_DIR (read at call time), else <repo>/runs."""
-    return Path(os.environ.get("KD_RUNS_DIR") or REPO / "runs")
-
+from kd.runs import RunError
 
 LOCK_FILE = ".job.lock"
-ACTIVE_FILE = "active.json"
 COMMANDS = ("pipeline", "pretrain", "finetune", "distill")
-_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole name (fullmatch): no trailing newline
-ENDED_UNEXPECTEDLY = "the training process ended unexpectedly; Resume continues from the last epoch"
 
 
-class JobError(RuntimeError):
+class JobError(RunError):
     """A job cannot be started, stopped or found; the message says why."""
 
 
@@ -105,24 +93,6 @@ def current_job(runs_root: str | Path | None = None) -> dict | None:
     if record is None:
         return None
     return {"pid": None, "run_dir": "", "command": "", "gpus": 1, "started": 0, **record}
-
-
-def run_status(run_dir: str | Path, status: dict | None = None) -> dict:
-    """A run's status (`status` when the caller has read it already, else its status.json), except that
-    a run recorded as running whose folder no process holds any more ended without saying so (killed,
-    out of memory, disk full): it reads as failed. Only reads."""
-    status = (read_status(run_dir) or {}) if status is None else status
-    if status.get("state") == "running" and locks.holder(Path(run_dir) / locks.RUN_LOCK) is None:
-        return {**status, "state": "failed", "error": status.get("error") or ENDED_UNEXPECTEDLY}
-    return status
-
-
-def run_dir_for(name: str, runs_root: str | Path | None = None) -> Path:
-    """A run folder inside runs_root; names are restricted so no path can escape it."""
-    runs_root = Path(runs_root or default_runs_root())
-    if not _RUN_NAME.fullmatch(name or ""):
-        raise JobError(f"Run name {name!r} is not allowed: use letters, digits, '.', '_' or '-' (max 64).")
-    return Path(runs_root) / name
 
 
 def start_job(cfg: Config, command: str = "pipeline", gpus: int = 1, resume: bool = False,
@@ -204,47 +174,3 @@ def resume_job(run_dir: str | Path, runs_root: str | Path | None = None) -> dict
     status = read_status(run_dir) or {}
     command = "pipeline" if len(status.get("phases", [])) != 1 else status["phases"][0]
     return start_job(cfg, command if command in COMMANDS else "pipeline", resume=True, runs_root=runs_root)
-
-
-def list_runs(runs_root: str | Path | None = None) -> list[dict]:
-    """Runs, newest first, with their status and model card when finished."""
-    runs_root = Path(runs_root or default_runs_root())
-    runs = []
-    root = Path(runs_root)
-    if not root.is_dir():
-        return runs
-    for d in root.iterdir():
-        if not d.is_dir() or d.name.startswith("."):
-            continue
-        card = problem = None
-        if (d / CARD_FILE).exists():
-            try:
-                card = read_card(d)
-            except statefile.UnreadableState as e:
-                problem = str(e)
-        runs.append({"name": d.name, "path": str(d), "status": run_status(d), "card": card, "problem": problem,
-                     "modified": d.stat().st_mtime})
-    return sorted(runs, key=lambda r: r["modified"], reverse=True)
-
-
-def activate(run_dir: str | Path, runs_root: str | Path | None = None) -> None:
-    """Make a finished run's weights the ones the Diagnose and Evaluate pages use."""
-    runs_root = Path(runs_root or default_runs_root())
-    run_dir = Path(run_dir)
-    if not (run_dir / CARD_FILE).exists():
-        raise JobError(f"{run_dir.name} has no model card yet: only finished runs can be used.")
-    write_json_atomic(Path(runs_root) / ACTIVE_FILE, {"weights": str(run_dir.resolve())})
-
-
-def active_weights(runs_root: str | Path | None = None) -> Path:
-    """The weights folder in use: the activated run, else the shipped weights."""
-    runs_root = Path(runs_root or default_runs_root())
-    # a malformed active.json raises statefile.UnreadableState ("unreadable: <file>, <why>"): the app shows it
-    active = statefile.read_json(runs_root / ACTIVE_FILE, statefile.object_with({"weights": str}), default=None)
-    if active is not None and (Path(active["weights"]) / CARD_FILE).exists():
-        return Path(active["weights"])
-    return default_weights()
-
-
-def reset_active(runs_root: str | Path | None = None) -> None:
-    (Path(runs_root or default_runs_root()) / ACTIVE_FILE).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from kd import app, cam, jobs  # noqa: E402
+from kd import runs as kruns  # noqa: E402
 from kd.config import PRESETS  # noqa: E402
 from kd.data import LAYOUT_HELP  # noqa: E402
 from kd.model_card import DISCLAIMER  # noqa: E402
@@ -318,7 +319,7 @@ def test_build_config_is_the_cli_config_and_validates(app_env, tmp_path):
 
     from kd.data import DatasetError
 
-    with pytest.raises(jobs.JobError, match="not allowed"):
+    with pytest.raises(kruns.RunError, match="not allowed"):
         app.build_config(str(app_env.data), "../escape", "tiny")
     with pytest.raises(DatasetError, match="Expected layout"):
         app.build_config(str(tmp_path / "nowhere"), "r3", "tiny")
@@ -485,9 +486,9 @@ def test_diagnose_says_the_weights_model_card_is_unreadable(app_env, tmp_path, m
 
 @pytest.mark.parametrize("page", ["pages/diagnose.py", "pages/train.py"])
 def test_an_unreadable_active_json_is_said_and_the_shipped_weights_serve(app_env, page):
-    (app_env.runs / jobs.ACTIVE_FILE).write_text("[1]")
+    (app_env.runs / kruns.ACTIVE_FILE).write_text("[1]")
     at = open_page(start_app(), page)
-    assert any(w.startswith(f"unreadable: {app_env.runs / jobs.ACTIVE_FILE}, ") for w in alerts(at, "warning"))
+    assert any(w.startswith(f"unreadable: {app_env.runs / kruns.ACTIVE_FILE}, ") for w in alerts(at, "warning"))
     assert app.active_weights() == app_env.weights
     if page == "pages/diagnose.py":
         at.file_uploader(key="uploads").set_value([("chest.png", xray_png(), "image/png")]).run()

@@ -74,7 +74,7 @@ def test_a_failure_that_cannot_be_recorded_is_still_the_error_reported(tmp_path,
     error is what the command says, and the run reads as failed."""
     import kd.pipeline
     import kd.progress
-    from kd import jobs
+    from kd import runs
 
     data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40)
     out = tmp_path / "run"
@@ -103,4 +103,4 @@ def test_a_failure_that_cannot_be_recorded_is_still_the_error_reported(tmp_path,
     assert code == 1
     assert f"Could not write {out / 'finetune' / 'state.pt'}" in err and "status.json" not in err
     assert "Traceback" not in err
-    assert jobs.run_status(out)["state"] == "failed"
+    assert runs.run_status(out)["state"] == "failed"

@@ -15,6 +15,7 @@ import pytest
 from kd import jobs
 from kd.config import preset
 from kd.progress import read_status
+from kd.runs import list_runs, run_status
 
 
 def test_stop_kills_torchrun_and_its_workers(tiny_dataset, tmp_path):
@@ -100,9 +101,9 @@ def test_a_killed_job_frees_the_lock_and_reads_as_failed_without_any_write(tiny_
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in [*runs.iterdir(), *run_dir.iterdir()] if p.is_file()}
     for _ in range(3):  # what the app does on every rerun
         assert jobs.current_job(runs) is None
-        (listed,) = jobs.list_runs(runs)
+        (listed,) = list_runs(runs)
         assert listed["status"]["state"] == "failed" and "ended unexpectedly" in listed["status"]["error"]
-        assert jobs.run_status(run_dir)["state"] == "failed"
+        assert run_status(run_dir)["state"] == "failed"
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in [*runs.iterdir(), *run_dir.iterdir()] if p.is_file()}
     assert after == before, "reading the job state changed files"
     assert jobs.start_job(cfg, "finetune", resume=True, runs_root=runs)["pid"] != job["pid"]

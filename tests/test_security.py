@@ -77,9 +77,9 @@ def test_run_names_are_whole_matches():
     """A run name becomes a folder: only the whole name is checked (no trailing newline, no path)."""
     from pathlib import Path
 
-    from kd import jobs
+    from kd import runs
 
     for bad in ("run\n", "run\n../x", "", ".hidden", "a/b", "x" * 65):
-        with pytest.raises(jobs.JobError, match="not allowed"):
-            jobs.run_dir_for(bad, "/tmp/runs")
-    assert jobs.run_dir_for("cpu-ref_2.b", "/tmp/runs") == Path("/tmp/runs/cpu-ref_2.b")
+        with pytest.raises(runs.RunError, match="not allowed"):
+            runs.run_dir_for(bad, "/tmp/runs")
+    assert runs.run_dir_for("cpu-ref_2.b", "/tmp/runs") == Path("/tmp/runs/cpu-ref_2.b")

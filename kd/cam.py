@@ -148,3 +148,39 @@ def road_scores(loaded: LoadedModel, squares: np.ndarray, method: str = "GradCAM
         if progress:
             progress(i + 1, len(squares))
     return np.asarray(scores), maps
+
+
+def faithfulness(pair: ModelPair, samples, method: str = "GradCAM", progress=None,
+                 percentiles: tuple[int, ...] = (20, 40, 60, 80)) -> dict:
+    """ROAD faithfulness of each model's maps and the mean teacher/student CAM agreement on a sample of
+    dataset images (kd.data.Sample, or anything with a `.path`); unreadable images are left out.
+
+    `progress(fraction, text)` is called as the work goes (one ROAD pass per model); the agreement
+    reuses the maps ROAD computed, averaged over the images where neither map is empty."""
+    from pathlib import Path
+
+    squares, names = [], []
+    for s in samples:
+        try:
+            square, _ = pair.prepare(Path(s.path).read_bytes(), Path(s.path).name)
+        except (preprocess.ImageError, OSError):
+            continue
+        squares.append(square)
+        names.append(Path(s.path).name)
+    n = len(squares)
+    out = {"n": n, "method": method, "files": names, "road": {}, "agreement": {}}
+    if not n:
+        return out
+    roles = tuple(pair.models)
+    total, maps = len(roles) * n, {}
+    for k, role in enumerate(roles):
+        cb = (lambda i, m, k=k, role=role: progress((k * n + i) / total, f"ROAD, {role}: {i}/{m}")) \
+            if progress else None
+        scores, maps[role] = road_scores(pair.models[role], np.stack(squares), method, percentiles, progress=cb)
+        out["road"][role] = {"mean": float(np.mean(scores)), "std": float(np.std(scores)), "scores": scores.tolist()}
+    pairs = [agreement(t, s) for t, s in zip(maps["teacher"], maps["student"])]
+    defined = [a for a in pairs if a["correlation"] is not None]
+    out["agreement"] = {key: float(np.mean([a[key] for a in defined])) if defined else None
+                        for key in ("correlation", "top20_iou")}
+    out["agreement"]["empty_maps"] = n - len(defined)
+    return out

@@ -240,3 +240,18 @@ def describe(samples: list[Sample]) -> dict:
         ss = [s for s in samples if s.label == label]
         out[name] = {"images": len(ss), "patients": len({s.patient for s in ss})}
     return out
+
+
+def stratified_sample(samples: list[Sample], n: int, seed: int = 0) -> list[Sample]:
+    """Up to n samples, about half of each class, deterministic for a seed."""
+    rng = random.Random(seed)
+    by_class = [[s for s in samples if s.label == c] for c in range(len(CLASSES))]
+    for group in by_class:
+        rng.shuffle(group)
+    out, i = [], 0
+    while len(out) < n and any(i < len(g) for g in by_class):
+        for g in by_class:
+            if i < len(g) and len(out) < n:
+                out.append(g[i])
+        i += 1
+    return out

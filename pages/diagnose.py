@@ -1,17 +1,17 @@
 """Diagnose: uploads or dataset cases -> teacher and student side by side with their heat maps."""
 import streamlit as st
 
-from kd import app
+from kd.ui import data, diagnose, models, state
 
-app.ensure_navigation()
+state.ensure_navigation()
 
 st.title("Diagnose")
-app.show_state_problems()
-pair = app.require_models()
-st.caption(app.weights_caption(pair))
+state.show_state_problems()
+pair = models.require_models()
+st.caption(models.weights_caption(pair))
 
 left, right = st.columns(2)
-method = left.selectbox("Heat map method", app.CAM_METHODS, key="cam_method",
+method = left.selectbox("Heat map method", diagnose.CAM_METHODS, key="cam_method",
                         help="Grad-CAM on the last ResNet block, for the PNEUMONIA output of each model.")
 opacity = right.slider("Heat map opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacity",
                        help="0 shows the X-ray alone.")
@@ -20,26 +20,26 @@ upload_tab, dataset_tab = st.tabs(["Upload X-rays", "Pick a dataset case"])
 
 with upload_tab:
     files = st.file_uploader("Chest X-rays (JPEG, PNG or DICOM); several at once are fine", type=None,
-                             accept_multiple_files=True, key="uploads", help=app.UPLOAD_HELP)
+                             accept_multiple_files=True, key="uploads", help=diagnose.UPLOAD_HELP)
     if not files:
-        st.caption(app.UPLOAD_HELP)
+        st.caption(diagnose.UPLOAD_HELP)
     for upload in files or []:
-        result = app.diagnose_bytes(pair, upload.getvalue(), upload.name, method, memo=app.session_memo())
-        app.render_case(result, pair, opacity)
+        result = diagnose.diagnose_bytes(pair, upload.getvalue(), upload.name, method, memo=diagnose.session_memo())
+        diagnose.render_case(result, pair, opacity)
 
 with dataset_tab:
-    root, data_problem = app.dataset_state()
+    root, data_problem = state.dataset_state()
     if root is None:
         st.info("Set a **Dataset folder** in the sidebar to pick images with their ground truth.")
         if data_problem:
-            app.show_error(data_problem)
+            state.show_error(data_problem)
     else:
         c1, c2 = st.columns([1, 3])
-        split = c1.selectbox("Split", app.available_splits(root), key="case_split",
+        split = c1.selectbox("Split", data.available_splits(root), key="case_split",
                              help="val = the patient-level validation split carved from train/")
-        samples = {s.path: s for s in app.split_samples(root, split)}
+        samples = {s.path: s for s in data.split_samples(root, split)}
         path = c2.selectbox("Case", list(samples), index=None, key="case_path", placeholder="Choose an image...",
-                            format_func=lambda p: app.case_label(samples[p]))
+                            format_func=lambda p: data.case_label(samples[p]))
         if path:
-            result = app.diagnose_sample(pair, samples[path], method, memo=app.session_memo())
-            app.render_case(result, pair, opacity)
+            result = diagnose.diagnose_sample(pair, samples[path], method, memo=diagnose.session_memo())
+            diagnose.render_case(result, pair, opacity)

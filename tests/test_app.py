@@ -1,4 +1,4 @@
-"""The Streamlit app, driven headless with streamlit.testing (AppTest), and the logic of kd/app.py.
+"""The Streamlit app, driven headless with streamlit.testing (AppTest), and the logic of kd/ui/.
 
 AppTest in Streamlit 1.67 has a file-uploader element (`at.file_uploader[...].set_value`), so uploads go
 through the real page: bytes in, both models' probabilities and heat maps out.
@@ -17,13 +17,20 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from kd import app, cam, jobs  # noqa: E402
+from kd import cam, jobs  # noqa: E402
 from kd import runs as kruns  # noqa: E402
 from kd.config import PRESETS  # noqa: E402
-from kd.data import LAYOUT_HELP  # noqa: E402
+from kd.data import LAYOUT_HELP, stratified_sample  # noqa: E402
 from kd.model_card import DISCLAIMER  # noqa: E402
 from kd.testing.xray_fixtures import (BAD_UPLOAD_KEYWORDS, BAD_UPLOADS, colour_photo, xray_dicom,  # noqa: E402
                                  xray_png)
+from kd.ui import data as ui_data  # noqa: E402
+from kd.ui import diagnose as ui_diagnose  # noqa: E402
+from kd.ui import evaluate as ui_evaluate  # noqa: E402
+from kd.ui import figures, state  # noqa: E402
+from kd.ui import models as ui_models  # noqa: E402
+from kd.ui import progress as ui_progress  # noqa: E402
+from kd.ui import train as ui_train  # noqa: E402
 
 APP = Path(__file__).resolve().parent.parent / "streamlit_app.py"
 PAGES = {"pages/diagnose.py": "Diagnose", "pages/train.py": "Train", "pages/evaluate.py": "Evaluate",
@@ -70,7 +77,7 @@ def test_every_page_renders_with_the_disclaimer(app_env):
         open_page(at, page)
         assert at.title[0].value == title
         assert any(DISCLAIMER in w for w in alerts(at, "warning")), f"no disclaimer on {page}"
-        assert at.text_input(key=app.DATA_KEY).value == str(app_env.data)  # shared path, default from KD_DATA
+        assert at.text_input(key=state.DATA_KEY).value == str(app_env.data)  # shared path, default from KD_DATA
 
     open_page(at, "pages/data.py")
     counts = at.dataframe[0].value
@@ -106,7 +113,7 @@ def test_upload_png_and_dicom_shows_both_models(app_env):
     assert len(at.image) == 4  # one overlay per model and file
     assert "chest.png" in all_text(at) and "chest.dcm" in all_text(at)
     assert len(metric_values(at, "CAM correlation")) == 2
-    assert app.AGREEMENT_HELP in all_text(at)
+    assert cam.AGREEMENT_HELP in all_text(at)
 
     at.selectbox(key="cam_method").set_value("GradCAM++")
     at.slider(key="cam_opacity").set_value(0.8).run()
@@ -124,12 +131,12 @@ def test_an_empty_heat_map_is_explained_and_agreement_not_claimed(app_env, monke
 
 def test_faithfulness_computes_each_heat_map_once(app_env, monkeypatch):
     """ROAD's maps also give the teacher/student agreement: one CAM per image and model, no second pass."""
-    pair, _ = app.load_models(app_env.weights)
+    pair, _ = ui_models.load_models(app_env.weights)
     calls = []
     real = cam.explain
     monkeypatch.setattr(cam, "explain", lambda *a, **k: calls.append(1) or real(*a, **k))
-    samples = app.stratified_sample(app.split_samples(app_env.data, "test"), 4)
-    res = app.faithfulness(pair, samples, "GradCAM", percentiles=(50,))
+    samples = stratified_sample(ui_data.split_samples(app_env.data, "test"), 4)
+    res = cam.faithfulness(pair, samples, "GradCAM", percentiles=(50,))
     assert res["n"] == 4 and len(calls) == 2 * 4
     assert res["agreement"]["empty_maps"] in range(5)
 
@@ -166,7 +173,7 @@ def test_bad_uploads_show_their_message_and_the_page_keeps_working(app_env):
 def test_dataset_case_shows_its_ground_truth(app_env):
     at = start_app()
     at.selectbox(key="case_split").set_value("test").run()
-    first = app.split_samples(app_env.data, "test")[0]
+    first = ui_data.split_samples(app_env.data, "test")[0]
     at.selectbox(key="case_path").set_value(first.path).run()
     assert not at.exception and not at.error
     assert "ground truth" in all_text(at) and len(at.image) == 2
@@ -185,7 +192,7 @@ def test_without_weights_or_dataset_the_pages_say_what_to_do(app_env, tmp_path, 
     open_page(at, "pages/evaluate.py")
     assert "python -m kd pipeline" in " ".join(alerts(at, "error"))
 
-    at.text_input(key=app.DATA_KEY).input(str(tmp_path)).run()  # a folder without train/
+    at.text_input(key=state.DATA_KEY).input(str(tmp_path)).run()  # a folder without train/
     open_page(at, "pages/data.py")
     assert any("has no train/ folder" in e for e in alerts(at, "error"))
     assert LAYOUT_HELP in all_text(at)
@@ -197,7 +204,7 @@ def test_without_weights_or_dataset_the_pages_say_what_to_do(app_env, tmp_path, 
 def _fill_tiny_form(at: AppTest, name: str) -> None:
     at.selectbox(key="train_preset").set_value("tiny")
     at.checkbox(key="train_baseline").uncheck()
-    at.text_input(key=app.RUN_NAME_KEY).input(name)
+    at.text_input(key=ui_train.RUN_NAME_KEY).input(name)
 
 
 def _state(at: AppTest) -> str | None:
@@ -229,7 +236,7 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
         if _state(at) == "finished" and not jobs.current_job(app_env.runs):
             break
     else:
-        pytest.fail(f"training did not finish: {app.log_tail(app_env.runs / 'apptest')}")
+        pytest.fail(f"training did not finish: {ui_progress.log_tail(app_env.runs / 'apptest')}")
     at.run()
     assert saw_progress and saw_chart
     assert "train_loss_chart" in element_keys(at, "plotly_chart")
@@ -239,12 +246,12 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
     at.selectbox(key="train_use_choice").set_value("apptest")
     at.button(key="train_use").click().run()
     assert not at.exception
-    assert app.active_weights() == app_env.runs / "apptest"
+    assert state.active_weights() == app_env.runs / "apptest"
     open_page(at, "pages/diagnose.py")
     assert "run **apptest**" in all_text(at)
     open_page(at, "pages/train.py")
     at.button(key="train_use_shipped").click().run()
-    assert app.active_weights() == app_env.weights
+    assert state.active_weights() == app_env.weights
 
 
 def _live_sleeper_lock(runs: Path, run_dir: Path) -> subprocess.Popen:
@@ -276,7 +283,7 @@ def test_a_second_job_is_refused_while_one_runs(app_env):
 def test_stale_lock_is_recovered_then_resume_and_stop(app_env):
     runs = app_env.runs
     crashed = runs / "crashed"
-    cfg = app.build_config(str(app_env.data), "crashed", "tiny", epochs=2, baseline=False)
+    cfg = ui_train.build_config(str(app_env.data), "crashed", "tiny", epochs=2, baseline=False)
     crashed.mkdir()
     cfg.save(crashed / "config.json")
     (crashed / "status.json").write_text(json.dumps({"state": "running", "phases": ["finetune"], "phase": "finetune",
@@ -302,30 +309,30 @@ def test_stale_lock_is_recovered_then_resume_and_stop(app_env):
     assert any(b.key == "train_resume" for b in at.button)
 
 
-# ----------------------------------------------------------------------------- kd/app.py logic
+# ----------------------------------------------------------------------------- kd/ui logic
 
 
 def test_build_config_is_the_cli_config_and_validates(app_env, tmp_path):
-    cfg = app.build_config(str(app_env.data), "r1", "tiny", epochs=3, image_size=48, batch_size=4, temperature=2.0,
+    cfg = ui_train.build_config(str(app_env.data), "r1", "tiny", epochs=3, image_size=48, batch_size=4, temperature=2.0,
                            alpha=0.3, ssl_method="byol", device="cpu", baseline=False, teacher_targets="cached")
     assert cfg.out == str(app_env.runs / "r1") and cfg.data == str(app_env.data.resolve())
     assert all(cfg.phase(p).epochs == 3 and cfg.phase(p).image_size == 48 and cfg.phase(p).batch_size == 4
                for p in ("pretrain", "finetune", "distill"))
     assert (cfg.temperature, cfg.alpha, cfg.ssl_method, cfg.device, cfg.baseline, cfg.teacher_targets) == \
         (2.0, 0.3, "byol", "cpu", False, "cached")
-    kept, reference = app.build_config(str(app_env.data), "r2", "cpu"), PRESETS["cpu"]()
+    kept, reference = ui_train.build_config(str(app_env.data), "r2", "cpu"), PRESETS["cpu"]()
     assert all(kept.phase(p) == reference.phase(p) for p in ("pretrain", "finetune", "distill"))  # None keeps them
-    assert kept.teacher_targets == "cached" and app.build_config(str(app_env.data), "r5", "gpu").teacher_targets == "online"
+    assert kept.teacher_targets == "cached" and ui_train.build_config(str(app_env.data), "r5", "gpu").teacher_targets == "online"
 
     from kd.data import DatasetError
 
     with pytest.raises(kruns.RunError, match="not allowed"):
-        app.build_config(str(app_env.data), "../escape", "tiny")
+        ui_train.build_config(str(app_env.data), "../escape", "tiny")
     with pytest.raises(DatasetError, match="Expected layout"):
-        app.build_config(str(tmp_path / "nowhere"), "r3", "tiny")
+        ui_train.build_config(str(tmp_path / "nowhere"), "r3", "tiny")
     with pytest.raises(ValueError, match="alpha"):
-        app.build_config(str(app_env.data), "r4", "tiny", alpha=1.5)
-    _, message = app.start_training(dict(data_root=str(app_env.data), run_name="bad name!", preset_name="tiny"),
+        ui_train.build_config(str(app_env.data), "r4", "tiny", alpha=1.5)
+    _, message = ui_train.start_training(dict(data_root=str(app_env.data), run_name="bad name!", preset_name="tiny"),
                                     "pipeline")
     assert "not allowed" in message
 
@@ -341,19 +348,19 @@ def test_progress_events_become_frames_and_figures():
            "loss": 0.7, "lr": 0.001, "images_per_s": 9.0, "eta_s": 0} for s in (1, 2, 1, 2)],  # resumed: repeated
         {"kind": "epoch", "phase": "finetune", "epoch": 1, "metrics": {"auc": 0.8, "accuracy": 0.75}},
     ]
-    steps = app.step_frame(events)
+    steps = ui_progress.step_frame(events)
     assert list(steps["x"]) == [1, 2, 3, 4, 5, 6] and list(steps["phase"]) == ["pretrain"] * 4 + ["finetune"] * 2
-    epochs = app.epoch_frame(events)
+    epochs = ui_progress.epoch_frame(events)
     assert set(epochs.columns) >= {"phase", "epoch", "knn_accuracy", "auc", "accuracy"}
-    assert len(app.loss_figure(steps).data) == 2 and len(app.lr_figure(steps).data) == 2
-    assert app.metrics_figure(epochs) is not None
-    assert app.step_frame([]).empty and app.metrics_figure(app.epoch_frame([])) is None
+    assert len(figures.loss_figure(steps).data) == 2 and len(figures.lr_figure(steps).data) == 2
+    assert figures.metrics_figure(epochs) is not None
+    assert ui_progress.step_frame([]).empty and figures.metrics_figure(ui_progress.epoch_frame([])) is None
 
 
 def test_log_tail_folds_progress_bars(tmp_path):
     (tmp_path / "train.log").write_text("start\n" + "".join(f"\rdecode {i}%" for i in range(0, 101, 10)) + "\nend\n")
-    assert app.log_tail(tmp_path) == "start\ndecode 100%\nend"
-    assert app.log_tail(tmp_path / "missing") == ""
+    assert ui_progress.log_tail(tmp_path) == "start\ndecode 100%\nend"
+    assert ui_progress.log_tail(tmp_path / "missing") == ""
 
 
 def test_evaluation_helpers_on_a_small_result():
@@ -362,47 +369,47 @@ def test_evaluation_helpers_on_a_small_result():
         "teacher": {"probabilities": [0.1, 0.7, 0.8, 0.9], "threshold": 0.5},
         "student": {"probabilities": [0.2, 0.3, 0.4, 0.9], "threshold": 0.5},
     }
-    frame = app.disagreement_frame(result)
+    frame = ui_evaluate.disagreement_frame(result)
     assert sorted(frame["file"]) == ["b.jpeg", "c.jpeg"]  # b: teacher wrong, c: student wrong; a, d: both right
     assert frame["reason"].str.startswith("disagree").all()
-    at = app.at_threshold(result, 0.5)
+    at = ui_evaluate.at_threshold(result, 0.5)
     assert at["teacher"]["confusion_matrix"] == {"tn": 1, "fp": 1, "fn": 0, "tp": 2}
-    table = app.threshold_table(at)
+    table = ui_evaluate.threshold_table(at)
     assert table.loc["Sensitivity", "Teacher"] == 1.0 and table.loc["Sensitivity", "Student"] == 0.5
-    assert app.operating_points(at)["teacher"] == (0.5, 1.0)
+    assert ui_evaluate.operating_points(at)["teacher"] == (0.5, 1.0)
     reports = {r: {"roc": {"fpr": [0, 1], "tpr": [0, 1], "thresholds": [1, 0]}, "auc": 0.5,
                    "calibration": {"temperature": 1.0, "ece_raw": 0.1, "ece_scaled": 0.05,
                                    "curve": {"mean_predicted": [0.2], "fraction_positive": [0.3], "count": [4]}},
-                   "confusion_matrix": {"tn": 1, "fp": 1, "fn": 0, "tp": 2}} for r in app.ROLES}
-    assert len(app.roc_figure(reports, app.operating_points(at)).data) == 5
-    assert len(app.calibration_figure(reports).data) == 3
-    assert app.confusion_figure(reports["teacher"]["confusion_matrix"], "t").data
+                   "confusion_matrix": {"tn": 1, "fp": 1, "fn": 0, "tp": 2}} for r in ui_models.ROLES}
+    assert len(figures.roc_figure(reports, ui_evaluate.operating_points(at)).data) == 5
+    assert len(figures.calibration_figure(reports).data) == 3
+    assert figures.confusion_figure(reports["teacher"]["confusion_matrix"], "t").data
 
 
 def test_diagnose_bytes_memo_and_faithfulness(app_env):
-    pair, problem = app.load_models(app_env.weights)
+    pair, problem = ui_models.load_models(app_env.weights)
     assert problem is None
     memo: dict = {}
-    first = app.diagnose_bytes(pair, xray_png(), "a.png", "GradCAM", memo)
-    again = app.diagnose_bytes(pair, xray_png(), "a.png", "GradCAM", memo)
+    first = ui_diagnose.diagnose_bytes(pair, xray_png(), "a.png", "GradCAM", memo)
+    again = ui_diagnose.diagnose_bytes(pair, xray_png(), "a.png", "GradCAM", memo)
     assert again.diagnosis is first.diagnosis and len(memo) == 1
-    for role in app.ROLES:
-        image = app.overlay_image(first, role, 0.5)
+    for role in ui_models.ROLES:
+        image = ui_diagnose.overlay_image(first, role, 0.5)
         side = max(pair.input_size, cam.DISPLAY_SIZE)  # drawn sharper than the tiny model input
         assert image.dtype == np.uint8 and image.shape == (side, side, 3)
         assert first.diagnosis.square.shape == (pair.input_size, pair.input_size)
-    bad = app.diagnose_bytes(pair, b"", "empty.jpg", "GradCAM", memo)
+    bad = ui_diagnose.diagnose_bytes(pair, b"", "empty.jpg", "GradCAM", memo)
     assert bad.diagnosis is None and "empty" in bad.error.lower()
 
-    samples = app.stratified_sample(app.split_samples(app_env.data, "test"), 2)
+    samples = stratified_sample(ui_data.split_samples(app_env.data, "test"), 2)
     assert sorted(s.label for s in samples) == [0, 1]
     seen = []
-    res = app.faithfulness(pair, samples, "GradCAM", progress=lambda f, text: seen.append(f), percentiles=(50,))
-    assert res["n"] == 2 and set(res["road"]) == set(app.ROLES) and seen[-1] == pytest.approx(1.0)
+    res = cam.faithfulness(pair, samples, "GradCAM", progress=lambda f, text: seen.append(f), percentiles=(50,))
+    assert res["n"] == 2 and set(res["road"]) == set(ui_models.ROLES) and seen[-1] == pytest.approx(1.0)
     agree = res["agreement"]  # means over the images where neither map is empty; None when there are none
     assert (agree["correlation"] is None) == (agree["empty_maps"] == res["n"])
     assert agree["correlation"] is None or (-1.0 <= agree["correlation"] <= 1.0 and 0.0 <= agree["top20_iou"] <= 1.0)
-    assert list(app.faithfulness_frame(res).index) == ["Teacher", "Student"]
+    assert list(ui_evaluate.faithfulness_frame(res).index) == ["Teacher", "Student"]
 
 
 def test_runs_frame_and_usable_runs(app_env):
@@ -414,11 +421,11 @@ def test_runs_frame_and_usable_runs(app_env):
             {"name": "teacher-only", "path": str(app_env.tmp), "status": {"state": "finished"},
              "card": teacher_only, "modified": time.time()},
             {"name": "running", "path": "/x/r", "status": {"state": "running"}, "card": None, "modified": time.time()}]
-    frame = app.runs_frame(runs)
+    frame = ui_progress.runs_frame(runs)
     assert list(frame["run"]) == ["done", "teacher-only", "running"]
     assert frame.loc[0, "teacher AUC"] is not None and frame.loc[2, "state"] == "running"
-    assert app.usable_runs(runs) == ["done"]
-    assert app.use_run("missing") is not None  # no model card: refused with a message
+    assert ui_progress.usable_runs(runs) == ["done"]
+    assert ui_train.use_run("missing") is not None  # no model card: refused with a message
 
 
 # ----------------------------------------------------------------------------- state files of the wrong shape
@@ -489,7 +496,7 @@ def test_an_unreadable_active_json_is_said_and_the_shipped_weights_serve(app_env
     (app_env.runs / kruns.ACTIVE_FILE).write_text("[1]")
     at = open_page(start_app(), page)
     assert any(w.startswith(f"unreadable: {app_env.runs / kruns.ACTIVE_FILE}, ") for w in alerts(at, "warning"))
-    assert app.active_weights() == app_env.weights
+    assert state.active_weights() == app_env.weights
     if page == "pages/diagnose.py":
         at.file_uploader(key="uploads").set_value([("chest.png", xray_png(), "image/png")]).run()
         assert not at.exception and len(metric_values(at, "Probability of pneumonia")) == 2
@@ -501,4 +508,4 @@ def test_a_run_whose_model_card_is_unreadable_is_listed_with_why(app_env):
     runs = at.dataframe[-1].value
     [note] = runs.loc[runs["run"] == "broken", "note"]
     assert note == f"unreadable: {run / 'model_card.json'}, it must be a JSON object, not [1]"
-    assert "broken" not in app.usable_runs(app.list_runs())
+    assert "broken" not in ui_progress.usable_runs(ui_progress.list_runs())

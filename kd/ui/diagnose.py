@@ -1,0 +1,129 @@
+"""The Diagnose page's logic: one image through both models, remembered in the session, drawn as a case.
+
+Uploaded files are handled as bytes in memory only: nothing here writes them to disk or logs them.
+Their results are kept in the user's own session state (never in a cache shared between sessions),
+bounded to the last `MEMO_SIZE` images.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from kd import cam, preprocess
+from kd import data as kdata
+from kd.inference import ModelPair
+from kd.ui.models import ROLE_LABEL, ROLES, architecture
+
+CAM_METHODS = tuple(cam.METHODS)
+MEMO_KEY = "_kd_diagnoses"
+MEMO_SIZE = 32  # diagnoses remembered per session (bytes digests -> results, memory only)
+UPLOAD_HELP = ("JPEG, PNG or DICOM (.dcm). Files are processed in memory only: never written to disk, never "
+               "logged, forgotten when the session ends.")
+
+
+@dataclass
+class CaseResult:
+    """One image's outcome: a diagnosis, or the human message of why it was refused."""
+
+    name: str
+    method: str
+    diagnosis: cam.Diagnosis | None = None
+    error: str | None = None
+    truth: str | None = None
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(self.diagnosis.xray.warnings) if self.diagnosis and self.diagnosis.xray else ()
+
+
+def session_memo() -> dict:
+    return st.session_state.setdefault(MEMO_KEY, {})
+
+
+def diagnose_bytes(pair: ModelPair, data: bytes, name: str, method: str = "GradCAM", memo: dict | None = None,
+                   truth: str | None = None) -> CaseResult:
+    """Both predictions and heat maps of one file, or its refusal; never raises for a bad image.
+
+    `memo` (the session's dict) remembers results by content digest, so reruns (slider moves) are free."""
+    key = (hashlib.sha256(data).hexdigest(), name, str(pair.weights_dir), method)
+    if memo is not None and key in memo:
+        result = memo.pop(key)
+        memo[key] = result  # most recently used last
+        return replace(result, truth=truth)
+    try:
+        result = CaseResult(name, method, diagnosis=cam.diagnose(pair, data, name, method))
+    except preprocess.ImageError as e:
+        result = CaseResult(name, method, error=str(e))
+    if memo is not None:
+        memo[key] = result
+        while len(memo) > MEMO_SIZE:
+            memo.pop(next(iter(memo)))
+    return replace(result, truth=truth)
+
+
+def diagnose_file(pair: ModelPair, path: str, method: str = "GradCAM", memo: dict | None = None,
+                  truth: str | None = None) -> CaseResult:
+    """A dataset image (path on disk) through exactly the upload path."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return CaseResult(Path(path).name, method, error=f"Could not read {Path(path).name}: {e.strerror or e}.",
+                          truth=truth)
+    return diagnose_bytes(pair, data, Path(path).name, method, memo, truth)
+
+
+def diagnose_sample(pair: ModelPair, sample: kdata.Sample, method: str = "GradCAM",
+                    memo: dict | None = None) -> CaseResult:
+    """A dataset case, with its ground truth shown next to the predictions."""
+    return diagnose_file(pair, sample.path, method, memo, truth=kdata.CLASSES[sample.label])
+
+
+def overlay_image(result: CaseResult, role: str, opacity: float) -> np.ndarray:
+    d = result.diagnosis
+    return cam.overlay(d.picture, d.views[role].cam, opacity)
+
+
+def agreement_text(value: float | None) -> str:
+    """An agreement figure, or n/a when a heat map was empty (cam.agreement)."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def decision_badge(decision: str) -> str:
+    return f":red-badge[{decision}]" if decision == "PNEUMONIA" else f":green-badge[{decision}]"
+
+
+def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> None:
+    """One image: teacher and student side by side, then how far they agree. Errors stay in this box."""
+    with st.container(border=True):
+        title = f"**{result.name}**"
+        if result.truth:
+            title += f" &nbsp; ground truth: {decision_badge(result.truth)}"
+        st.markdown(title)
+        if result.error:
+            st.error(result.error)
+            return
+        for warning in result.warnings:
+            st.warning(warning)
+        d = result.diagnosis
+        columns = st.columns(2, gap="medium")
+        for column, role in zip(columns, ROLES):
+            view = d.views[role]
+            with column:
+                st.markdown(f"##### {ROLE_LABEL[role]} ({architecture(pair, role)})")
+                left, right = st.columns(2)
+                left.metric("Probability of pneumonia", f"{view.probability:.1%}")
+                right.metric("Time", f"{view.seconds:.2f} s", help="prediction and heat map on this machine")
+                st.markdown(f"Decision: {decision_badge(view.decision)} at threshold {view.threshold:.3f}")
+                st.image(overlay_image(result, role, opacity), width=380,
+                         caption=f"{ROLE_LABEL[role]} · {result.method} heat map for PNEUMONIA")
+                if cam.is_empty(view.cam):
+                    st.caption(cam.EMPTY_MAP_NOTE)
+        a, b, c = st.columns(3)
+        a.metric("Decisions", "same" if d.same_decision else "different")
+        b.metric("CAM correlation", agreement_text(d.agreement["correlation"]), help=cam.AGREEMENT_HELP)
+        c.metric("Top-20% overlap (IoU)", agreement_text(d.agreement["top20_iou"]), help=cam.AGREEMENT_HELP)
+        st.caption(cam.AGREEMENT_HELP)

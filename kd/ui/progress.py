@@ -1,0 +1,187 @@
+"""How runs stand, from their files only: one run's live view (progress frames, state, log tail) and the
+runs table with each finished run's numbers."""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kd import progress as kprogress
+from kd import runs as kruns
+from kd.statefile import UnreadableState
+from kd.ui.models import ROLES
+from kd.ui.state import running_job, runs_root
+
+
+def step_frame(events: list[dict]) -> pd.DataFrame:
+    """Logged steps in run order: `x` counts steps over all phases (a resumed epoch's repeats replaced)."""
+    cols = ["x", "phase", "epoch", "step", "global_step", "total_steps", "loss", "lr", "images_per_s", "eta_s",
+            "time"]
+    steps = [e for e in events if e.get("kind") == "step"]
+    if not steps:
+        return pd.DataFrame(columns=cols)
+    df = pd.DataFrame(steps)
+    for c in cols[1:]:
+        if c not in df:
+            df[c] = np.nan
+    order = list(dict.fromkeys(df["phase"]))
+    df = df.drop_duplicates(["phase", "global_step"], keep="last")
+    df["phase"] = pd.Categorical(df["phase"], categories=order, ordered=True)
+    df = df.sort_values(["phase", "global_step"])
+    offsets, total = {}, 0
+    for ph in order:
+        offsets[ph] = total
+        rows = df["phase"] == ph
+        planned = df.loc[rows, "total_steps"].max()  # NaN when no step of the phase said
+        total += int(planned if pd.notna(planned) and planned > 0 else df.loc[rows, "global_step"].max())
+    df["x"] = df["global_step"] + df["phase"].astype(str).map(offsets)
+    df["phase"] = df["phase"].astype(str)
+    return df[cols].reset_index(drop=True)
+
+
+def epoch_frame(events: list[dict]) -> pd.DataFrame:
+    """Validation metrics per phase and epoch (AUC, accuracy... or the SSL kNN probe)."""
+    rows = {}
+    for e in events:
+        if e.get("kind") == "epoch":
+            rows[(e.get("phase"), e.get("epoch"))] = {"phase": e.get("phase"), "epoch": e.get("epoch"),
+                                                      **(e.get("metrics") or {}), "seconds": e.get("seconds")}
+    return pd.DataFrame(list(rows.values()))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not np.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+@dataclass
+class RunView:
+    name: str
+    path: Path
+    state: str  # running | finished | failed | stopped | starting
+    status: dict
+    steps: pd.DataFrame
+    epochs: pd.DataFrame
+    fraction: float
+    progress_text: str
+    images_per_s: float | None
+    elapsed: str
+    error: str | None
+    running: bool
+    problems: list[str]  # "unreadable: <file>, <why>" for status.json / progress.jsonl: shown, the rest goes on
+
+    @property
+    def can_resume(self) -> bool:
+        return not self.running and self.state in ("stopped", "failed") and (self.path / "config.json").exists()
+
+
+def run_view(run_dir: str | Path) -> RunView:
+    """Everything the live panel shows about one run, from its status and progress files only."""
+    run_dir = Path(run_dir)
+    job = running_job()
+    running = bool(job and Path(job["run_dir"]).resolve() == run_dir.resolve())
+    problems = []
+    try:
+        status = kruns.run_status(run_dir, kprogress.load_status(run_dir) or {})
+    except UnreadableState as e:
+        status = {}
+        problems.append(str(e))
+    events, bad_lines = kprogress.load_progress(run_dir)
+    if bad_lines:
+        problems.append(str(bad_lines))
+    state = status.get("state") or "unknown"
+    fresh = (status.get("started") or 0) >= (job or {}).get("started", 0)
+    if running and (state not in ("running", "finished") or not fresh):
+        state = "starting"  # launched or resumed, and the old status not rewritten yet
+    phases = list(status.get("phases") or [])
+    phase = status.get("phase")
+    steps = step_frame(events)
+    if state == "finished":
+        fraction, text = 1.0, "finished"
+    elif phase in phases:
+        i = phases.index(phase)
+        within = (status.get("global_step") or 0) / max(1, status.get("total_steps") or 1)
+        if status.get("last_event") == "phase_start":
+            within = 0.0
+        fraction = min(1.0, (i + within) / max(1, len(phases)))
+        text = (f"{phase} ({i + 1}/{len(phases)}) · epoch {status.get('epoch', '?')}/{status.get('epochs', '?')} · "
+                f"step {status.get('step', '?')}/{status.get('steps', '?')}")
+        if status.get("eta_s") is not None and status.get("last_event") == "step":
+            text += f" · ETA for this phase {_duration(status.get('eta_s'))}"
+    elif phase == "export":
+        fraction, text = 0.99, f"exporting weights and model card ({status.get('model', '')})"
+    else:
+        fraction, text = 0.0, "preparing data (decoding images into the cache)" if running else state
+    started = status.get("started")
+    end = status.get("finished") or status.get("stopped") or (time.time() if running else status.get("updated"))
+    elapsed = _duration(end - started) if started and end else "?"
+    return RunView(run_dir.name, run_dir, state, status, steps, epoch_frame(events), float(fraction), text,
+                   status.get("images_per_s"), elapsed, None if running else status.get("error"), running, problems)
+
+
+def log_tail(run_dir: str | Path, lines: int = 25, max_bytes: int = 64_000) -> str:
+    """The last lines of train.log (progress-bar carriage returns folded)."""
+    path = Path(run_dir) / "train.log"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    out = [line.split("\r")[-1] for line in text.split("\n")]
+    return "\n".join([line for line in out if line.strip()][-lines:])
+
+
+def _card_number(card: dict | None, role: str, key: str) -> float | None:
+    try:
+        v = card["models"][role]["validation"][key]
+        return None if v is None else round(float(v), 3)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def runs_frame(runs: list[dict]) -> pd.DataFrame:
+    """One row per run with its state and key numbers from its model card (validation split)."""
+    rows = []
+    for r in runs:
+        st_, card = r["status"], r["card"]
+        cfg = (card or {}).get("config", {})
+        rows.append({
+            "run": r["name"], "state": st_.get("state", "?"), "phases": ", ".join(st_.get("phases") or []),
+            "preset": cfg.get("preset", ""),
+            "teacher AUC": _card_number(card, "teacher", "auc"), "student AUC": _card_number(card, "student", "auc"),
+            "teacher acc": _card_number(card, "teacher", "accuracy"),
+            "student acc": _card_number(card, "student", "accuracy"),
+            "wall time": _duration((card or {}).get("wall_time_s", {}).get("total")) if card else "",
+            "modified": datetime.datetime.fromtimestamp(r["modified"]).strftime("%Y-%m-%d %H:%M"),
+            "note": r.get("problem") or "",  # e.g. "unreadable: <run>/model_card.json, <why>"
+        })
+    frame = pd.DataFrame(rows)
+    return frame if frame.empty or frame["note"].any() else frame.drop(columns="note")
+
+
+def has_both_models(run: dict) -> bool:
+    """A finished run whose card has an exported teacher and student (a single phase may export only one)."""
+    models = (run.get("card") or {}).get("models", {})
+    return all("threshold" in models.get(role, {}) and (Path(run["path"]) / models[role].get("file", "")).is_file()
+               for role in ROLES)
+
+
+def usable_runs(runs: list[dict]) -> list[str]:
+    """Runs whose weights Diagnose and Evaluate can use."""
+    return [r["name"] for r in runs if has_both_models(r)]
+
+
+def list_runs() -> list[dict]:
+    return kruns.list_runs(runs_root())

@@ -1,0 +1,227 @@
+"""The Train page's logic: the form -> a Config -> a background job; the live panel that follows a run;
+stopping, resuming, and choosing the weights Diagnose and Evaluate use."""
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import streamlit as st
+
+from kd import data as kdata
+from kd import jobs
+from kd import runs as kruns
+from kd.config import PRESETS, Config, preset
+from kd.ui import figures
+from kd.ui.models import clear_model_cache
+from kd.ui.progress import RunView, log_tail, run_view
+from kd.ui.state import flash, running_job, runs_root, show_error
+
+COMMANDS = {
+    "Full pipeline (SSL-pretrain, fine-tune, distil)": "pipeline",
+    "SSL-pretrain the teacher": "pretrain",
+    "Fine-tune the teacher": "finetune",
+    "Distil the student": "distill",
+}
+DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
+TEACHER_TARGET_LABELS = {None: "The preset's choice (cpu: cached, gpu: online)",
+                         "online": "Online (teacher on every augmented view)", "cached": "Cached (computed once, faster)"}
+RUN_NAME_KEY = "kd_run_name"
+_NEXT_RUN_NAME = "_kd_next_run_name"
+WATCH_KEY = "kd_watch_run"
+_SEEN_RUNNING_KEY = "_kd_seen_running"
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_run_name() -> str:
+    return "run-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def prepare_train_form() -> None:
+    """Before the form is drawn: a fresh default run name (after a start, a new one)."""
+    if st.session_state.pop(_NEXT_RUN_NAME, False) or RUN_NAME_KEY not in st.session_state:
+        st.session_state[RUN_NAME_KEY] = default_run_name()
+
+
+def preset_summary(name: str) -> str:
+    cfg = PRESETS[name]()
+    parts = [f"{ph} {cfg.phase(ph).epochs} ep @ {cfg.phase(ph).image_size} px, batch {cfg.phase(ph).batch_size}"
+             for ph in ("pretrain", "finetune", "distill")]
+    return f"**{name}**: " + "; ".join(parts) + f"; evaluated at {cfg.eval_image_size} px. {PRESETS[name].__doc__}"
+
+
+def preset_defaults(name: str) -> dict:
+    cfg = PRESETS[name]()
+    return {"temperature": cfg.temperature, "alpha": cfg.alpha, "ssl_method": cfg.ssl_method}
+
+
+def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs: int | None = None,
+                 image_size: int | None = None, batch_size: int | None = None, temperature: float | None = None,
+                 alpha: float | None = None, ssl_method: str | None = None, device: str = "auto",
+                 baseline: bool = True, teacher_targets: str | None = None) -> Config:
+    """The one Config the CLI would build from the same choices; raises DatasetError / JobError / ValueError.
+
+    None keeps the preset's value (epochs, image size and batch size then differ per phase)."""
+    root = kdata.check_root(data_root)
+    run_dir = kruns.run_dir_for(run_name, runs_root())
+    if device not in DEVICES.values():
+        raise ValueError(f"Unknown device {device!r}")
+    if device == "cuda" and gpu_count() == 0:
+        raise ValueError("GPU was chosen but no GPU is visible to this machine; choose Auto or CPU.")
+    cfg = preset(preset_name, image_size=image_size or None, epochs=epochs, batch_size=batch_size or None,
+                 temperature=temperature, alpha=alpha, ssl_method=ssl_method, teacher_targets=teacher_targets)
+    cfg.data, cfg.out, cfg.device, cfg.baseline = str(root.resolve()), str(run_dir), device, bool(baseline)
+    cfg.validate()
+    return cfg
+
+
+def start_training(form: dict, command: str, gpus: int = 1) -> tuple[dict | None, str | None]:
+    """Start a job from the form's values: (job record, None) or (None, the message to show)."""
+    try:
+        cfg = build_config(**form)
+        run_dir = Path(cfg.out)
+        if running_job() is None and run_dir.exists() and any(run_dir.iterdir()):
+            raise jobs.JobError(f"A run named {run_dir.name} already exists: choose another run name, or select it "
+                                "below and Resume it if it was stopped.")
+        record = jobs.start_job(cfg, command, gpus=max(1, int(gpus)), runs_root=runs_root())
+    except (kdata.DatasetError, kruns.RunError, ValueError, OSError) as e:
+        return None, str(e)
+    st.session_state[WATCH_KEY] = Path(record["run_dir"]).name
+    st.session_state[_NEXT_RUN_NAME] = True
+    return record, None
+
+
+def stop_training() -> str:
+    return "Stopped; the last finished epoch is kept (Resume continues from it)." if jobs.stop_job(runs_root()) \
+        else "No job was running."
+
+
+def resume_training(run_name: str) -> tuple[dict | None, str | None]:
+    try:
+        record = jobs.resume_job(kruns.run_dir_for(run_name, runs_root()), runs_root())
+    except (kruns.RunError, ValueError, OSError) as e:
+        return None, str(e)
+    st.session_state[WATCH_KEY] = run_name
+    return record, None
+
+
+def watched_run() -> Path | None:
+    """The run the live view follows: the running job, else the one chosen, else the newest."""
+    root = runs_root()
+    job = running_job()
+    if job:
+        return Path(job["run_dir"])
+    name = st.session_state.get(WATCH_KEY)
+    if name and (root / name).is_dir():
+        return root / name
+    runs = kruns.list_runs(root)
+    return Path(runs[0]["path"]) if runs else None
+
+
+def run_names() -> list[str]:
+    return [r["name"] for r in kruns.list_runs(runs_root())]
+
+
+def job_ended_since_last_look(view: RunView) -> bool:
+    """True once when the followed job stopped running since the previous look (time to refresh the page)."""
+    was = st.session_state.get(_SEEN_RUNNING_KEY)
+    st.session_state[_SEEN_RUNNING_KEY] = view.running
+    return bool(was) and not view.running
+
+
+def watch_selected(widget_key: str) -> None:
+    """on_change of the 'run to show' selectbox."""
+    st.session_state[WATCH_KEY] = st.session_state.get(widget_key)
+
+
+def use_run(name: str) -> str | None:
+    """Activate a finished run's weights for Diagnose and Evaluate; returns an error message or None."""
+    try:
+        kruns.activate(kruns.run_dir_for(name, runs_root()), runs_root())
+    except (kruns.RunError, OSError) as e:
+        return str(e)
+    clear_model_cache()
+    return None
+
+
+def use_shipped() -> None:
+    kruns.reset_active(runs_root())
+    clear_model_cache()
+
+
+def submit(form: dict, command_label: str, gpus: int = 1) -> None:
+    """The form's Start button: start the job, or say why it could not start."""
+    job, error = start_training(form, COMMANDS[command_label], gpus)
+    if error:
+        show_error(error)
+    else:
+        st.success(f"Started {COMMANDS[command_label]} as run {job['run_dir']} (pid {job['pid']}).")
+
+
+def use_run_and_rerun(name: str) -> None:
+    error = use_run(name)
+    flash("error" if error else "success", error or f"Diagnose and Evaluate now use run {name}.")
+    st.rerun()
+
+
+def use_shipped_and_rerun() -> None:
+    use_shipped()
+    flash("success", "Diagnose and Evaluate use the shipped weights again.")
+    st.rerun()
+
+
+def live_panel(refresh: float) -> None:
+    """The followed run (watched_run), redrawn every `refresh` seconds while a job runs: a fragment, so
+    polling redraws this panel and not the page."""
+    st.fragment(_live_panel, run_every=refresh if running_job() else None)()
+
+
+def _live_panel() -> None:
+    run_dir = watched_run()
+    if run_dir is None:
+        st.info("No runs yet: start one above.")
+        return
+    view = run_view(run_dir)
+    if job_ended_since_last_look(view):
+        st.rerun()  # the whole page: runs table, and polling off
+    if not view.running:
+        names = run_names()
+        st.columns([1, 2])[0].selectbox("Run to show", names, index=names.index(view.name) if view.name in names else 0,
+                                        key="train_watch_select", on_change=watch_selected,
+                                        args=("train_watch_select",))
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Run", view.name)
+    c2.metric("State", view.state)
+    c3.metric("Images / s", f"{view.images_per_s:.1f}" if view.images_per_s else "-")
+    c4.metric("Elapsed", view.elapsed)
+    st.progress(view.fraction, text=view.progress_text)
+    for problem in view.problems:
+        st.warning(problem, icon=":material/warning:")
+    if view.error:
+        st.error(view.error)
+    b1, b2, _ = st.columns([1, 1, 4])
+    if view.running and view.state != "finished" and b1.button("Stop", icon=":material/stop:", key="train_stop"):
+        flash("info", stop_training())
+        st.rerun()
+    if view.can_resume and b2.button("Resume", icon=":material/replay:", key="train_resume"):
+        _, error = resume_training(view.name)
+        if error:
+            show_error(error)
+        else:
+            st.rerun()
+    if not view.steps.empty:
+        left, right = st.columns(2)
+        left.plotly_chart(figures.loss_figure(view.steps), key="train_loss_chart")
+        right.plotly_chart(figures.lr_figure(view.steps), key="train_lr_chart")
+    if not view.epochs.empty:
+        left, right = st.columns([3, 2])
+        figure = figures.metrics_figure(view.epochs)
+        if figure is not None:
+            left.plotly_chart(figure, key="train_metrics_chart")
+        right.dataframe(view.epochs.round(3), hide_index=True)
+    with st.expander("train.log (last lines)", expanded=view.state == "failed"):
+        st.code(log_tail(view.path) or "(empty)", language=None)

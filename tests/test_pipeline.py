@@ -194,6 +194,9 @@ def test_distill_with_cached_teacher_targets(tiny_run, tmp_path):
     assert cached and cached[0]["images"] == next(e for e in events if e["kind"] == "phase_start")["train_images"]
     assert (out / "distill" / "student.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["teacher_targets"] == "cached"
+    card = json.loads((out / "model_card.json").read_text())  # written by code: the command that made it
+    assert card["reproduce"] == f"python -m kd distill --data {data} --out {out} --preset tiny --device cpu " \
+                                "--teacher-targets cached --no-baseline"
     done = json.loads((out / "distill" / "done.json").read_text())  # caching counts in the phase's wall time
     assert 0 < done["prep_seconds"] and done["seconds"] == done["prep_seconds"] + sum(h["seconds"] for h in done["history"])
 
@@ -278,4 +281,4 @@ def test_one_file_gives_one_probability_in_the_app_in_predict_and_in_evaluate(ti
         p = cli[role]["probability"]
         assert abs(app.views[role].probability - p) < 1e-4
         assert abs(report[role]["probabilities"][row] - p) < 1e-4
-        assert pair.models[role].temperature != 1.0 or card["models"][role].get("calibration_temperature") == 1.0
+        assert pair.models[role].calibration_temperature != 1.0 or card["models"][role].get("calibration_temperature") == 1.0

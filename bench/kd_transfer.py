@@ -1,0 +1,67 @@
+"""Does distillation transfer? The distilled student against the labels-only student of the same run.
+
+Both are ResNet18s trained under the same budget from the same teacher stem (weights/student.safetensors and
+weights/student_baseline.safetensors); they differ only in the teacher's softened outputs. On each split:
+each model's AUC and the paired difference (distilled - labels-only) with a 95 % bootstrap CI that resamples
+patients (both models scored on every resample). Also the teacher against the labels-only student, which is
+what "a teacher worth distilling" asks (issue: teacher AUC >= labels-only + 0.01).
+
+    python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
+"""
+from __future__ import annotations
+
+import argparse
+
+from common import SHARED
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=None, help="weights folder (default: the shipped one)")
+    ap.add_argument("--data", default=str(SHARED / "chest_xray"))
+    ap.add_argument("--splits", nargs="+", default=["val", "test"])
+    ap.add_argument("--n-boot", type=int, default=2000)
+    args = ap.parse_args()
+
+    import torch
+
+    from kd import metrics
+    from kd.cache import ImageSet, build_cache
+    from kd.checkpoint import load_weights
+    from kd.data import samples_for
+    from kd.evaluate import predict_logits
+    from kd.inference import default_weights
+    from kd.model_card import read_card
+    from kd.models import build
+
+    weights = args.weights or default_weights()
+    card = read_card(weights)
+    size, contrast, cfg = card["input"]["size"], card["input"].get("contrast", "none"), card.get("config", {})
+    roles = [r for r in ("teacher", "student", "student_baseline") if r in card["models"]]
+    if "student_baseline" not in roles:
+        print(f"{weights} has no student_baseline: nothing to compare")
+        return 1
+    device = torch.device("cpu")
+    models = {r: load_weights(build(card["models"][r]["architecture"]), weights / card["models"][r]["file"])
+              .eval().to(memory_format=torch.channels_last) for r in roles}
+    print(f"weights {weights} ({size} px, contrast {contrast}); CIs: patient-level bootstrap, {args.n_boot} resamples")
+    for split in args.splits:
+        samples = samples_for(args.data, split, cfg.get("val_fraction", 0.15), cfg.get("seed", 0))
+        cache = build_cache([s.path for s in samples], size, None, progress=False, contrast=contrast)
+        images = ImageSet.from_cache(cache, [s.label for s in samples])
+        patients = [samples[r].patient for r in images.rows]
+        p = {r: metrics.softmax_pneumonia(predict_logits(m, images, size, device),
+                                          card["models"][r].get("calibration_temperature", 1.0))
+             for r, m in models.items()}
+        y = images.labels
+        aucs = "  ".join(f"{r} {metrics.rank_auc(y, p[r]):.4f}" for r in roles)
+        print(f"\n{split} ({len(y)} images, {len(set(patients))} patients): AUC {aucs}")
+        for a, b in (("student_baseline", "student"), ("student_baseline", "teacher")):
+            if b in p:
+                d, lo, hi = metrics.paired_auc_difference(y, p[a], p[b], n_boot=args.n_boot, groups=patients)
+                print(f"  {b} - {a}: {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -84,7 +84,7 @@ def model_only(kind, arch, size, batch, steps, device) -> float:
 
     def loss():
         if kind == "ssl":
-            z1, z2 = obj.head(embed(obj.teacher, x2)).chunk(2)
+            z1, z2 = obj.head(embed(obj.backbone, x2)).chunk(2)
             return obj.criterion(z1, z2)
         if kind == "distill":
             with torch.no_grad():

@@ -45,7 +45,7 @@ def explain(loaded: LoadedModel, x: torch.Tensor, method: str = "GradCAM") -> tu
         maps = cam(input_tensor=x.contiguous(memory_format=torch.channels_last),
                    targets=[ClassifierOutputTarget(PNEUMONIA)] * x.shape[0])
         logits = cam.outputs.detach().float().cpu().numpy()
-    return float(softmax_pneumonia(logits, loaded.temperature)[0]), maps[0]
+    return float(softmax_pneumonia(logits, loaded.calibration_temperature)[0]), maps[0]
 
 
 def overlay(square: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> np.ndarray:
@@ -87,8 +87,7 @@ class ModelView:
     probability: float
     decision: str
     threshold: float
-    cam: np.ndarray
-    overlay: np.ndarray
+    cam: np.ndarray  # the app draws it over Diagnosis.picture at the opacity chosen (overlay)
     seconds: float
 
 
@@ -111,7 +110,7 @@ def display_picture(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def diagnose_square(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay | None = None,
-                    method: str = "GradCAM", opacity: float = 0.4, picture: np.ndarray | None = None) -> Diagnosis:
+                    method: str = "GradCAM", picture: np.ndarray | None = None) -> Diagnosis:
     picture = display_picture(square, pair.input_size) if picture is None else picture
     x = preprocess.to_tensor(square)
     views = {}
@@ -119,18 +118,16 @@ def diagnose_square(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay |
         t0 = time.perf_counter()
         p, cam = explain(loaded, x, method)
         seconds = time.perf_counter() - t0
-        views[role] = ModelView(p, "PNEUMONIA" if p >= loaded.threshold else "NORMAL", loaded.threshold, cam,
-                                overlay(picture, cam, opacity), seconds)
+        views[role] = ModelView(p, "PNEUMONIA" if p >= loaded.threshold else "NORMAL", loaded.threshold, cam, seconds)
     return Diagnosis(square, xray, views, agreement(views["teacher"].cam, views["student"].cam), picture)
 
 
-def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = "GradCAM",
-             opacity: float = 0.4) -> Diagnosis:
+def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = "GradCAM") -> Diagnosis:
     """Bytes of an upload -> both predictions and both heat maps; raises preprocess.ImageError."""
     size = pair.input_size
     square, xray = pair.prepare(data, name)  # the model's pixels: the same path as training and `kd predict`
     shown = preprocess.load_xray(data, name=name, target_size=max(size, DISPLAY_SIZE))  # sharper, for the eye only
-    return diagnose_square(pair, square, xray, method, opacity, display_picture(shown.pixels, size))
+    return diagnose_square(pair, square, xray, method, display_picture(shown.pixels, size))
 
 
 def road_scores(loaded: LoadedModel, squares: np.ndarray, method: str = "GradCAM",

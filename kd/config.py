@@ -12,7 +12,6 @@ from pathlib import Path
 
 from kd import statefile
 
-PHASES = ("pretrain", "finetune", "distill", "baseline")
 SSL_METHODS = ("simclr", "byol")
 TEACHER_TARGETS = ("online", "cached")
 CONTRASTS = ("none", "equalize", "clahe")
@@ -181,7 +180,7 @@ def _from_json(cls, value, what: str):
 
 
 def _preset_tiny() -> Config:
-    """Seconds on a CPU at 32 px: for tests and smoke runs, not for accuracy."""
+    """32 px, one epoch a phase: for tests and smoke runs, not for accuracy."""
     ph = dict(epochs=1, image_size=32, batch_size=8, warmup_epochs=0.0)
     return Config(
         preset="tiny", eval_image_size=32, max_knn_bank=64,
@@ -197,8 +196,8 @@ def _preset_cpu() -> Config:
     """The recipe of the gpu preset (bench/recipes.md) at the 2-core CPU's budget: no SSL pretraining (SimCLR
     did not help the teacher on the official test split, 0.949 vs 0.962 AUC), histogram equalisation, the
     stronger augmentation and 0.5 on the calibrated probability; fine-tuning and distillation at 128 px for
-    6 + 5 epochs (about an hour on an idle 2-core CPU by the per-epoch times of earlier reference runs: 128 px
-    is what makes the budget, see bench/resolution.py).
+    6 + 5 epochs (DESCRIPTION["cpu"], by the per-epoch times of earlier reference runs: 128 px is what makes
+    the budget, see bench/resolution.py).
 
     Distillation uses cached teacher logits: at this budget and 128 px they gave the same validation AUC as the
     online teacher (+0.0016, paired 95% CI -0.0001 to +0.0035) at 1.35x the speed (bench/teacher_cache.py)."""
@@ -212,8 +211,7 @@ def _preset_cpu() -> Config:
 
 
 def _preset_gpu() -> Config:
-    """One H100/H200, about 3 minutes of training: the recipe the shipped weights come from
-    (bench/recipes/gpu_shipped.json, chosen one lever at a time in bench/recipes.md): ResNet50 from scratch
+    """The recipe the shipped weights come from (bench/recipes/gpu_shipped.json, chosen one lever at a time in bench/recipes.md): ResNet50 from scratch
     at 160 px with histogram equalisation and the stronger augmentation, distilled online into ResNet18,
     decisions at 0.5 on the calibrated probability. SimCLR pretraining is off: 25 epochs of it made the
     teacher worse on the official test split (0.949 vs 0.962 AUC) at this data size."""
@@ -227,6 +225,11 @@ def _preset_gpu() -> Config:
 
 
 PRESETS = {"tiny": _preset_tiny, "cpu": _preset_cpu, "gpu": _preset_gpu}
+DESCRIPTION = {  # what each preset costs: the one place the app and its messages take it from
+    "tiny": "seconds on a CPU",
+    "cpu": "about an hour on an idle 2-core CPU",
+    "gpu": "about 3 minutes of training on one H100/H200",
+}
 
 
 def preset(name: str, **overrides) -> Config:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-SPLITS = ("train", "val", "test")
 
 LAYOUT_HELP = """Expected layout (Kermany et al. 2018, "chest_xray"; class folders are case-insensitive):
   DATA/

@@ -11,8 +11,7 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+    world_size: int = 1  # the GPU of each process is resolve_device's business (LOCAL_RANK)
 
     @property
     def enabled(self) -> bool:
@@ -29,7 +28,7 @@ def setup(device: torch.device) -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size())
 
 
 def barrier() -> None:

@@ -9,21 +9,21 @@ from kd.cache import ImageSet
 from kd.inference import load_pair, predict_logits
 
 
-def model_report(labels: np.ndarray, logits: np.ndarray, threshold: float, temperature: float = 1.0,
+def model_report(labels: np.ndarray, logits: np.ndarray, threshold: float, calibration_temperature: float = 1.0,
                  n_boot: int = 1000, seed: int = 0, groups=None, rechoose=None) -> dict:
     """Metrics at `threshold` and at 0.5 with bootstrap CIs, ROC points, calibration (ECE after scaling).
 
     `groups`: the patient of each image, so the CIs resample patients (None: images); `rechoose`: the
     threshold rule, when `threshold` was chosen on these same images (see kd.metrics.bootstrap_ci).
 
-    `temperature` is the calibration temperature: thresholds apply to the calibrated probability
-    softmax(logits / temperature), the number the app and `kd predict` show."""
+    Thresholds apply to the calibrated probability softmax(logits / calibration_temperature), the number
+    the app and `kd predict` show (the distillation temperature T is another thing: kd.losses.distill)."""
     p = metrics.softmax_pneumonia(logits)
-    p_cal = metrics.softmax_pneumonia(logits, temperature)
+    p_cal = metrics.softmax_pneumonia(logits, calibration_temperature)
     rep = metrics.report(labels, p_cal, threshold, n_boot=n_boot, seed=seed, groups=groups, rechoose=rechoose)
     rep["roc"] = metrics.roc_points(labels, p_cal)
     rep["calibration"] = {
-        "temperature": temperature,
+        "temperature": calibration_temperature,  # the key model cards have always had
         "ece_raw": metrics.expected_calibration_error(labels, p),
         "ece_scaled": metrics.expected_calibration_error(labels, p_cal),
         "curve": metrics.calibration_curve(labels, p_cal),
@@ -57,10 +57,10 @@ def evaluate_weights(weights_dir, data_root, split: str = "test", device: torch.
     for i, (role, m) in enumerate(pair.models.items()):
         step = (lambda d, n, i=i: progress((i + d / n) / len(pair.models))) if progress else None
         logits = predict_logits(m.model.to(device), images, pair.input_size, device, progress=step)
-        result[role] = model_report(images.labels, logits, m.threshold, m.temperature, n_boot=n_boot,
+        result[role] = model_report(images.labels, logits, m.threshold, m.calibration_temperature, n_boot=n_boot,
                                     seed=cfg.get("seed", 0), groups=patients, rechoose=rechoose)
         # unrounded: a case near the threshold must get the same decision here as in the report
-        result[role]["probabilities"] = metrics.softmax_pneumonia(logits, m.temperature).tolist()
+        result[role]["probabilities"] = metrics.softmax_pneumonia(logits, m.calibration_temperature).tolist()
         decisions[role] = np.asarray(result[role]["probabilities"]) >= m.threshold
     result["labels"] = images.labels.tolist()
     result["files"] = [samples[r].path for r in images.rows]

@@ -29,7 +29,7 @@ class LoadedModel:
     role: str
     model: nn.Module
     threshold: float  # on the calibrated probability
-    temperature: float = 1.0  # calibration temperature (not the distillation T): p = softmax(logits / temperature)
+    calibration_temperature: float = 1.0  # p = softmax(logits / calibration_temperature); not the distillation T
     lock: threading.Lock = field(default_factory=threading.Lock)  # hooks and autograd state are per model
 
 
@@ -81,7 +81,7 @@ def predict_square(pair: ModelPair, square: np.ndarray) -> dict[str, dict]:
         t0 = time.perf_counter()
         with m.lock:
             logits = m.model(x).float().numpy()
-        p = float(softmax_pneumonia(logits, m.temperature)[0])
+        p = float(softmax_pneumonia(logits, m.calibration_temperature)[0])
         out[role] = {"probability": p, "decision": "PNEUMONIA" if p >= m.threshold else "NORMAL",
                      "threshold": m.threshold, "seconds": time.perf_counter() - t0}
     return out

@@ -130,8 +130,7 @@ def start_job(cfg: Config, command: str = "pipeline", gpus: int = 1, resume: boo
         with open(run_dir / "train.log", "ab") as log:  # the job inherits the lock: held until it exits
             proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(lock.fileno(),))
-        record = {"pid": proc.pid, "pgid": proc.pid, "start_time": _start_time(proc.pid), "run_dir": str(run_dir),
-                  "command": command, "gpus": gpus, "started": time.time()}
+        record = {"pid": proc.pid, "run_dir": str(run_dir), "command": command, "gpus": gpus, "started": time.time()}
         lock.describe(**record)
     except BaseException:
         if proc is not None:  # a job nobody could find or stop must not run on

@@ -93,8 +93,8 @@ def _read_record(path: Path) -> dict:
     """What the holder wrote about itself; statefile.UnreadableState when it is malformed (the app shows it)."""
     from kd import statefile
 
-    check = statefile.object_with(optional={"pid": int, "pgid": int, "run_dir": str, "command": str, "gpus": int,
-                                            "started": statefile.NUMBER, "start_time": statefile.OPTIONAL_STR})
+    check = statefile.object_with(optional={"pid": int, "run_dir": str, "command": str, "gpus": int,
+                                            "started": statefile.NUMBER})
     return statefile.read_json(_record_path(path), check, default={})
 
 

@@ -82,7 +82,8 @@ def binary_metrics(y, p, threshold: float = 0.5) -> dict:
 
 
 def rank_auc(y, p) -> float:
-    """Mann–Whitney AUC in numpy; same value as roc_auc_score, used to validate the bootstrap."""
+    """Mann–Whitney AUC in numpy, the same value as roc_auc_score: paired_auc_difference's point estimate,
+    computed by the formula its resamples use (tests check both against scikit-learn)."""
     y, p = _as_labels_and_probs(y, p)
     return float(weighted_rank_auc(y, p, np.ones((1, y.size)))[0])
 
@@ -186,13 +187,14 @@ def bootstrap_ci(
     p,
     threshold: float = 0.5,
     n_boot: int = 1000,
-    alpha: float = 0.05,
+    level: float = 0.95,
     seed: int = 0,
     metrics=DEFAULT_CI_METRICS,
     groups=None,
     rechoose=None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CIs, to show how much each metric could move with other cases.
+    """Percentile bootstrap CIs at `level` (0.95: the 2.5 and 97.5 percentiles), to show how much each
+    metric could move with other cases.
 
     `groups` (a patient id per case) makes it a cluster bootstrap: patients are drawn with
     replacement and bring all their images. `rechoose(y, p) -> threshold`, when the threshold was
@@ -207,17 +209,17 @@ def bootstrap_ci(
     unknown = set(metrics) - set(DEFAULT_CI_METRICS)
     if unknown:
         raise ValueError(f"unknown metrics: {sorted(unknown)}")
-    if n_boot < 1 or not 0.0 < alpha < 1.0:
-        raise ValueError("need n_boot >= 1 and 0 < alpha < 1")
+    if n_boot < 1 or not 0.0 < level < 1.0:
+        raise ValueError("need n_boot >= 1 and 0 < level < 1")
     samples: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
     for counts in _chunks(Resampling(y.size, groups), y.size, n_boot, seed):
         t = threshold if rechoose is None else _rechosen_thresholds(y, p, counts, rechoose)
         for m, v in _bootstrap_metric_samples(y, p, t, counts, metrics).items():
             samples[m].append(v)
-    return {m: _percentile_interval(np.concatenate(v), alpha) for m, v in samples.items()}
+    return {m: _percentile_interval(np.concatenate(v), level) for m, v in samples.items()}
 
 
-def paired_auc_difference(y, p_a, p_b, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
+def paired_auc_difference(y, p_a, p_b, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
                           groups=None) -> tuple[float, float | None, float | None]:
     """AUC(p_b) - AUC(p_a) on the same cases, with its paired percentile bootstrap CI (both models
     scored on each resample, so what the cases share cancels out); `groups` as in bootstrap_ci."""
@@ -225,15 +227,16 @@ def paired_auc_difference(y, p_a, p_b, n_boot: int = 1000, alpha: float = 0.05, 
     _, p_b = _as_labels_and_probs(y, p_b)
     diffs = np.concatenate([weighted_rank_auc(y, p_b, c) - weighted_rank_auc(y, p_a, c)
                             for c in _chunks(Resampling(y.size, groups), y.size, n_boot, seed)])
-    return (rank_auc(y, p_b) - rank_auc(y, p_a), *_percentile_interval(diffs, alpha))
+    return (rank_auc(y, p_b) - rank_auc(y, p_a), *_percentile_interval(diffs, level))
 
 
-def _percentile_interval(values: np.ndarray, alpha: float) -> tuple:
-    """(alpha/2, 1-alpha/2) quantiles of the finite bootstrap values."""
+def _percentile_interval(values: np.ndarray, level: float) -> tuple:
+    """The central `level` interval of the finite bootstrap values (0.95: 2.5 and 97.5 percentiles)."""
     values = values[np.isfinite(values)]
     if values.size == 0:
         return (None, None)
-    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(values, [tail, 1.0 - tail])
     return (float(lo), float(hi))
 
 
@@ -242,18 +245,18 @@ def report(y, p, threshold: float, n_boot: int = 1000, seed: int = 0, groups=Non
 
     `groups` and `rechoose` as in bootstrap_ci. The block records what its CIs resampled
     ("resampled": "patients (n=420)" or "images (n=786)") and whether the threshold was held fixed."""
-    alpha = 0.05
-    out = _metrics_with_ci(y, p, threshold, n_boot, seed, alpha, groups, rechoose)
-    out["ci_level"] = 1.0 - alpha
+    level = 0.95
+    out = _metrics_with_ci(y, p, threshold, n_boot, seed, level, groups, rechoose)
+    out["ci_level"] = level
     if float(threshold) != 0.5:
-        out["at_0.5"] = _metrics_with_ci(y, p, 0.5, n_boot, seed, alpha, groups, None)
+        out["at_0.5"] = _metrics_with_ci(y, p, 0.5, n_boot, seed, level, groups, None)
     return out
 
 
-def _metrics_with_ci(y, p, threshold, n_boot, seed, alpha, groups, rechoose) -> dict:
+def _metrics_with_ci(y, p, threshold, n_boot, seed, level, groups, rechoose) -> dict:
     """binary_metrics plus a JSON-friendly "ci" mapping of [lo, hi] lists and how they were drawn."""
     out = binary_metrics(y, p, threshold)
-    ci = bootstrap_ci(y, p, threshold=threshold, n_boot=n_boot, alpha=alpha, seed=seed, groups=groups,
+    ci = bootstrap_ci(y, p, threshold=threshold, n_boot=n_boot, level=level, seed=seed, groups=groups,
                       rechoose=rechoose)
     out["ci"] = {m: [lo, hi] for m, (lo, hi) in ci.items()}
     out["n_boot"] = int(n_boot)

@@ -52,7 +52,7 @@ def logits_and_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 class Objective(nn.Module):
-    exports: tuple[str, ...] = ()
+    exports: tuple[str, ...] = ()  # roles of the models the phase produces: "teacher", "student"
 
     def __init__(self, image_size: int):
         super().__init__()
@@ -65,7 +65,7 @@ class Objective(nn.Module):
         usual EMA of modern training recipes). decay 0 = off."""
         if decay > 0:
             (name,) = self.exports
-            self.ema = AveragedModel(getattr(self, name), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+            self.ema = AveragedModel(self.trained(name), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
             self.ema.requires_grad_(False)
         return self
 
@@ -73,7 +73,11 @@ class Objective(nn.Module):
         """Hook after each optimiser step (the EMA; BYOL's momentum update)."""
         if self.ema is not None:
             (name,) = self.exports
-            self.ema.update_parameters(getattr(self, name))
+            self.ema.update_parameters(self.trained(name))
+
+    def trained(self, role: str) -> nn.Module:
+        """The module this phase trains for `role` (the attribute of that name, unless a subclass says)."""
+        return getattr(self, role)
 
     def validate(self, ctx: ValContext) -> dict:
         return {}
@@ -82,7 +86,7 @@ class Objective(nn.Module):
         if self.ema is not None:
             (name,) = self.exports
             return {name: self.ema.module}
-        return {name: getattr(self, name) for name in self.exports}
+        return {name: self.trained(name) for name in self.exports}
 
 
 class SSLObjective(Objective):
@@ -92,20 +96,20 @@ class SSLObjective(Objective):
     byol: Grill et al., "Bootstrap Your Own Latent" (2020), momentum target network.
     """
 
-    exports = ("teacher",)
+    exports = ("teacher",)  # the backbone becomes the teacher that fine-tuning starts from
 
-    def __init__(self, teacher: nn.Module, method: str, image_size: int, distributed: bool = False):
+    def __init__(self, backbone: nn.Module, method: str, image_size: int, distributed: bool = False):
         super().__init__(image_size)
-        self.teacher, self.method = teacher, method
-        teacher.fc.requires_grad_(False)  # the head is not part of the SSL loss: DDP needs every trained tensor used
-        dim = feature_dim(teacher)
+        self.backbone, self.method = backbone, method  # BYOL's online network; not a distillation teacher
+        backbone.fc.requires_grad_(False)  # the head is not part of the SSL loss: DDP needs every trained tensor used
+        dim = feature_dim(backbone)
         if method == "simclr":
             self.head = SimCLRProjectionHead(dim, dim, 128)
             self.criterion = NTXentLoss(temperature=0.2, gather_distributed=distributed)
         elif method == "byol":
             self.head = BYOLProjectionHead(dim, 4096, 256)
             self.predictor = BYOLPredictionHead(256, 4096, 256)
-            self.target_backbone = copy.deepcopy(teacher)
+            self.target_backbone = copy.deepcopy(backbone)
             self.target_head = copy.deepcopy(self.head)
             deactivate_requires_grad(self.target_backbone)
             deactivate_requires_grad(self.target_head)
@@ -117,19 +121,28 @@ class SSLObjective(Objective):
         v1 = augment.SSL(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
         v2 = augment.SSL(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
         if self.method == "simclr":
-            z = self.head(embed(self.teacher, torch.cat([v1, v2])))
+            z = self.head(embed(self.backbone, torch.cat([v1, v2])))
             z1, z2 = z.chunk(2)
             return self.criterion(z1, z2), {}
-        p1, p2 = (self.predictor(self.head(embed(self.teacher, v))) for v in (v1, v2))
+        p1, p2 = (self.predictor(self.head(embed(self.backbone, v))) for v in (v1, v2))
         with torch.no_grad():
             t1, t2 = (self.target_head(embed(self.target_backbone, v)) for v in (v1, v2))
         return 0.5 * (self.criterion(p1, t2) + self.criterion(p2, t1)), {}
+
+    def trained(self, role: str) -> nn.Module:
+        return self.backbone
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # a checkpoint written while the backbone was called `teacher` resumes too
+        state_dict = {("backbone" + k[len("teacher"):] if k.startswith("teacher.") else k): v
+                      for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict, assign)
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         super().on_step_end(step, total_steps)
         if self.method == "byol":
             m = cosine_schedule(step, max(total_steps, 1), 0.99, 1.0)
-            update_momentum(self.teacher, self.target_backbone, m)
+            update_momentum(self.backbone, self.target_backbone, m)
             update_momentum(self.head, self.target_head, m)
 
     @torch.no_grad()
@@ -155,7 +168,7 @@ class SSLObjective(Objective):
             x, y, *_ = images.batch(index[start:start + ctx.batch_size], ctx.device)
             x = augment.center(x, self.image_size).contiguous(memory_format=torch.channels_last)
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
-                feats.append(F.normalize(embed(self.teacher, x).float(), dim=1))
+                feats.append(F.normalize(embed(self.backbone, x).float(), dim=1))
             labels.append(y)
         self.train(was_training)
         return torch.cat(feats), torch.cat(labels).to(ctx.device)

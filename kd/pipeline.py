@@ -112,7 +112,7 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
         teacher = build_teacher()
         if cfg.init:
             init_from_file(teacher, cfg.init)
-        objective = SSLObjective(teacher, cfg.ssl_method, phase.image_size, distributed=dist.enabled)
+        objective = SSLObjective(teacher, cfg.ssl_method, phase.image_size, distributed=dist.enabled)  # its backbone
     elif name == "finetune":
         teacher = build_teacher()
         pretrained = out / "pretrain" / "teacher.safetensors"

@@ -1,7 +1,7 @@
 """Train: start a background run, follow it live, stop or resume it, and choose the weights in use."""
 import streamlit as st
 
-from kd.config import PRESETS, SSL_METHODS
+from kd.config import DESCRIPTION, PRESETS, SSL_METHODS
 from kd.ui import progress, state, train
 
 state.ensure_navigation()
@@ -22,8 +22,7 @@ with st.form("train_form", border=True):
     command_label = c1.selectbox("What to run", list(train.COMMANDS), key="train_command",
                                  help="Single phases build on the previous ones in the same run folder.")
     preset_name = c2.selectbox("Preset", list(PRESETS), index=list(PRESETS).index("cpu"), key="train_preset",
-                               help="tiny: seconds, for smoke tests; cpu: about 70-90 min on 2 cores; "
-                                    "gpu: about 10 min on one H100.")
+                               help="; ".join(f"{name}: {cost}" for name, cost in DESCRIPTION.items()) + ".")
     run_name = c3.text_input("Run name", key=train.RUN_NAME_KEY,
                              help="Letters, digits, '.', '_' or '-'; the run folder inside the runs folder.")
     c1, c2, c3 = st.columns(3)

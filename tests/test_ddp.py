@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, port: int, out: str, skew_clock: bool = False
         real = time.time
         kd.train.time = type("SkewedTime", (), {"time": staticmethod(lambda: 1000 * real())})
     dist = setup(torch.device("cpu"))
-    assert dist == Dist(rank, world, rank)
+    assert dist == Dist(rank, world)
     rng = np.random.default_rng(0)
     images = ImageSet(rng.integers(0, 255, (32, 32, 32), dtype=np.uint8), np.arange(32) % 2, np.arange(32))
     torch.manual_seed(rank)  # different init per rank: DDP must broadcast rank 0's

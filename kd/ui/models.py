@@ -6,6 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from kd.checkpoint import CheckpointError
+from kd.config import DESCRIPTION
 from kd.inference import ROLES, ModelPair, load_pair
 from kd.model_card import CARD_FILE
 from kd.paths import REPO
@@ -20,7 +21,7 @@ def no_weights_message(weights_dir: Path) -> str:
         f"No model weights found in `{weights_dir}` (it has no `{CARD_FILE}`).\n\n"
         "To get weights, train them once on the Kermany dataset:\n\n"
         f"```\ncd {repo}\npython -m kd pipeline --data /path/to/chest_xray --out {weights_dir} --preset cpu\n```\n\n"
-        "(`--preset cpu` takes about 45-75 minutes on 2 CPU cores, `--preset gpu` about 10 minutes on one GPU), "
+        f"(`--preset cpu`: {DESCRIPTION['cpu']}; `--preset gpu`: {DESCRIPTION['gpu']}), "
         "or start a run on the **Train** page and click **Use these weights** when it has finished. "
         "Set the environment variable `KD_WEIGHTS` to use a weights folder elsewhere."
     )

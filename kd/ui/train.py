@@ -10,7 +10,7 @@ import streamlit as st
 from kd import data as kdata
 from kd import jobs
 from kd import runs as kruns
-from kd.config import PRESETS, Config, preset
+from kd.config import DESCRIPTION, PRESETS, Config, preset
 from kd.ui import figures
 from kd.ui.models import clear_model_cache
 from kd.ui.progress import RunView, log_tail, run_view
@@ -51,7 +51,8 @@ def preset_summary(name: str) -> str:
     cfg = PRESETS[name]()
     parts = [f"{ph} {cfg.phase(ph).epochs} ep @ {cfg.phase(ph).image_size} px, batch {cfg.phase(ph).batch_size}"
              for ph in ("pretrain", "finetune", "distill")]
-    return f"**{name}**: " + "; ".join(parts) + f"; evaluated at {cfg.eval_image_size} px. {PRESETS[name].__doc__}"
+    return (f"**{name}** ({DESCRIPTION[name]}): " + "; ".join(parts) + f"; evaluated at {cfg.eval_image_size} px. "
+            f"{PRESETS[name].__doc__}")
 
 
 def preset_defaults(name: str) -> dict:

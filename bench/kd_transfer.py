@@ -29,7 +29,7 @@ def main() -> int:
     from kd.cache import ImageSet, build_cache
     from kd.checkpoint import load_weights
     from kd.data import samples_for
-    from kd.evaluate import predict_logits
+    from kd.inference import predict_logits
     from kd.inference import default_weights
     from kd.model_card import read_card
     from kd.models import build

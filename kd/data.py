@@ -187,7 +187,10 @@ def _patient_groups(samples: list[Sample]) -> dict[str, str]:
 
 
 def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """Stratified split by patient, deterministic for a seed; no patient (nor duplicate image) on both sides."""
+    """Stratified split by patient, deterministic for a seed; no patient (nor duplicate image) on both sides.
+
+    Kept by hand, not scikit-learn's StratifiedGroupKFold: that makes k equal folds, not a val_fraction,
+    and this split (recorded in split.json and every model card) must not move with a library's version."""
     groups = _patient_groups(samples)
     by_group: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from kd import locks
 from kd.checkpoint import write_json_atomic
 from kd.config import Config
@@ -31,59 +33,56 @@ class JobError(RunError):
     """A job cannot be started, stopped or found; the message says why."""
 
 
-def _stat(pid: int | str) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (state, ppid, ..., start time at index 19)."""
+def _alive(proc: psutil.Process) -> bool:
+    """Whether a process still runs (not its pid reused: psutil compares start times). A zombie does not:
+    if it is our own child, it is reaped here."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
+        if not proc.is_running():
+            return False
+        if proc.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return True
+        if proc.ppid() == os.getpid():
+            os.waitpid(proc.pid, os.WNOHANG)
+    except (psutil.NoSuchProcess, ChildProcessError):
+        pass
+    return False
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (None if it is gone or a zombie, which is reaped)."""
-    fields = _stat(pid)
-    if fields is None:
-        return None
-    if fields[0] in ("Z", "X"):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        return None
-    return fields[19]
-
-
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every live process (from /proc)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(entry.name)
-            if fields and fields[0] not in ("Z", "X"):
-                parents[int(entry.name)] = int(fields[1])
-    return parents
+def _family(pid: int) -> list[psutil.Process]:
+    """A process and all its live descendants ([] when it is gone). torchrun starts its workers in
+    sessions of their own, so the job's process group alone does not reach them."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *(child for child in root.children(recursive=True) if _alive(child))] if _alive(root) else []
+    except psutil.NoSuchProcess:
+        return []
 
 
 def process_tree(pid: int) -> list[int]:
-    """A process and all its live descendants. torchrun starts its workers in sessions of their own,
-    so the job's process group alone does not reach them."""
-    parents = _parents()
-    if pid not in parents:
-        return []
-    tree, frontier = [pid], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        tree += frontier
-    return tree
+    """The pids of a process and all its live descendants (see _family)."""
+    return [proc.pid for proc in _family(pid)]
 
 
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        for send in (lambda: os.killpg(os.getpgid(pid), sig), lambda: os.kill(pid, sig)):
+def _signal_all(procs: list[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        if not proc.is_running():  # gone, and its pid perhaps another process's by now
+            continue
+        for send in (lambda: os.killpg(os.getpgid(proc.pid), sig), lambda: proc.send_signal(sig)):
             try:
                 send()
-            except (ProcessLookupError, PermissionError):
+            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
+
+
+def _ended(family: list[psutil.Process], lock: Path, timeout: float) -> bool:
+    """Wait until every process of the family has ended and released the job's lock: a process's main
+    thread can end (a zombie, reaped here when it is our child) while its other threads still hold it."""
+    deadline = time.time() + timeout
+    while any(_alive(p) for p in family) or locks.is_held(lock):
+        if time.time() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def current_job(runs_root: str | Path | None = None) -> dict | None:
@@ -148,14 +147,12 @@ def stop_job(runs_root: str | Path | None = None, timeout: float = 10.0) -> bool
     job = current_job(runs_root)
     if job is None:
         return False
-    family = process_tree(job["pid"])  # launcher, torchrun workers and anything they started
+    family = _family(job["pid"])  # launcher, torchrun workers and anything they started
+    lock = runs_root / LOCK_FILE
     _signal_all(family, signal.SIGTERM)  # torchrun forwards it to its workers; the loop's checkpoint stays
-    deadline = time.time() + timeout
-    while time.time() < deadline and any(p in _parents() for p in family):
-        time.sleep(0.1)
-    _signal_all([p for p in family if p in _parents()], signal.SIGKILL)
-    for pid in family:
-        _start_time(pid)  # reaps our own exited children; the lock went with the job's process
+    if not _ended(family, lock, timeout):
+        _signal_all([p for p in family if p.is_running()], signal.SIGKILL)
+        _ended(family, lock, 5.0)
     status = read_status(job["run_dir"]) or {}
     write_json_atomic(Path(job["run_dir"]) / "status.json", {**status, "state": "stopped", "stopped": time.time()})
     return True

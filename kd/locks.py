@@ -98,20 +98,22 @@ def _read_record(path: Path) -> dict:
     return statefile.read_json(_record_path(path), check, default={})
 
 
-def holder(path: str | Path) -> dict | None:
-    """What the live holder wrote about itself ({} if nothing yet), or None when the lock is free.
-
-    Only reads: it creates, deletes and rewrites nothing (a shared lock taken for an instant)."""
+def is_held(path: str | Path) -> bool:
+    """Whether a live process holds the lock. Only reads: it creates, deletes and rewrites nothing (a
+    shared lock taken for an instant)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:  # no lock file: never taken
-        return None
+        return False
     try:
-        if _try_lock(fd, fcntl.LOCK_SH):
-            return None  # closing the descriptor below drops the shared lock
-        return _read_record(Path(path))
+        return not _try_lock(fd, fcntl.LOCK_SH)  # closing the descriptor below drops the shared lock
     finally:
         os.close(fd)
+
+
+def holder(path: str | Path) -> dict | None:
+    """What the live holder wrote about itself ({} if nothing yet), or None when the lock is free. Only reads."""
+    return _read_record(Path(path)) if is_held(path) else None
 
 
 def run_folder(out: str | Path) -> Lock:

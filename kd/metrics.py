@@ -13,6 +13,8 @@ Conventions for undefined ratios (documented so the report is never NaN):
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn.calibration import calibration_curve as sklearn_calibration_curve
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 DEFAULT_CI_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1")
@@ -349,18 +351,18 @@ def expected_calibration_error(y, p, n_bins: int = 15) -> float:
 
 
 def calibration_curve(y, p, n_bins: int = 10) -> dict:
-    """Reliability-diagram data over equal-width bins of p; empty bins are left out."""
+    """Reliability-diagram data over equal-width bins of p (scikit-learn's calibration_curve, plus each
+    bin's middle and count for the plot); empty bins are left out."""
     y, p = _as_labels_and_probs(y, p)
-    bins = np.clip(np.floor(p * n_bins).astype(np.int64), 0, n_bins - 1)
-    count = np.bincount(bins, minlength=n_bins)
-    p_sum = np.bincount(bins, weights=p, minlength=n_bins)
-    pos_sum = np.bincount(bins, weights=y.astype(np.float64), minlength=n_bins)
+    fraction_positive, mean_predicted = sklearn_calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    count = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)  # scikit-learn's bins, (lo, hi]
     filled = count > 0
     mids = (np.arange(n_bins) + 0.5) / n_bins
     return {
         "bin_mid": mids[filled].tolist(),
-        "mean_predicted": (p_sum[filled] / count[filled]).tolist(),
-        "fraction_positive": (pos_sum[filled] / count[filled]).tolist(),
+        "mean_predicted": mean_predicted.tolist(),
+        "fraction_positive": fraction_positive.tolist(),
         "count": count[filled].astype(int).tolist(),
     }
 
@@ -380,32 +382,16 @@ def _temperature_nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
     return float(np.mean(np.logaddexp(0.0, -signed)))
 
 
-def fit_temperature(logits, y, max_iter: int = 200) -> float:
-    """Temperature T > 0 minimising validation NLL (Guo et al. 2017), for calibrated probabilities.
-
-    Deterministic golden-section search over log T in [-3, 3]; NLL is unimodal in log T.
-    """
+def fit_temperature(logits, y) -> float:
+    """Temperature T > 0 minimising validation NLL (Guo et al. 2017), for calibrated probabilities:
+    scipy's bounded Brent search over log T in [-3, 3] (NLL is unimodal in log T); deterministic."""
     z = _as_two_class_logits(logits)
     y = np.asarray(y).reshape(-1).astype(np.int64)
     if y.shape[0] != z.shape[0]:
         raise ValueError("logits and y differ in length")
-    nll = lambda log_t: _temperature_nll(z, y, float(np.exp(log_t)))  # noqa: E731
-    inv_phi = (np.sqrt(5.0) - 1.0) / 2.0
-    lo, hi = -3.0, 3.0
-    a, b = hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    for _ in range(max_iter):
-        if hi - lo < 1e-9:
-            break
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = hi - inv_phi * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + inv_phi * (hi - lo)
-            fb = nll(b)
-    return float(np.exp((lo + hi) / 2.0))
+    best = minimize_scalar(lambda log_t: _temperature_nll(z, y, float(np.exp(log_t))), bounds=(-3.0, 3.0),
+                           method="bounded", options={"xatol": 1e-9})
+    return float(np.exp(best.x))
 
 
 def softmax_pneumonia(logits, temperature: float = 1.0) -> np.ndarray:

@@ -30,7 +30,11 @@ LOGS_PER_EPOCH = 20  # progress lines per epoch; decided by step count, so every
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LR multiplier: linear warm-up to 1, then cosine to 0."""
+    """LR multiplier: linear warm-up to 1, then cosine to 0.
+
+    Kept by hand, not lightly's CosineWarmupScheduler: that one refuses a warm-up longer than the phase
+    (the presets' 0-epoch SSL phase has one) and ends its cosine a step earlier, which would change the
+    schedule every recorded recipe trained with."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps

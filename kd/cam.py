@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.metrics.road import ROADCombined
-from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 from kd import preprocess
@@ -48,18 +47,39 @@ def explain(loaded: LoadedModel, x: torch.Tensor, method: str = "GradCAM") -> tu
     return float(softmax_pneumonia(logits, loaded.calibration_temperature)[0]), maps[0]
 
 
-def overlay(square: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> np.ndarray:
-    """RGB uint8 picture of the X-ray with the heat map (jet) blended at `opacity`; a map of another
-    size than the picture is resized to it (bilinear)."""
-    if cam.shape != square.shape:
+def overlay(picture: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> np.ndarray:
+    """RGB uint8 picture of the X-ray with the heat map (jet) blended per pixel at `opacity` x the map's
+    value: where the map is 0 the plain X-ray shows, where it is 1 the colour at `opacity`. A map of
+    another size than the picture is resized to it (bilinear)."""
+    if cam.shape != picture.shape:
         cam = np.asarray(Image.fromarray(cam.astype(np.float32)).resize(
-            square.shape[::-1], Image.Resampling.BILINEAR)).clip(0, 1)
-    rgb = np.repeat((square.astype(np.float32) / 255)[..., None], 3, axis=2)
-    return show_cam_on_image(rgb, cam.astype(np.float32), use_rgb=True, image_weight=1.0 - float(opacity))
+            picture.shape[::-1], Image.Resampling.BILINEAR))
+    cam = np.nan_to_num(cam.astype(np.float32)).clip(0, 1)
+    rgb = np.repeat((picture.astype(np.float32) / 255)[..., None], 3, axis=2)
+    import cv2
+
+    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * cam), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    alpha = float(opacity) * cam[..., None]
+    return np.uint8(np.round(255 * ((1 - alpha) * rgb + alpha * heat.astype(np.float32) / 255)))
 
 
-EMPTY_MAP_NOTE = ("Empty heat map: no region raises this model's pneumonia score (usual for a confident NORMAL); "
-                  "the agreement figures then say nothing.")
+EMPTY_MAP_NOTE = ("Empty heat map: no region raises this model's pneumonia score; the agreement figures then say "
+                  "nothing.")
+
+
+def empty_map_note(probability: float, decision: str, threshold: float) -> str:
+    """EMPTY_MAP_NOTE with what an empty map means for this decision and probability."""
+    if decision == "PNEUMONIA":
+        return (EMPTY_MAP_NOTE + f" Unexpected with a PNEUMONIA decision ({probability:.0%}): the score comes "
+                "from no one region, so read the decision with care.")
+    if probability < threshold / 2:
+        return EMPTY_MAP_NOTE + " Usual for a confident NORMAL."
+    return EMPTY_MAP_NOTE + f" The decision is NORMAL, but at {probability:.0%} not a confident one."
+
+
+def decision_rule(threshold: float) -> str:
+    """The rule a model's decision follows, said next to its probability."""
+    return f"PNEUMONIA if the calibrated probability is ≥ {threshold:.1%}, else NORMAL"
 
 
 def is_empty(cam: np.ndarray) -> bool:
@@ -105,8 +125,16 @@ class Diagnosis:
 
 
 def display_picture(pixels: np.ndarray, size: int) -> np.ndarray:
-    """The X-ray as shown under the heat maps: stretched like the model input, at least DISPLAY_SIZE."""
-    return preprocess.to_square(pixels, max(size, DISPLAY_SIZE))
+    """The X-ray as shown under the heat maps: at its own aspect ratio, the longest side max(size,
+    DISPLAY_SIZE) px. (The model saw it stretched to a square, as in training; overlay resizes the map
+    back onto this picture.)"""
+    if pixels.ndim != 2 or pixels.dtype != np.uint8:
+        raise TypeError(f"expected a 2-D uint8 array, got {pixels.dtype} with shape {pixels.shape}")
+    longest = max(size, DISPLAY_SIZE)
+    h, w = pixels.shape
+    scale = longest / max(h, w)
+    shape = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize(shape, Image.Resampling.BILINEAR))
 
 
 def diagnose_square(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay | None = None,

@@ -509,3 +509,47 @@ def test_a_run_whose_model_card_is_unreadable_is_listed_with_why(app_env):
     [note] = runs.loc[runs["run"] == "broken", "note"]
     assert note == f"unreadable: {run / 'model_card.json'}, it must be a JSON object, not [1]"
     assert "broken" not in ui_progress.usable_runs(ui_progress.list_runs())
+
+
+# ----------------------------------------------------------------------------- issue 12: Diagnose
+
+
+def _record_overlays(monkeypatch) -> list[np.ndarray]:
+    shown = []
+    real = ui_diagnose.overlay_image
+    monkeypatch.setattr(ui_diagnose, "overlay_image", lambda *a, **k: shown.append(real(*a, **k)) or shown[-1])
+    return shown
+
+
+def test_the_xray_is_shown_at_its_own_aspect_ratio(app_env, monkeypatch):
+    """A portrait X-ray is drawn portrait (longest side DISPLAY_SIZE), not squashed to a square."""
+    from kd.testing.xray_fixtures import png_bytes, xray_like_array
+
+    shown = _record_overlays(monkeypatch)
+    at = start_app()
+    at.file_uploader(key="uploads").set_value([("tall.png", png_bytes(xray_like_array(400, 200)), "image/png")]).run()
+    assert not at.exception and not at.error
+    assert len(shown) == 2
+    for picture in shown:
+        h, w = picture.shape[:2]
+        assert max(h, w) == cam.DISPLAY_SIZE and abs(h / w - 2.0) < 0.02
+
+
+def test_decision_rule_is_next_to_the_probability_and_empty_map_note_fits_the_decision(app_env, monkeypatch):
+    monkeypatch.setattr(cam, "explain", lambda loaded, x, method="GradCAM": (0.51, np.zeros(x.shape[-2:], np.float32)))
+    at = start_app()
+    at.file_uploader(key="uploads").set_value([("case.png", xray_png(), "image/png")]).run()
+    assert not at.exception and not at.error
+    text = all_text(at)
+    assert "PNEUMONIA if the calibrated probability is ≥" in text
+    assert "confident NORMAL" not in text  # 51 %: not a confident anything
+    assert text.count("Empty heat map") == 2
+
+
+def test_the_default_overlay_leaves_the_xray_plain_where_the_map_is_low():
+    picture = np.full((64, 64), 128, np.uint8)
+    heat = np.zeros((64, 64), np.float32)
+    heat[:8, :8] = 1.0
+    out = cam.overlay(picture, heat, 0.4)
+    assert (out[32:, 32:] == 128).all()  # no blue tint where the map is 0
+    assert not (out[:4, :4] == 128).all()  # coloured where it is high

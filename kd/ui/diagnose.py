@@ -117,11 +117,12 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> No
                 left, right = st.columns(2)
                 left.metric("Probability of pneumonia", f"{view.probability:.1%}")
                 right.metric("Time", f"{view.seconds:.2f} s", help="prediction and heat map on this machine")
-                st.markdown(f"Decision: {decision_badge(view.decision)} at threshold {view.threshold:.3f}")
+                st.markdown(f"Decision: {decision_badge(view.decision)} &nbsp; rule: "
+                            f"{cam.decision_rule(view.threshold)} (the model card's threshold)")
                 st.image(overlay_image(result, role, opacity), width=380,
                          caption=f"{ROLE_LABEL[role]} · {result.method} heat map for PNEUMONIA")
                 if cam.is_empty(view.cam):
-                    st.caption(cam.EMPTY_MAP_NOTE)
+                    st.caption(cam.empty_map_note(view.probability, view.decision, view.threshold))
         a, b, c = st.columns(3)
         a.metric("Decisions", "same" if d.same_decision else "different")
         b.metric("CAM correlation", agreement_text(d.agreement["correlation"]), help=cam.AGREEMENT_HELP)

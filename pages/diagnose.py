@@ -23,9 +23,7 @@ with upload_tab:
                              accept_multiple_files=True, key="uploads", help=diagnose.UPLOAD_HELP)
     if not files:
         st.caption(diagnose.UPLOAD_HELP)
-    for upload in files or []:
-        result = diagnose.diagnose_bytes(pair, upload.getvalue(), upload.name, method, memo=diagnose.session_memo())
-        diagnose.render_case(result, pair, opacity)
+    diagnose.render_uploads(pair, files, method, opacity)
 
 with dataset_tab:
     root, data_problem = state.dataset_state()

@@ -553,3 +553,18 @@ def test_the_default_overlay_leaves_the_xray_plain_where_the_map_is_low():
     out = cam.overlay(picture, heat, 0.4)
     assert (out[32:, 32:] == 128).all()  # no blue tint where the map is 0
     assert not (out[:4, :4] == 128).all()  # coloured where it is high
+
+
+def test_models_are_warmed_when_loaded_and_each_upload_shows_progress(app_env, monkeypatch):
+    """The first diagnosis does not pay for a cold model: the cached loader runs one forward + CAM per model."""
+    calls = []
+    real = cam.explain
+    monkeypatch.setattr(cam, "explain", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ui_models.clear_model_cache()
+    at = open_page(start_app(), "pages/diagnose.py")
+    assert len(calls) == 2  # teacher and student warmed, before any upload
+    at.file_uploader(key="uploads").set_value(
+        [("a.png", xray_png(), "image/png"), ("b.dcm", xray_dicom(), "application/dicom")]).run()
+    assert not at.exception and not at.error
+    bars = at.get("progress")
+    assert bars and "2 of 2" in bars[-1].proto.text

@@ -96,6 +96,18 @@ def decision_badge(decision: str) -> str:
     return f":red-badge[{decision}]" if decision == "PNEUMONIA" else f":green-badge[{decision}]"
 
 
+def render_uploads(pair: ModelPair, files, method: str, opacity: float) -> None:
+    """Each uploaded file diagnosed and drawn in turn, under a progress bar that names the file at work."""
+    if not files:
+        return
+    n = len(files)
+    bar = st.progress(0.0)
+    for i, upload in enumerate(files):
+        bar.progress(i / n, text=f"Diagnosing {upload.name} ({i + 1} of {n})...")
+        render_case(diagnose_bytes(pair, upload.getvalue(), upload.name, method, memo=session_memo()), pair, opacity)
+    bar.progress(1.0, text=f"{n} of {n} file{'s' if n > 1 else ''} diagnosed.")
+
+
 def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> None:
     """One image: teacher and student side by side, then how far they agree. Errors stay in this box."""
     with st.container(border=True):

@@ -29,7 +29,21 @@ def no_weights_message(weights_dir: Path) -> str:
 
 @st.cache_resource(show_spinner="Loading teacher and student...", max_entries=2)
 def _load_pair_cached(weights_dir: str, card_stamp: float) -> ModelPair:
-    return load_pair(weights_dir)
+    pair = load_pair(weights_dir)
+    warm_up(pair)
+    return pair
+
+
+def warm_up(pair: ModelPair) -> None:
+    """One dummy forward + heat map per model, once at load, so the first diagnosis does not pay for cold
+    kernels and allocations (about 10 s for the teacher on 2 CPU cores)."""
+    import torch
+
+    from kd import cam
+
+    x = torch.zeros(1, 1, pair.input_size, pair.input_size)
+    for loaded in pair.models.values():
+        cam.explain(loaded, x)
 
 
 def load_models(weights_dir: str | Path | None = None) -> tuple[ModelPair | None, str | None]:

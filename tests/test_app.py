@@ -568,3 +568,21 @@ def test_models_are_warmed_when_loaded_and_each_upload_shows_progress(app_env, m
     assert not at.exception and not at.error
     bars = at.get("progress")
     assert bars and "2 of 2" in bars[-1].proto.text
+
+
+# ----------------------------------------------------------------------------- issue 12: Train
+
+
+def test_use_these_weights_defaults_to_the_newest_finished_run(app_env):
+    import os
+    import shutil
+
+    for name, date in (("new", "2026-02-01T10:00:00"), ("old", "2026-01-01T10:00:00")):
+        run = app_env.runs / name
+        shutil.copytree(app_env.weights, run)
+        card = json.loads((run / "model_card.json").read_text())
+        (run / "model_card.json").write_text(json.dumps({**card, "date": date}))
+        (run / "status.json").write_text(json.dumps({"state": "finished"}))
+    os.utime(app_env.runs / "old", (time.time() + 60, time.time() + 60))  # touched later (a log line), trained earlier
+    at = open_page(start_app(), "pages/train.py")
+    assert at.selectbox(key="train_use_choice").value == "new"

@@ -179,8 +179,10 @@ def has_both_models(run: dict) -> bool:
 
 
 def usable_runs(runs: list[dict]) -> list[str]:
-    """Runs whose weights Diagnose and Evaluate can use."""
-    return [r["name"] for r in runs if has_both_models(r)]
+    """Runs whose weights Diagnose and Evaluate can use, the newest finished first (by the date its model
+    card was written, not the folder's modification time, which a later log line changes)."""
+    usable = [r for r in runs if has_both_models(r)]
+    return [r["name"] for r in sorted(usable, key=lambda r: str(r["card"].get("date") or ""), reverse=True)]
 
 
 def list_runs() -> list[dict]:

@@ -85,8 +85,24 @@ def _ended(family: list[psutil.Process], lock: Path, timeout: float) -> bool:
     return True
 
 
+_CHILDREN: list[subprocess.Popen] = []  # jobs this process started, waited for once they end (reap_children)
+
+
+def reap_children() -> None:
+    """Wait for the jobs this process started that have ended (Popen.poll: waitpid WNOHANG), so a finished
+    run does not stay a <defunct> child of the app server; running ones are left alone."""
+    for proc in list(_CHILDREN):
+        if proc.poll() is not None:
+            try:
+                _CHILDREN.remove(proc)
+            except ValueError:  # another session's thread reaped it first
+                pass
+
+
 def current_job(runs_root: str | Path | None = None) -> dict | None:
-    """The running job's record (pid, run_dir, command, ...), or None. Only reads."""
+    """The running job's record (pid, run_dir, command, ...), or None. Reads files only (and reaps this
+    process's ended jobs)."""
+    reap_children()
     runs_root = Path(runs_root or default_runs_root())
     record = locks.holder(runs_root / LOCK_FILE)
     if record is None:
@@ -129,6 +145,7 @@ def start_job(cfg: Config, command: str = "pipeline", gpus: int = 1, resume: boo
         with open(run_dir / "train.log", "ab") as log:  # the job inherits the lock: held until it exits
             proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(lock.fileno(),))
+        _CHILDREN.append(proc)
         record = {"pid": proc.pid, "run_dir": str(run_dir), "command": command, "gpus": gpus, "started": time.time()}
         lock.describe(**record)
     except BaseException:

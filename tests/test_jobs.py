@@ -145,3 +145,25 @@ def test_concurrent_diagnoses_do_not_mix_results(tiny_weights):
     for loaded in pair.models.values():  # hooks released: no forward/backward hooks left behind
         for module in loaded.model.modules():
             assert not module._forward_hooks and not module._backward_hooks
+
+
+def test_a_finished_job_is_reaped_not_left_a_zombie(tiny_dataset, tmp_path, monkeypatch):
+    """Issue 12, item 11: the app's process waits for its ended job (no <defunct> child for the server's life)."""
+    import psutil
+
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(jobs.subprocess, "Popen", lambda argv, **kwargs: real_popen(["sleep", "0.5"], **kwargs))
+    runs = tmp_path / "runs"
+    cfg = preset("tiny")
+    cfg.data, cfg.out, cfg.device = str(tiny_dataset), str(runs / "quick"), "cpu"
+    pid = jobs.start_job(cfg, "finetune", runs_root=runs)["pid"]
+    deadline = time.time() + 20
+    while time.time() < deadline and jobs.current_job(runs) is not None:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    assert jobs.current_job(runs) is None  # what every rerun of the Train page asks
+    try:
+        status = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        status = "gone"
+    assert status != psutil.STATUS_ZOMBIE

@@ -16,11 +16,10 @@ ROLE_LABEL = {"teacher": "Teacher", "student": "Student"}
 
 
 def no_weights_message(weights_dir: Path) -> str:
-    repo = REPO
     return (
         f"No model weights found in `{weights_dir}` (it has no `{CARD_FILE}`).\n\n"
         "To get weights, train them once on the Kermany dataset:\n\n"
-        f"```\ncd {repo}\npython -m kd pipeline --data /path/to/chest_xray --out {weights_dir} --preset cpu\n```\n\n"
+        f"```\ncd {REPO}\npython -m kd pipeline --data /path/to/chest_xray --out {weights_dir} --preset cpu\n```\n\n"
         f"(`--preset cpu`: {DESCRIPTION['cpu']}; `--preset gpu`: {DESCRIPTION['gpu']}), "
         "or start a run on the **Train** page and click **Use these weights** when it has finished. "
         "Set the environment variable `KD_WEIGHTS` to use a weights folder elsewhere."

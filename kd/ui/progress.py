@@ -155,10 +155,10 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
     """One row per run with its state and key numbers from its model card (validation split)."""
     rows = []
     for r in runs:
-        st_, card = r["status"], r["card"]
+        status, card = r["status"], r["card"]
         cfg = (card or {}).get("config", {})
         rows.append({
-            "run": r["name"], "state": st_.get("state", "?"), "phases": ", ".join(st_.get("phases") or []),
+            "run": r["name"], "state": status.get("state", "?"), "phases": ", ".join(status.get("phases") or []),
             "preset": cfg.get("preset", ""),
             "teacher AUC": _card_number(card, "teacher", "auc"), "student AUC": _card_number(card, "student", "auc"),
             "teacher acc": _card_number(card, "teacher", "accuracy"),

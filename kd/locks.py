@@ -12,7 +12,6 @@ never write the same folder, whoever started them.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from pathlib import Path

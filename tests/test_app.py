@@ -586,3 +586,15 @@ def test_use_these_weights_defaults_to_the_newest_finished_run(app_env):
     os.utime(app_env.runs / "old", (time.time() + 60, time.time() + 60))  # touched later (a log line), trained earlier
     at = open_page(start_app(), "pages/train.py")
     assert at.selectbox(key="train_use_choice").value == "new"
+
+
+def test_a_bad_dataset_path_shows_its_error_and_the_layout_once(app_env, tmp_path):
+    at = open_page(start_app(), "pages/train.py")
+    at.text_input(key=state.DATA_KEY).set_value(str(tmp_path / "nowhere")).run()
+    at.button(key="train_start").click().run()
+    assert not at.exception
+    errors = "\n".join(alerts(at, "error"))
+    assert errors.count("does not exist") == 1 and "Not started" in errors, errors
+    assert all_text(at).count("Expected layout") == 1
+    summary = [m for m in alerts(at, "caption") if "Empty fields keep the preset" in m][0]
+    assert "\n    " not in summary  # the preset's docstring as one paragraph, not an indented (code) block

@@ -14,7 +14,7 @@ from kd.config import DESCRIPTION, PRESETS, Config, preset
 from kd.ui import figures
 from kd.ui.models import clear_model_cache
 from kd.ui.progress import RunView, log_tail, run_view
-from kd.ui.state import flash, running_job, runs_root, show_error
+from kd.ui.state import dataset_state, flash, running_job, runs_root, show_error
 
 COMMANDS = {
     "Full pipeline (SSL-pretrain, fine-tune, distil)": "pipeline",
@@ -51,8 +51,9 @@ def preset_summary(name: str) -> str:
     cfg = PRESETS[name]()
     parts = [f"{ph} {cfg.phase(ph).epochs} ep @ {cfg.phase(ph).image_size} px, batch {cfg.phase(ph).batch_size}"
              for ph in ("pretrain", "finetune", "distill")]
+    doc = " ".join((PRESETS[name].__doc__ or "").split())  # one paragraph: indented lines would be a code block
     return (f"**{name}** ({DESCRIPTION[name]}): " + "; ".join(parts) + f"; evaluated at {cfg.eval_image_size} px. "
-            f"{PRESETS[name].__doc__}")
+            f"{doc}")
 
 
 def preset_defaults(name: str) -> dict:
@@ -157,7 +158,9 @@ def use_shipped() -> None:
 def submit(form: dict, command_label: str, gpus: int = 1) -> None:
     """The form's Start button: start the job, or say why it could not start."""
     job, error = start_training(form, COMMANDS[command_label], gpus)
-    if error:
+    if error and error == dataset_state(form["data_root"])[1]:  # already said at the top, with the layout
+        st.error("Not started: the dataset folder is not usable (see above).")
+    elif error:
         show_error(error)
     else:
         st.success(f"Started {COMMANDS[command_label]} as run {job['run_dir']} (pid {job['pid']}).")

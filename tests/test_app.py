@@ -598,3 +598,16 @@ def test_a_bad_dataset_path_shows_its_error_and_the_layout_once(app_env, tmp_pat
     assert all_text(at).count("Expected layout") == 1
     summary = [m for m in alerts(at, "caption") if "Empty fields keep the preset" in m][0]
     assert "\n    " not in summary  # the preset's docstring as one paragraph, not an indented (code) block
+
+
+# ----------------------------------------------------------------------------- issue 12: Data
+
+
+def test_image_sizes_all_alike_show_both_classes_side_by_side(app_env):
+    import pandas as pd
+
+    sizes = pd.DataFrame({"class": ["NORMAL"] * 3 + ["PNEUMONIA"] * 5, "width": [224] * 8, "height": [224] * 8})
+    fig = figures.size_histogram(sizes)
+    assert fig.layout.barmode == "group" and fig.layout.xaxis.type == "category"
+    assert {tuple(trace.x) for trace in fig.data} == {("224 px",) * 3, ("224 px",) * 5} or \
+        {len(trace.x) for trace in fig.data} == {3, 5}

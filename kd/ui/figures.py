@@ -96,8 +96,14 @@ def calibration_figure(reports: dict[str, dict]) -> go.Figure:
 
 def size_histogram(sizes: pd.DataFrame) -> go.Figure:
     long = sizes.melt(id_vars=["class"], value_vars=["width", "height"], var_name="side", value_name="pixels")
-    fig = px.histogram(long, x="pixels", color="class", facet_col="side", barmode="overlay", nbins=40, opacity=0.7,
+    few = long["pixels"].nunique() <= 10  # e.g. every image 224 px: bars side by side on the sizes themselves
+    if few:
+        long = long.assign(pixels=long["pixels"].astype(int).astype(str) + " px").sort_values("pixels")
+    fig = px.histogram(long, x="pixels", color="class", facet_col="side", barmode="group" if few else "overlay",
+                       nbins=None if few else 40, opacity=None if few else 0.7,
                        color_discrete_map={"NORMAL": "#4c9f70", "PNEUMONIA": "#c8553d"})
+    if few:
+        fig.update_xaxes(type="category")
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
     fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10), legend_title_text="")
     return fig

@@ -134,6 +134,18 @@ def cmd_predict(args) -> int:
     return 2 if refused else 0
 
 
+def cmd_fit_ood(args) -> int:
+    from kd.ood import CARD_KEY, fit
+
+    info = fit(args.weights, args.data, max_train=args.max_train, command="python -m kd " + shlex.join(args.argv))
+    for split, r in info["refused"].items():
+        print(f"{split:10} refused {r['refused']:4d} of {r['n']:5d} ({r['fraction']:.2%}): "
+              f"{r['by_image_statistics']} by image statistics, {r['by_embedding_distance']} by embedding distance")
+    print(f"threshold {info['threshold']:.1f} ({info['threshold_rule']}); wrote {args.weights}/{info['file']} "
+          f"and the card's {CARD_KEY!r} section")
+    return 0
+
+
 def _resumable(args) -> str:
     """The note for a failed training command, said only when its run folder holds something to resume."""
     if args.command not in PHASE_COMMANDS:
@@ -174,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="JPEG, PNG or DICOM files")
     p.add_argument("--weights", help=WEIGHTS_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    o = sub.add_parser("fit-ood", help="fit the check that refuses what is not a chest radiograph (kd/ood.py) on a "
+                       "weights folder; re-run it whenever the weights change")
+    o.add_argument("--weights", required=True, help="weights folder to fit it for; ood.safetensors and the model "
+                   "card's 'ood' section are written there")
+    o.add_argument("--data", required=True, help="dataset root in the Kermany layout: fitted on the patient-level "
+                   "train split, threshold set on the validation split (the card's seed and fraction); test/ is "
+                   "only counted")
+    o.add_argument("--max-train", type=int, help="fit on a seeded random subset of this many training images "
+                   "(default: all)")
     return parser
 
 
@@ -185,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from kd.pipeline import PhaseOrderError
 
     args.argv = list(argv) if argv is not None else sys.argv[1:]
-    handlers = {"evaluate": cmd_evaluate, "predict": cmd_predict}
+    handlers = {"evaluate": cmd_evaluate, "predict": cmd_predict, "fit-ood": cmd_fit_ood}
     try:
         return handlers.get(args.command, cmd_train)(args)
     except (DatasetError, CheckpointError, PhaseOrderError, ValueError, FloatingPointError, RuntimeError) as e:

@@ -19,6 +19,8 @@ from kd.checkpoint import CheckpointError, load_weights
 from kd.metrics import softmax_pneumonia
 from kd.model_card import CARD_FILE, read_card
 from kd.models import build
+from kd.ood import OODCheck
+from kd.ood import load as load_ood
 from kd.paths import default_weights
 
 ROLES = ("teacher", "student")
@@ -40,6 +42,7 @@ class ModelPair:
     card: dict
     models: dict[str, LoadedModel]
     weights_dir: Path
+    ood: "OODCheck | None" = None  # kd.ood: refuses what is not a chest radiograph; None when not fitted
 
     @property
     def input_size(self) -> int:
@@ -55,8 +58,9 @@ class ModelPair:
         return preprocess.prepare(data, self.input_size, name, self.contrast)
 
 
-def load_pair(weights_dir: str | Path | None = None) -> ModelPair:
-    """Build both architectures from the card and load their safetensors (CPU, eval, channels_last)."""
+def load_pair(weights_dir: str | Path | None = None, ood: bool = True) -> ModelPair:
+    """Build both architectures from the card and load their safetensors (CPU, eval, channels_last), and
+    the out-of-distribution check fitted for them when the folder has one (`ood=False`: not even then)."""
     weights_dir = Path(weights_dir) if weights_dir is not None else default_weights()
     if not (weights_dir / CARD_FILE).exists():
         raise CheckpointError(f"No {CARD_FILE} in {weights_dir}: not a weights folder (run `python -m kd pipeline` "
@@ -69,7 +73,19 @@ def load_pair(weights_dir: str | Path | None = None) -> ModelPair:
         model = model.to(memory_format=torch.channels_last)
         threshold = float(info.get("threshold", 0.5))
         models[role] = LoadedModel(role, model, threshold, float(info.get("calibration_temperature", 1.0)))
-    return ModelPair(card, models, weights_dir)
+    check = load_ood(weights_dir, weights_dir / card["models"]["teacher"]["file"]) if ood else None
+    return ModelPair(card, models, weights_dir, check)
+
+
+def check_in_distribution(pair: ModelPair, square: np.ndarray) -> str | None:
+    """Why this prepared square is not a chest radiograph like the training ones (a sentence for a person),
+    or None when it is, or when the weights have no fitted check (kd.ood). Call it before showing a
+    probability."""
+    if pair.ood is None:
+        return None
+    teacher = pair.models["teacher"]
+    with teacher.lock:
+        return pair.ood.reason(teacher.model, square)
 
 
 @torch.inference_mode()
@@ -88,8 +104,12 @@ def predict_square(pair: ModelPair, square: np.ndarray) -> dict[str, dict]:
 
 
 def predict_bytes(pair: ModelPair, data: bytes, name: str = "upload") -> dict:
-    """Decode, preprocess and predict; raises preprocess.ImageError with a human message."""
+    """Decode, preprocess, check it is a chest radiograph (check_in_distribution) and predict; raises
+    preprocess.ImageError with a human message."""
     square, xray = pair.prepare(data, name)
+    reason = check_in_distribution(pair, square)
+    if reason:
+        raise preprocess.ImageError(reason)
     return {"file": name, **predict_square(pair, square), "warnings": list(xray.warnings)}
 
 

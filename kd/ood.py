@@ -1,0 +1,265 @@
+"""Out-of-distribution refusal: is this picture a chest radiograph like the ones the models learnt from?
+
+Both models give a confident probability for anything readable (an all-black image, a checkerboard, a
+page of text), so a picture is checked before any probability is shown. Two checks, on the square the
+models see (`kd.inference.ModelPair.prepare`: card size and contrast):
+
+1. Image statistics, no model: a picture made of a few flat grey levels (blank, nearly blank, a
+   pattern, a drawing, a page of text) is refused with a sentence saying so (`image_reason`).
+2. The teacher's embedding (`kd.models.embed`, the pooled layer4 features) against the training
+   split's: squared Mahalanobis distance under a Ledoit-Wolf shrunk covariance (Lee et al. 2018;
+   Ledoit & Wolf 2004), computed in the covariance's eigenbasis (the `components` largest directions
+   exactly, the rest with their mean variance). The threshold is set on the patient-level validation
+   split so that at most 0.5 % of its X-rays are refused (`REFUSED_VALIDATION_SHARE`).
+
+`python -m kd fit-ood --weights W --data DATA` fits both on the weights as they are and writes
+W/ood.safetensors and the card's "ood" section (threshold, rule, refusal rates, the command). The file
+records the SHA-256 of the teacher it was fitted on; loading it next to another teacher fails with a
+message to re-run the command, so a threshold never outlives its weights.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kd import preprocess
+from kd.checkpoint import CheckpointError, save_weights, write_json_atomic
+
+OOD_FILE = "ood.safetensors"
+CARD_KEY = "ood"
+REFUSED_VALIDATION_SHARE = 0.005  # the threshold refuses at most this share of validation X-rays
+COMPONENTS = 512  # covariance directions kept exactly (of 2048); the others share their mean variance
+# Image statistics of the model's square (a monotone contrast map such as equalisation only merges grey
+# levels, so these read the same before and after it). Checked on the real splits by `fit`: see the card.
+MIN_GREY_LEVELS = 24  # distinct grey levels; a blank or two-tone picture has a handful
+MAX_FLAT_SHARE = 0.5  # share of pixels on the 3 most common grey levels; X-rays spread over many
+FLAT_LEVELS = 3
+REASON_END = "; no probability is given."
+NOT_CXR = "This does not look like a chest radiograph like the ones the models learnt from"
+
+
+def grey_level_stats(square: np.ndarray) -> dict[str, float]:
+    """Distinct grey levels and the share of pixels on the FLAT_LEVELS most common ones."""
+    counts = np.bincount(np.asarray(square, dtype=np.uint8).ravel(), minlength=256)
+    top = np.sort(counts)[::-1][:FLAT_LEVELS].sum()
+    return {"grey_levels": int((counts > 0).sum()), "flat_share": float(top / max(counts.sum(), 1))}
+
+
+def image_reason(square: np.ndarray) -> str | None:
+    """Why the picture's grey levels alone rule it out as a radiograph, or None."""
+    s = grey_level_stats(square)
+    if s["grey_levels"] < MIN_GREY_LEVELS:
+        what = "blank" if s["grey_levels"] <= 2 and s["flat_share"] > 0.999 else "a flat picture or a pattern"
+        return (f"{NOT_CXR}: it has only {s['grey_levels']} grey levels ({what}), where a radiograph has "
+                f"hundreds{REASON_END}")
+    if s["flat_share"] > MAX_FLAT_SHARE:
+        return (f"{NOT_CXR}: {s['flat_share']:.0%} of it is {FLAT_LEVELS} flat grey levels (a blank page, text, "
+                f"a drawing or a pattern){REASON_END}")
+    return None
+
+
+class EmbeddingDistance(nn.Module):
+    """Squared Mahalanobis distance of embeddings [N, D] -> [N] under covariance V diag(var) V^T +
+    tail_variance (I - V V^T): exact when V holds every direction, else the dropped ones share the
+    mean of their variances. Computed in float64."""
+
+    def __init__(self, mean: torch.Tensor, components: torch.Tensor, variances: torch.Tensor,
+                 tail_variance: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("components", components.float())  # [k, D], orthonormal rows
+        self.register_buffer("variances", variances.float())  # [k]
+        self.register_buffer("tail_variance", tail_variance.float().reshape(1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        z = features.double() - self.mean.double()
+        p = z @ self.components.double().T
+        inside = (p.square() / self.variances.double()).sum(1)
+        residual = (z.square().sum(1) - p.square().sum(1)).clamp_min(0)
+        return inside + residual / self.tail_variance.double()
+
+    @classmethod
+    def fit(cls, features: np.ndarray, components: int = COMPONENTS) -> tuple["EmbeddingDistance", float]:
+        """Ledoit-Wolf shrunk covariance of the features, kept in its eigenbasis; also returns the shrinkage."""
+        from sklearn.covariance import LedoitWolf
+
+        x = np.asarray(features, dtype=np.float64)
+        lw = LedoitWolf(assume_centered=False).fit(x)
+        values, vectors = np.linalg.eigh(lw.covariance_)  # ascending
+        values, vectors = values[::-1], vectors[:, ::-1]
+        k = min(components, x.shape[1])
+        tail = float(values[k:].mean()) if k < x.shape[1] else float(values[-1])
+        module = cls(torch.from_numpy(lw.location_), torch.from_numpy(np.ascontiguousarray(vectors[:, :k].T)),
+                     torch.from_numpy(values[:k].copy()), torch.tensor(tail))
+        return module, float(lw.shrinkage_)
+
+
+@torch.inference_mode()
+def embeddings(teacher: nn.Module, squares: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    """The teacher's pooled features [N, D] of uint8 squares [N, S, S], normalised as for prediction."""
+    from kd.models import embed
+
+    out = [torch.zeros(0, teacher.fc.in_features)]
+    for i in range(0, len(squares), batch_size):
+        x = preprocess.normalize(torch.from_numpy(np.array(squares[i:i + batch_size])))[:, None]
+        out.append(embed(teacher, x.contiguous(memory_format=torch.channels_last)).float())
+    return torch.cat(out)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class OODCheck:
+    """The fitted check: image statistics, then the teacher embedding's distance against a threshold."""
+
+    distance: EmbeddingDistance
+    threshold: float  # squared Mahalanobis distance; above it the picture is refused
+    info: dict  # what the card's "ood" section says
+
+    def distances(self, teacher: nn.Module, squares: np.ndarray) -> np.ndarray:
+        """Distance of each uint8 square [N, S, S] (prepared as the models see them)."""
+        with torch.inference_mode():
+            return self.distance(embeddings(teacher, squares)).numpy()
+
+    def reason(self, teacher: nn.Module, square: np.ndarray) -> str | None:
+        """Why this square is refused, or None when it looks like the training X-rays."""
+        why = image_reason(square)
+        if why:
+            return why
+        d = float(self.distances(teacher, square[None])[0])
+        if d > self.threshold:
+            return (f"{NOT_CXR}: the teacher's features for it are {d / self.threshold:.1f}x farther from the "
+                    f"training X-rays' than the refusal threshold (set so that at most "
+                    f"{REFUSED_VALIDATION_SHARE:.1%} of validation X-rays are refused){REASON_END}")
+        return None
+
+
+def load(weights_dir: str | Path, teacher_file: str | Path) -> OODCheck | None:
+    """The check fitted for these weights, None when the folder has none; a CheckpointError when it was
+    fitted on another teacher or cannot be read."""
+    from safetensors import safe_open
+
+    path = Path(weights_dir) / OOD_FILE
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        info = json.loads(meta["info"])
+        threshold = float(info["threshold"])
+        distance = EmbeddingDistance(tensors["mean"], tensors["components"], tensors["variances"],
+                                     tensors["tail_variance"])
+    except Exception as e:  # a damaged or foreign file: say which
+        raise CheckpointError(f"{path} is not a readable out-of-distribution check ({type(e).__name__}: {e}); "
+                              f"re-create it with `python -m kd fit-ood --weights {weights_dir} --data DATA`.") from e
+    if info.get("teacher_sha256") != file_sha256(teacher_file):
+        raise CheckpointError(f"{path} was fitted on another teacher than {teacher_file}: its threshold does not "
+                              f"apply. Re-fit it with `python -m kd fit-ood --weights {weights_dir} --data DATA`.")
+    return OODCheck(distance.eval(), threshold, info)
+
+
+def validation_threshold(distances: np.ndarray, share: float = REFUSED_VALIDATION_SHARE) -> float:
+    """The smallest validation distance above which at most `share` of the validation distances lie."""
+    d = np.sort(np.asarray(distances, dtype=np.float64))
+    allowed = int(np.floor(share * len(d)))
+    return float(d[len(d) - allowed - 1])
+
+
+def _squares(samples, size: int, contrast: str) -> np.ndarray:
+    from kd.cache import build_cache
+
+    cache = build_cache([s.path for s in samples], size, None, progress=True, contrast=contrast)
+    return np.asarray(cache.images[cache.valid])
+
+
+def _refusals(squares: np.ndarray, distances: np.ndarray, threshold: float) -> dict:
+    by_stats = np.array([image_reason(s) is not None for s in squares], dtype=bool)
+    by_distance = np.asarray(distances) > threshold
+    refused = by_stats | by_distance
+    return {"n": int(len(squares)), "refused": int(refused.sum()), "fraction": float(refused.mean()),
+            "by_image_statistics": int(by_stats.sum()), "by_embedding_distance": int(by_distance.sum())}
+
+
+def fit(weights_dir: str | Path, data_root: str | Path, max_train: int | None = None,
+        components: int = COMPONENTS, command: str = "") -> dict:
+    """Fit the check on the training split's teacher embeddings, set the threshold on the validation
+    split, write weights_dir/ood.safetensors and the card's "ood" section; returns that section.
+
+    The splits are the patient-level ones of the card's config (val_fraction, seed), the images prepared
+    as the models see them. `max_train`: a seeded random subset of the training split (None: all of it).
+    The test split, when the dataset has one, is only counted (how many of its X-rays are refused): the
+    external check, never used to set anything."""
+    from kd.data import load_splits
+    from kd.inference import load_pair
+    from kd.model_card import CARD_FILE, git_commit
+
+    t0 = time.time()
+    weights_dir = Path(weights_dir)
+    pair = load_pair(weights_dir, ood=False)
+    cfg = pair.card.get("config", {})
+    val_fraction, seed = float(cfg.get("val_fraction", 0.15)), int(cfg.get("seed", 0))
+    splits = load_splits(data_root, val_fraction, seed)
+    train = splits["train"]
+    if max_train is not None and max_train < len(train):
+        keep = np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False))
+        train = [train[i] for i in keep]
+    teacher = pair.models["teacher"].model
+    size, contrast = pair.input_size, pair.contrast
+    train_sq = _squares(train, size, contrast)
+    train_features = embeddings(teacher, train_sq)
+    distance, shrinkage = EmbeddingDistance.fit(train_features.numpy(), components)
+    check = OODCheck(distance.eval(), 0.0, {})
+    with torch.inference_mode():
+        train_d = check.distance(train_features).numpy()
+    val_sq = _squares(splits["val"], size, contrast)
+    val_d = check.distances(teacher, val_sq)
+    check.threshold = validation_threshold(val_d[[image_reason(s) is None for s in val_sq]])
+    refused = {"train": _refusals(train_sq, train_d, check.threshold),
+               "validation": _refusals(val_sq, val_d, check.threshold)}
+    if "test" in splits:
+        test_sq = _squares(splits["test"], size, contrast)
+        refused["test"] = _refusals(test_sq, check.distances(teacher, test_sq), check.threshold)
+    info = {
+        "file": OOD_FILE,
+        "method": ("refuse when the image statistics rule it out, or when the squared Mahalanobis distance of the "
+                   "teacher's pooled layer4 features to the training split's (Ledoit-Wolf shrunk covariance) is "
+                   "above the threshold"),
+        "features": f"teacher embedding ({distance.mean.numel()}-d), images at {size} px, contrast {contrast}",
+        "threshold": check.threshold,
+        "threshold_rule": (f"the smallest validation distance above which at most {REFUSED_VALIDATION_SHARE:.1%} "
+                           f"of the validation X-rays (patient-level split, val_fraction={val_fraction}, seed={seed}) "
+                           "lie"),
+        "image_statistics": {"min_grey_levels": MIN_GREY_LEVELS, "max_flat_share": MAX_FLAT_SHARE,
+                             "flat_levels": FLAT_LEVELS},
+        "shrinkage": shrinkage, "components": int(distance.components.shape[0]),
+        "train_images": int(len(train_sq)),
+        "train_subset": (f"seeded random {max_train} of {len(splits['train'])}" if len(train) < len(splits["train"])
+                         else "all"),
+        "refused": refused,
+        "refused_note": "test: the external check, counted only; nothing is set on it",
+        "teacher_sha256": file_sha256(weights_dir / pair.card["models"]["teacher"]["file"]),
+        "command": command or f"python -m kd fit-ood --weights {weights_dir} --data {data_root}",
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - t0, 1),
+    }
+    save_weights(distance, weights_dir / OOD_FILE, metadata={"info": json.dumps(info)})
+    card = json.loads((weights_dir / CARD_FILE).read_text())
+    card[CARD_KEY] = info
+    write_json_atomic(weights_dir / CARD_FILE, card)
+    return info

@@ -1,0 +1,186 @@
+"""The out-of-distribution check (kd.ood): fitted by a command on a weights folder, it lets X-rays through
+and refuses blank pictures, patterns, text, noise, photographs and turned X-rays with a reason, before
+any probability; `kd predict` refuses such a file like an unreadable one (exit status 2)."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+
+from kd import ood
+from kd.checkpoint import CheckpointError
+from kd.cli import main
+from kd.inference import check_in_distribution, load_pair, predict_bytes
+from kd.model_card import read_card
+from kd.preprocess import ImageError
+from kd.testing.xray_fixtures import jpeg_bytes, png_bytes, write_kermany_dataset, xray_like_array
+
+
+def _text_page(h: int = 700, w: int = 500, step: int = 18) -> np.ndarray:
+    page = Image.new("L", (w, h), 245)
+    draw = ImageDraw.Draw(page)
+    rng = np.random.default_rng(0)
+    for y in range(40, h - 40, step):
+        draw.text((30, y), " ".join(rng.choice(["chest", "fever", "cough", "admitted", "report"], 12)), fill=20)
+    return np.asarray(page)
+
+
+def _photo(size: int = 256) -> np.ndarray:
+    """A grey 'photograph': smooth shaded shapes on a textured background, no anatomy."""
+    rng = np.random.default_rng(5)
+    v, u = np.mgrid[0:size, 0:size] / size
+    img = 90 + 60 * u + 20 * np.sin(v * 20)
+    for _ in range(6):
+        cu, cv, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.2)
+        img = np.where((u - cu) ** 2 + (v - cv) ** 2 < r * r, rng.uniform(0, 255) - 40 * v, img)
+    return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+XRAY = xray_like_array(256, 256, seed=77)
+JUNK = {
+    "black.png": png_bytes(np.zeros((256, 256), np.uint8)),
+    "white.png": png_bytes(np.full((256, 256), 255, np.uint8)),
+    "grey.jpeg": jpeg_bytes(np.full((256, 256), 128, np.uint8)),
+    "checkerboard.png": png_bytes(((np.indices((256, 256)) // 32).sum(0) % 2 * 255).astype(np.uint8)),
+    "text.jpeg": jpeg_bytes(_text_page()),
+    "uniform_noise.png": png_bytes(np.random.default_rng(1).integers(0, 256, (256, 256)).astype(np.uint8)),
+    "grey_noise.jpeg": jpeg_bytes(np.clip(np.random.default_rng(2).normal(128, 30, (256, 256)), 0, 255)
+                                  .astype(np.uint8)),
+    "photo.jpeg": jpeg_bytes(_photo()),
+    "colour_photo.jpeg": jpeg_bytes(np.stack([_photo(), _photo()[::-1], _photo()[:, ::-1]], axis=-1)),
+    "inverted_xray.jpeg": jpeg_bytes(255 - XRAY),
+    "rotated_xray.jpeg": jpeg_bytes(np.rot90(XRAY).copy()),
+    "upside_down_xray.jpeg": jpeg_bytes(np.rot90(XRAY, 2).copy()),
+}
+
+
+@pytest.fixture(scope="module")
+def fitted(kd_tiny, tmp_path_factory):
+    """A copy of the tiny weights with the check fitted on a generated dataset of X-ray-like pictures
+    (more images than the training set, so the validation split has some)."""
+    root = tmp_path_factory.mktemp("ood")
+    weights = root / "weights"
+    shutil.copytree(kd_tiny.weights, weights)
+    data = write_kermany_dataset(root / "data", n_per_class=(100, 100), size=64, seed=3, splits=("train", "test"))
+    code = main(["fit-ood", "--weights", str(weights), "--data", str(data)])
+    assert code == 0
+    return weights, data
+
+
+def test_fit_writes_the_check_and_a_readable_card_section(fitted):
+    weights, _ = fitted
+    assert (weights / ood.OOD_FILE).exists()
+    card = read_card(weights)
+    info = card[ood.CARD_KEY]
+    assert info["command"].startswith("python -m kd fit-ood --weights")
+    assert info["train_images"] > 0 and info["threshold"] > 0
+    val = info["refused"]["validation"]
+    assert val["refused"] <= ood.REFUSED_VALIDATION_SHARE * val["n"]  # the rule the threshold is set by
+    assert load_pair(weights).ood.threshold == pytest.approx(info["threshold"])
+
+
+def test_x_ray_like_pictures_are_accepted(fitted):
+    """The threshold refuses about 1 in (validation images + 1) new X-rays (here ~30 validation images):
+    of 20 new X-ray-like pictures at most 2, and of the dataset's own test split at most 5 %."""
+    weights, _ = fitted
+    pair = load_pair(weights)
+    refused = [seed for seed in range(500, 520)
+               if check_in_distribution(pair, pair.prepare(jpeg_bytes(xray_like_array(300, 260, seed=seed)))[0])]
+    assert len(refused) <= 2, refused
+    test = read_card(weights)[ood.CARD_KEY]["refused"]["test"]
+    assert test["n"] == 200 and test["fraction"] <= 0.05
+
+
+@pytest.mark.parametrize("name", sorted(JUNK))
+def test_what_is_not_a_chest_radiograph_is_refused_with_a_reason(fitted, name):
+    pair = load_pair(fitted[0])
+    with pytest.raises(ImageError) as refused:
+        predict_bytes(pair, JUNK[name], name)
+    assert "chest radiograph" in str(refused.value) and "no probability" in str(refused.value)
+
+
+def test_predict_refuses_junk_with_exit_status_2_and_no_probability(fitted, tmp_path, capsys):
+    weights, _ = fitted
+    good, bad = tmp_path / "IM-0001-0001.jpeg", tmp_path / "black.png"
+    good.write_bytes(jpeg_bytes(xray_like_array(256, 256, seed=501)))
+    bad.write_bytes(JUNK["black.png"])
+    assert main(["predict", "--weights", str(weights), str(good)]) == 0
+    assert "p(pneumonia)" in capsys.readouterr().out
+    assert main(["predict", "--weights", str(weights), "--json", str(good), str(bad)]) == 2
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "teacher" in lines[0] and set(lines[1]) == {"file", "error"} and "chest radiograph" in lines[1]["error"]
+
+
+def test_image_statistics_name_blank_and_flat_pictures():
+    assert "grey levels" in ood.image_reason(np.zeros((160, 160), np.uint8))
+    checker = ((np.indices((160, 160)) // 20).sum(0) % 2 * 255).astype(np.uint8)
+    assert "2 grey levels" in ood.image_reason(checker)
+    page = np.asarray(Image.fromarray(_text_page(step=50)).resize((160, 160)))  # a letter: mostly paper
+    assert ood.image_reason(page) is not None
+    assert ood.image_reason(np.asarray(Image.fromarray(XRAY).resize((160, 160)))) is None
+
+
+def test_a_check_fitted_on_another_teacher_is_not_used(fitted, tmp_path):
+    weights = tmp_path / "weights"
+    shutil.copytree(fitted[0], weights)
+    teacher = str(weights / "teacher.safetensors")
+    tensors = load_file(teacher)
+    tensors["fc.bias"] = tensors["fc.bias"] + 1  # a retrained teacher, as far as the check can tell
+    save_file(tensors, teacher)
+    with pytest.raises(CheckpointError, match="fit-ood"):
+        load_pair(weights)
+    assert load_pair(weights, ood=False).ood is None
+
+
+def test_weights_without_a_check_predict_as_before(kd_tiny):
+    pair = load_pair(kd_tiny.weights)
+    assert pair.ood is None
+    assert "teacher" in predict_bytes(pair, JUNK["black.png"], "black.png")
+
+
+def test_distance_is_the_mahalanobis_distance_of_the_shrunk_covariance():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    full, _ = ood.EmbeddingDistance.fit(x, components=6)
+    from sklearn.covariance import LedoitWolf
+
+    lw = LedoitWolf().fit(x)
+    q = rng.normal(size=(5, 6))
+    expected = np.einsum("ij,jk,ik->i", q - lw.location_, np.linalg.inv(lw.covariance_), q - lw.location_)
+    assert full(torch.from_numpy(q)).numpy() == pytest.approx(expected, rel=1e-4)
+    # fewer components: the dropped directions share the mean of their variances
+    part, _ = ood.EmbeddingDistance.fit(x, components=3)
+    values, vectors = np.linalg.eigh(lw.covariance_)
+    kept = vectors[:, 3:] @ np.diag(1 / values[3:]) @ vectors[:, 3:].T
+    dropped = vectors[:, :3] @ vectors[:, :3].T / values[:3].mean()
+    expected = np.einsum("ij,jk,ik->i", q - lw.location_, kept + dropped, q - lw.location_)
+    assert part(torch.from_numpy(q)).numpy() == pytest.approx(expected, rel=1e-4)
+
+
+def test_threshold_refuses_at_most_the_share_of_validation():
+    d = np.arange(1000, dtype=float)
+    t = ood.validation_threshold(d, 0.005)
+    assert (d > t).sum() == 5 and t == 994
+    assert ood.validation_threshold(np.array([3.0, 1.0, 2.0]), 0.005) == 3.0  # few images: none refused
+
+
+def test_fit_ood_help_imports_no_torch():
+    from tests.test_cli import probe
+
+    done = probe("fit-ood", "--help")
+    assert done.stdout.strip().endswith("HEAVY - EXIT 0"), done.stderr[-2000:]
+
+
+def test_decoding_and_colour_are_not_the_check(fitted):
+    """A readable greyscale X-ray saved as RGB is still an X-ray."""
+    pair = load_pair(fitted[0])
+    rgb = np.repeat(xray_like_array(256, 256, seed=502)[..., None], 3, axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    assert "teacher" in predict_bytes(pair, buf.getvalue(), "rgb.png")

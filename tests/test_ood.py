@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from kd import ood
@@ -19,45 +19,11 @@ from kd.cli import main
 from kd.inference import check_in_distribution, load_pair, predict_bytes
 from kd.model_card import read_card
 from kd.preprocess import ImageError
-from kd.testing.xray_fixtures import jpeg_bytes, png_bytes, write_kermany_dataset, xray_like_array
-
-
-def _text_page(h: int = 700, w: int = 500, step: int = 18) -> np.ndarray:
-    page = Image.new("L", (w, h), 245)
-    draw = ImageDraw.Draw(page)
-    rng = np.random.default_rng(0)
-    for y in range(40, h - 40, step):
-        draw.text((30, y), " ".join(rng.choice(["chest", "fever", "cough", "admitted", "report"], 12)), fill=20)
-    return np.asarray(page)
-
-
-def _photo(size: int = 256) -> np.ndarray:
-    """A grey 'photograph': smooth shaded shapes on a textured background, no anatomy."""
-    rng = np.random.default_rng(5)
-    v, u = np.mgrid[0:size, 0:size] / size
-    img = 90 + 60 * u + 20 * np.sin(v * 20)
-    for _ in range(6):
-        cu, cv, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.2)
-        img = np.where((u - cu) ** 2 + (v - cv) ** 2 < r * r, rng.uniform(0, 255) - 40 * v, img)
-    return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
-
+from kd.testing.non_xrays import non_xrays, text_page
+from kd.testing.xray_fixtures import jpeg_bytes, write_kermany_dataset, xray_like_array
 
 XRAY = xray_like_array(256, 256, seed=77)
-JUNK = {
-    "black.png": png_bytes(np.zeros((256, 256), np.uint8)),
-    "white.png": png_bytes(np.full((256, 256), 255, np.uint8)),
-    "grey.jpeg": jpeg_bytes(np.full((256, 256), 128, np.uint8)),
-    "checkerboard.png": png_bytes(((np.indices((256, 256)) // 32).sum(0) % 2 * 255).astype(np.uint8)),
-    "text.jpeg": jpeg_bytes(_text_page()),
-    "uniform_noise.png": png_bytes(np.random.default_rng(1).integers(0, 256, (256, 256)).astype(np.uint8)),
-    "grey_noise.jpeg": jpeg_bytes(np.clip(np.random.default_rng(2).normal(128, 30, (256, 256)), 0, 255)
-                                  .astype(np.uint8)),
-    "photo.jpeg": jpeg_bytes(_photo()),
-    "colour_photo.jpeg": jpeg_bytes(np.stack([_photo(), _photo()[::-1], _photo()[:, ::-1]], axis=-1)),
-    "inverted_xray.jpeg": jpeg_bytes(255 - XRAY),
-    "rotated_xray.jpeg": jpeg_bytes(np.rot90(XRAY).copy()),
-    "upside_down_xray.jpeg": jpeg_bytes(np.rot90(XRAY, 2).copy()),
-}
+JUNK = non_xrays(XRAY)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +87,7 @@ def test_image_statistics_name_blank_and_flat_pictures():
     assert "grey levels" in ood.image_reason(np.zeros((160, 160), np.uint8))
     checker = ((np.indices((160, 160)) // 20).sum(0) % 2 * 255).astype(np.uint8)
     assert "2 grey levels" in ood.image_reason(checker)
-    page = np.asarray(Image.fromarray(_text_page(step=50)).resize((160, 160)))  # a letter: mostly paper
+    page = np.asarray(Image.fromarray(text_page(step=50)).resize((160, 160)))  # a letter: mostly paper
     assert ood.image_reason(page) is not None
     assert ood.image_reason(np.asarray(Image.fromarray(XRAY).resize((160, 160)))) is None
 

@@ -1,0 +1,118 @@
+"""What the out-of-distribution check (kd/ood.py) refuses, with the shipped weights and their fitted check.
+
+    python bench/ood.py [--limit 400] [--extra FILE ...]
+
+- X-rays: how many of the patient-level validation split's (where the threshold was set) and of the
+  test split's X-rays are refused (at most --limit of each, a seeded sample; the test split is the
+  external check: counted, nothing is set on it).
+- Not X-rays: kd.testing.non_xrays (blank pictures, a checkerboard, noise, a text page, photographs, and
+  a full-resolution X-ray from fullres_samples inverted and turned), matplotlib's sample pictures when
+  installed (a photograph, a logo, an MRI slice, a terrain map), and any --extra files; plus that X-ray
+  as is, mirrored, tilted by 15 degrees and cropped to its centre, to show where the line falls.
+Each picture gets its verdict, which check refused it and its distance as a multiple of the threshold.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import common
+from kd.data import samples_for
+from kd.inference import load_pair
+from kd.ood import image_reason
+from kd.preprocess import ImageError
+from kd.testing.non_xrays import non_xrays
+from kd.testing.xray_fixtures import jpeg_bytes, png_bytes
+
+
+def matplotlib_pictures() -> dict[str, bytes]:
+    try:
+        import matplotlib
+    except ImportError:
+        return {}
+    d = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data"
+    out = {}
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
+        if (d / name).exists():
+            out[f"matplotlib {name}"] = (d / name).read_bytes()
+    if (d / "s1045.ima.gz").exists():
+        mri = np.frombuffer(gzip.open(d / "s1045.ima.gz").read(), np.uint16).reshape(256, 256)
+        out["matplotlib s1045.ima (MRI slice)"] = png_bytes((mri / mri.max() * 255).astype(np.uint8))
+    if (d / "jacksboro_fault_dem.npz").exists():
+        dem = np.load(d / "jacksboro_fault_dem.npz")["elevation"]
+        out["matplotlib jacksboro_fault_dem (terrain)"] = png_bytes(((dem - dem.min()) / np.ptp(dem) * 255)
+                                                                    .astype(np.uint8))
+    return out
+
+
+def turned_xrays(xray: np.ndarray) -> dict[str, bytes]:
+    h, w = xray.shape
+    return {"X-ray as is": jpeg_bytes(xray), "X-ray mirrored left-right": jpeg_bytes(xray[:, ::-1].copy()),
+            "X-ray tilted 15 degrees, black corners": jpeg_bytes(np.asarray(Image.fromarray(xray).rotate(15))),
+            "X-ray tilted 15 degrees, corners in its median grey": jpeg_bytes(np.asarray(
+                Image.fromarray(xray).rotate(15, fillcolor=int(np.median(xray))))),
+            "X-ray centre crop (half the width and height)": jpeg_bytes(xray[h // 4:3 * h // 4, w // 4:3 * w // 4]
+                                                                        .copy())}
+
+
+def split_refusals(pair, data: str, split: str, limit: int) -> str:
+    from kd.cache import build_cache
+
+    cfg = pair.card.get("config", {})
+    samples = samples_for(data, split, cfg.get("val_fraction", 0.15), cfg.get("seed", 0))
+    if len(samples) > limit:
+        samples = [samples[i] for i in sorted(np.random.default_rng(0).choice(len(samples), limit, replace=False))]
+    cache = build_cache([s.path for s in samples], pair.input_size, None, progress=False, contrast=pair.contrast)
+    squares = np.asarray(cache.images[cache.valid])
+    ratio = pair.ood.distances(pair.models["teacher"].model, squares) / pair.ood.threshold
+    by_stats = np.array([image_reason(s) is not None for s in squares], dtype=bool)
+    refused, stats = int((by_stats | (ratio > 1)).sum()), int(by_stats.sum())
+    return (f"{split:5}: {refused} of {len(squares)} X-rays refused ({refused / len(squares):.2%}; {stats} by image "
+            f"statistics); largest distance {ratio.max():.2f}x the threshold")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(common.SHARED / "chest_xray"))
+    p.add_argument("--xray", default=str(next(iter(sorted((common.SHARED / "fullres_samples" / "NORMAL").glob("*"))),
+                                              "")), help="a full-resolution X-ray to invert and turn")
+    p.add_argument("--weights", default=str(common.REPO / "weights"))
+    p.add_argument("--limit", type=int, default=400, help="X-rays per split at most")
+    p.add_argument("--extra", nargs="*", default=[], help="more pictures to judge")
+    args = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 2)
+    pair = load_pair(args.weights)
+    if pair.ood is None:
+        raise SystemExit(f"{args.weights} has no out-of-distribution check: run `python -m kd fit-ood` first")
+    print(f"threshold {pair.ood.threshold:.1f} ({pair.ood.info.get('threshold_rule', '')})")
+    if Path(args.data).exists():
+        for split in ("val", "test"):
+            print(split_refusals(pair, args.data, split, args.limit), flush=True)
+    if args.xray:
+        xray = np.asarray(Image.open(args.xray).convert("L"))
+    else:
+        from kd.testing.xray_fixtures import xray_like_array
+
+        xray = xray_like_array(1024, 1024)
+    pictures = {**non_xrays(xray), **matplotlib_pictures(), **{Path(f).name: Path(f).read_bytes() for f in args.extra},
+                **turned_xrays(xray)}
+    print("\n| picture | verdict | refused by | distance / threshold |\n|---|---|---|---|")
+    for name, data in pictures.items():
+        try:
+            square, _ = pair.prepare(data, name)
+        except ImageError as e:
+            print(f"| {name} | unreadable | {e} | - |")
+            continue
+        ratio = float(pair.ood.distances(pair.models["teacher"].model, square[None])[0] / pair.ood.threshold)
+        by = "image statistics" if image_reason(square) else "embedding distance" if ratio > 1 else "-"
+        print(f"| {name} | {'refused' if by != '-' else 'accepted'} | {by} | {ratio:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

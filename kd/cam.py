@@ -1,20 +1,25 @@
 """Grad-CAM heat maps of teacher and student, how far they agree, and how faithful they are.
 
-The maps come from pytorch_grad_cam on layer4 (input size / 32: 4x4 at 128 px, 7x7 at 224 px), for
-the PNEUMONIA logit of both models, so the two maps answer the same question: which regions raise the
-pneumonia score. The CAM forward pass also gives the probability, so diagnosing costs one forward and
-one backward per model. Overlays are drawn on the X-ray at DISPLAY_SIZE (at least), not at the
-model's input size, so the picture a clinician reads stays sharp when the models run at 128 px.
+The maps come from pytorch_grad_cam, for the PNEUMONIA logit of both models, so the two maps answer the
+same question: which regions raise the pneumonia score. Where they come from is a choice (CAM_OPTIONS: a
+method on one or several ResNet stages); a stage's native grid is the input size / 8 (layer2), / 16
+(layer3) or / 32 (layer4): at 160 px 20x20, 10x10, 5x5. DEFAULT_CAM was chosen by bench/cam_grid.py
+(ROAD faithfulness and the map's mass on the image border, on validation); the plain names "GradCAM" and
+"GradCAM++" still mean that method on layer4. The CAM forward pass also gives the probability, so
+diagnosing costs one forward and one backward per model. Overlays are drawn on the X-ray at
+DISPLAY_SIZE (at least), not at the model's input size, so the picture a clinician reads stays sharp
+when the models run at 128 px.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
 from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
@@ -22,7 +27,68 @@ from kd import preprocess
 from kd.inference import LoadedModel, ModelPair
 from kd.metrics import softmax_pneumonia
 
-METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}
+METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}  # on layer4, the names the app has always passed
+_CAM_CLASSES = {**METHODS, "LayerCAM": LayerCAM}
+STAGE_HALVINGS = {"layer1": 2, "layer2": 3, "layer3": 4, "layer4": 5}  # stride-2 steps before each ResNet stage's output
+
+
+@dataclass(frozen=True)
+class CamOption:
+    """A CAM method on the last block of one or several ResNet stages (several: their maps, each scaled
+    to [0, 1], are averaged at the input size)."""
+
+    method: str  # GradCAM, GradCAM++ or LayerCAM (Jiang et al. 2021: meant for shallower stages)
+    layers: tuple[str, ...]
+
+    def grid(self, input_size: int) -> int:
+        """Side of the finest native grid among its stages (each stride-2 step rounds up)."""
+        return max(_halve(input_size, STAGE_HALVINGS[layer]) for layer in self.layers)
+
+    def source(self, input_size: int) -> str:
+        g = self.grid(input_size)
+        return f"{self.method} on {'+'.join(self.layers)}, native grid {g}x{g} at {input_size} px"
+
+
+def _halve(n: int, times: int) -> int:
+    for _ in range(times):
+        n = math.ceil(n / 2)
+    return n
+
+
+CAM_OPTIONS = {  # measured by bench/cam_grid.py
+    "layer4 GradCAM": CamOption("GradCAM", ("layer4",)),
+    "layer3 GradCAM": CamOption("GradCAM", ("layer3",)),
+    "layer3 LayerCAM": CamOption("LayerCAM", ("layer3",)),
+    "layer2 GradCAM": CamOption("GradCAM", ("layer2",)),
+    "layer2 LayerCAM": CamOption("LayerCAM", ("layer2",)),
+    "layer2+3+4 LayerCAM": CamOption("LayerCAM", ("layer2", "layer3", "layer4")),
+}
+# bench/cam_grid.py on validation (shipped weights, 160 px): the best ROAD of the options with a native grid of at
+# least 14x14, for teacher and student alike, with less mass on the image border than a uniform map
+DEFAULT_CAM = "layer2 GradCAM"
+
+
+def cam_option(method: str) -> CamOption:
+    """A CAM_OPTIONS name, or a plain METHODS name (that method on layer4)."""
+    if method in CAM_OPTIONS:
+        return CAM_OPTIONS[method]
+    if method in METHODS:
+        return CamOption(method, ("layer4",))
+    raise ValueError(f"Unknown CAM method {method!r}; choose {', '.join([*CAM_OPTIONS, *METHODS])}")
+
+
+def border_share(cam: np.ndarray, fraction: float = 0.1) -> float | None:
+    """Share of the map's mass on the outer `fraction` of the image on every side (a uniform map:
+    1 - (1 - 2 * fraction)^2, 0.36 at 10 %); None for an empty map. Maps that light the border or the
+    background outside the chest are suspect."""
+    cam = np.asarray(cam, dtype=np.float64)
+    total = cam.sum()
+    if total <= 0:
+        return None
+    h, w = cam.shape
+    bh, bw = max(1, round(fraction * h)), max(1, round(fraction * w))
+    inner = cam[bh:h - bh, bw:w - bw].sum()
+    return float((total - inner) / total)
 PNEUMONIA = 1
 DISPLAY_SIZE = 448  # px of the picture the heat maps are drawn on
 TOP_FRACTION = 0.2  # the "hot" region compared by the agreement score
@@ -32,15 +98,16 @@ ROAD_HELP = ("Faithfulness (ROAD, Rong et al. 2022): how much the pneumonia scor
              "important are removed, minus the drop when unimportant ones are; higher = the map explains the model.")
 
 
-def explain(loaded: LoadedModel, x: torch.Tensor, method: str = "GradCAM") -> tuple[float, np.ndarray]:
+def explain(loaded: LoadedModel, x: torch.Tensor, method: str = DEFAULT_CAM) -> tuple[float, np.ndarray]:
     """Calibrated probability of pneumonia and the CAM [H, W] in [0, 1] for one normalised input [1, 1, H, W].
 
-    The model's lock makes this safe when several app sessions diagnose at once; the context
-    manager releases the hooks even on error."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown CAM method {method!r}; choose {', '.join(METHODS)}")
+    `method`: a CAM_OPTIONS name or a plain METHODS name (cam_option; its .source(size) says which
+    stages and native grid the map comes from). The model's lock makes this safe when several app
+    sessions diagnose at once; the context manager releases the hooks even on error."""
+    option = cam_option(method)
     model = loaded.model
-    with loaded.lock, torch.enable_grad(), METHODS[method](model=model, target_layers=[model.layer4[-1]]) as cam:
+    layers = [getattr(model, name)[-1] for name in option.layers]
+    with loaded.lock, torch.enable_grad(), _CAM_CLASSES[option.method](model=model, target_layers=layers) as cam:
         maps = cam(input_tensor=x.contiguous(memory_format=torch.channels_last),
                    targets=[ClassifierOutputTarget(PNEUMONIA)] * x.shape[0])
         logits = cam.outputs.detach().float().cpu().numpy()

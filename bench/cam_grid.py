@@ -1,0 +1,200 @@
+"""Which heat map to show: each kd.cam.CAM_OPTIONS entry (a method on one or several ResNet stages) measured
+on validation X-rays with the shipped weights, for teacher and student.
+
+    python bench/cam_grid.py [--limit 100] [--road-limit 24] [--options "layer4 GradCAM" ...] [--json out.json]
+
+For each option: the native grid at the card's input size; ROAD faithfulness (Rong et al. 2022: the
+pneumonia score's drop when the pixels the map calls unimportant are removed, minus its drop when the
+important ones are; higher is more faithful; kd.cam.road_scores' metric, pytorch_grad_cam's ROADCombined);
+and the share of the map's mass on the outer 10 % of the image on every side (kd.cam.border_share; a
+uniform map has 0.36: maps that light the border, where the film's labels and the background are, are
+suspect); and the CAM's time per image. Images: a seeded sample of the patient-level validation split
+(the card's seed and fraction), PNEUMONIA and NORMAL alternately; border share on --limit of them, ROAD
+(the expensive part) on the first --road-limit; every option sees the same images and the same
+imputation noise.
+
+The rule that picks kd.cam.DEFAULT_CAM (printed at the end): among the options whose native grid is at
+least 14x14 at the card's input size and whose mean border share is below a uniform map's, the one with
+the highest ROAD averaged over teacher and student; if none qualifies, the best ROAD overall.
+
+ROAD's noisy linear imputation solves a sparse system per image and percentile (most of the time here).
+This script builds that system with vectorised code instead of pytorch_grad_cam's row-by-row one (the same
+matrix and right-hand side, checked at start-up against the library's; the same solver and noise).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix, diags
+from pytorch_grad_cam.metrics import road
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+import common
+from kd import cam, preprocess
+from kd.cache import build_cache
+from kd.data import samples_for
+from kd.inference import load_pair
+
+UNIFORM_BORDER = 1 - (1 - 2 * 0.1) ** 2
+GRID_GOAL = 14
+
+
+def vectorised_system(mask, img, neighbors_weights):
+    """pytorch_grad_cam.metrics.road.NoisyLinearImputer.setup_sparse_system, built with arrays."""
+    h, w = mask.shape
+    m = mask.ravel()
+    flat = img.reshape((img.shape[0], -1))
+    unknown = np.flatnonzero(m == 0)
+    n = len(unknown)
+    index = np.full(h * w, -1)
+    index[unknown] = np.arange(n)
+    r, c = unknown // w, unknown % w
+    rows, cols, vals = [], [], []
+    b = np.zeros((n, img.shape[0]))
+    diagonal = np.zeros(n)
+    for (dr, dc), weight in neighbors_weights:
+        rr, cc = r + dr, c + dc
+        inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        ids, nb = np.flatnonzero(inside), rr[inside] * w + cc[inside]
+        diagonal[ids] -= weight
+        known = m[nb] > 0.5
+        b[ids[known], :] -= weight * flat[:, nb[known]].T
+        rows.append(ids[~known])
+        cols.append(index[nb[~known]])
+        vals.append(np.full(int((~known).sum()), weight))
+    a = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    return (a.tocsr() + diags(diagonal)).tocsc(), b
+
+
+def use_vectorised_system() -> None:
+    rng = np.random.default_rng(0)
+    mask, img = (rng.random((24, 20)) > 0.5).astype(np.float32), rng.normal(size=(1, 24, 20))
+    a0, b0 = road.NoisyLinearImputer.setup_sparse_system(mask, img, road.neighbors_weights)
+    a1, b1 = vectorised_system(mask, img, road.neighbors_weights)
+    assert abs(a0.tocsc() - a1).max() < 1e-12 and np.abs(b0 - b1).max() < 1e-12, "not the library's system"
+    road.NoisyLinearImputer.setup_sparse_system = staticmethod(vectorised_system)
+
+
+def sample(data: str, card: dict, limit: int, seed: int = 0):
+    cfg = card.get("config", {})
+    samples = samples_for(data, "val", cfg.get("val_fraction", 0.15), cfg.get("seed", 0))
+    rng = np.random.default_rng(seed)
+    by_class = []
+    for label, k in ((1, (limit + 1) // 2), (0, limit // 2)):
+        pool = [s for s in samples if s.label == label]
+        by_class.append([pool[i] for i in rng.choice(len(pool), min(k, len(pool)), replace=False)])
+    pneumonia, normal = by_class
+    return [s for pair in zip(pneumonia, normal) for s in pair] + pneumonia[len(normal):] + normal[len(pneumonia):]
+
+
+def measure(loaded, squares: np.ndarray, option: str, road_limit: int, percentiles, batch: int = 8) -> dict:
+    """Border share of each image's map (None for an empty map) and CAM ms per image on all the squares;
+    ROAD score on the first road_limit of them."""
+    maps, borders, seconds = [], [], 0.0
+    for square in squares:
+        t0 = time.perf_counter()
+        _, m = cam.explain(loaded, preprocess.to_tensor(square), option)
+        seconds += time.perf_counter() - t0
+        maps.append(m)
+        borders.append(cam.border_share(m))
+    metric = road.ROADCombined(percentiles=list(percentiles))
+    scores = []
+    for start in range(0, min(road_limit, len(squares)), batch):
+        stop = min(start + batch, road_limit, len(squares))
+        x = torch.cat([preprocess.to_tensor(s) for s in squares[start:stop]])
+        torch.manual_seed(start)  # the same imputation noise for every option
+        with loaded.lock, torch.no_grad():
+            s = metric(x, np.stack(maps[start:stop]), [ClassifierOutputSoftmaxTarget(cam.PNEUMONIA)] * len(x),
+                       loaded.model)
+        scores += np.asarray(s, dtype=np.float64).ravel().tolist()
+    defined = [b for b in borders if b is not None]
+    return {"road": scores, "border": borders, "road_mean": float(np.mean(scores)),
+            "road_sem": float(np.std(scores, ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else 0.0,
+            "border_mean": float(np.mean(defined)) if defined else None,
+            "empty_maps": sum(b is None for b in borders), "cam_ms": 1000 * seconds / len(squares)}
+
+
+def choose(results: dict, size: int) -> tuple[str, str]:
+    """The rule in the module docstring: (option, why)."""
+    def road_both(name):
+        return float(np.mean([results[name][r]["road_mean"] for r in results[name] if r != "grid"]))
+
+    def border_both(name):
+        values = [results[name][r]["border_mean"] for r in results[name] if r != "grid"]
+        return float(np.mean([v for v in values if v is not None])) if any(v is not None for v in values) else 1.0
+
+    fine = [n for n in results if results[n]["grid"] >= GRID_GOAL and border_both(n) < UNIFORM_BORDER]
+    if fine:
+        best = max(fine, key=road_both)
+        return best, (f"best mean ROAD ({road_both(best):.4f}) among the options with a native grid >= "
+                      f"{GRID_GOAL}x{GRID_GOAL} at {size} px and less border mass than a uniform map")
+    best = max(results, key=road_both)
+    return best, f"no option reaches {GRID_GOAL}x{GRID_GOAL} without lighting the border: best ROAD overall"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit", type=int, default=100, help="validation images for the border share (half PNEUMONIA, "
+                   "half NORMAL)")
+    p.add_argument("--road-limit", type=int, default=24, help="of which the first N (alternately PNEUMONIA and "
+                   "NORMAL) also get ROAD: about 4 s of CPU per image, option and model")
+    p.add_argument("--options", nargs="+", default=list(cam.CAM_OPTIONS), choices=list(cam.CAM_OPTIONS))
+    p.add_argument("--roles", nargs="+", default=["teacher", "student"], choices=["teacher", "student"])
+    p.add_argument("--percentiles", type=int, nargs="+", default=[20, 40, 60, 80])
+    p.add_argument("--data", default=str(common.SHARED / "chest_xray"))
+    p.add_argument("--weights", default=str(common.REPO / "weights"))
+    p.add_argument("--json", help="write every score here")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads (1 on a busy machine)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    use_vectorised_system()
+    pair = load_pair(args.weights, ood=False)
+    size = pair.input_size
+    picked = sample(args.data, pair.card, args.limit)
+    cache = build_cache([s.path for s in picked], size, None, progress=False, contrast=pair.contrast)
+    squares = np.asarray(cache.images[cache.valid])
+    labels = np.array([s.label for s, ok in zip(picked, cache.valid) if ok])
+    print(f"{len(squares)} validation images ({int(labels.sum())} PNEUMONIA) at {size} px, ROAD percentiles "
+          f"{args.percentiles}; border = share of map mass on the outer 10% (uniform map: {UNIFORM_BORDER:.2f})")
+    results = {}
+    for option in args.options:
+        grid = cam.CAM_OPTIONS[option].grid(size)
+        results[option] = {"grid": grid}
+        for role in args.roles:
+            r = measure(pair.models[role], squares, option, args.road_limit, args.percentiles)
+            pneumonia = labels[:len(r["road"])] == 1
+            r["road_pneumonia"] = float(np.mean(np.asarray(r["road"])[pneumonia])) if pneumonia.any() else None
+            results[option][role] = r
+            print(f"  {option:22} {role:8} ROAD {r['road_mean']:+.4f} (±{r['road_sem']:.4f}) border "
+                  f"{r['border_mean'] if r['border_mean'] is None else round(r['border_mean'], 3)} "
+                  f"empty {r['empty_maps']} CAM {r['cam_ms']:.0f} ms/image", flush=True)
+    n_road = min(args.road_limit, len(squares))
+    roles = "/".join(args.roles)
+    print(f"\n| option | native grid at {size} px | ROAD ({roles}, {n_road} images) | ROAD on PNEUMONIA | "
+          f"border share ({roles}, {len(squares)} images) | empty maps | CAM ms/image |\n|---|---|---|---|---|---|---|")
+    for option, res in results.items():
+        rs = [res[r] for r in args.roles]
+        border = " / ".join("-" if r["border_mean"] is None else f"{r['border_mean']:.3f}" for r in rs)
+        print(f"| {option} | {res['grid']}x{res['grid']} | "
+              + " / ".join(f"{r['road_mean']:+.3f} ± {r['road_sem']:.3f}" for r in rs) + " | "
+              + " / ".join("-" if r["road_pneumonia"] is None else f"{r['road_pneumonia']:+.3f}" for r in rs)
+              + f" | {border} | " + " / ".join(str(r["empty_maps"]) for r in rs) + " | "
+              + " / ".join(f"{r['cam_ms']:.0f}" for r in rs) + " |")
+    best, why = choose(results, size)
+    print(f"\nchosen: {best} ({cam.CAM_OPTIONS[best].source(size)}): {why}; kd.cam.DEFAULT_CAM is "
+          f"{cam.DEFAULT_CAM!r}")
+    out = {"n": len(squares), "input_size": size, "percentiles": args.percentiles, "results": results,
+           "chosen": best, "rule": why}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

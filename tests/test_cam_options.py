@@ -1,0 +1,87 @@
+"""Where a heat map comes from (kd.cam.CAM_OPTIONS): its native grid, the default chosen by
+bench/cam_grid.py, and the border-mass share that bench reports."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd import cam, preprocess
+from kd.inference import load_pair
+from kd.model_card import read_card
+from kd.models import build
+from kd.paths import SHIPPED_WEIGHTS
+
+
+def test_border_share_of_plain_maps():
+    assert cam.border_share(np.ones((160, 160))) == pytest.approx(1 - 0.8 ** 2)  # uniform: 0.36
+    assert cam.border_share(np.ones((100, 50))) == pytest.approx(1 - (80 * 40) / (100 * 50))
+    centre = np.zeros((160, 160))
+    centre[16:144, 16:144] = 1
+    assert cam.border_share(centre) == 0.0
+    corner = np.zeros((160, 160))
+    corner[0, 0] = 3
+    assert cam.border_share(corner) == 1.0
+    assert cam.border_share(np.zeros((160, 160))) is None  # an empty map has no mass to share
+
+
+def test_border_share_is_the_mass_on_the_outer_tenth():
+    m = np.random.default_rng(0).random((160, 160))
+    outer = np.ones((160, 160), bool)
+    outer[16:144, 16:144] = False
+    assert cam.border_share(m) == pytest.approx(m[outer].sum() / m.sum())
+
+
+@pytest.mark.parametrize("size", [160, 128, 224, 100])
+def test_native_grid_is_the_feature_map_of_the_stages_used(size):
+    model = build("resnet18").eval()
+    sides = {}
+    hooks = [getattr(model, name).register_forward_hook(lambda m, i, o, name=name: sides.__setitem__(name, o.shape[-1]))
+             for name in cam.STAGE_HALVINGS]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, size, size))
+    for h in hooks:
+        h.remove()
+    for option in cam.CAM_OPTIONS.values():
+        assert option.grid(size) == max(sides[layer] for layer in option.layers)
+    assert cam.CAM_OPTIONS["layer4 GradCAM"].grid(160) == 5 and cam.CAM_OPTIONS["layer2 LayerCAM"].grid(160) == 20
+
+
+def test_the_default_map_has_a_native_grid_of_at_least_14x14_at_the_shipped_size():
+    size = read_card(SHIPPED_WEIGHTS)["input"]["size"]
+    option = cam.CAM_OPTIONS[cam.DEFAULT_CAM]
+    assert option.grid(size) >= 14, option.source(size)
+    assert f"{option.grid(size)}x{option.grid(size)}" in option.source(size)
+
+
+def test_plain_method_names_still_mean_layer4():
+    assert cam.cam_option("GradCAM") == cam.CamOption("GradCAM", ("layer4",))
+    assert cam.cam_option("GradCAM++").layers == ("layer4",)
+    with pytest.raises(ValueError, match="Unknown CAM method"):
+        cam.cam_option("layer9 GradCAM")
+
+
+@pytest.mark.parametrize("option", list(cam.CAM_OPTIONS))
+def test_every_option_gives_a_map_of_the_input_size(kd_tiny, option):
+    from kd.testing.xray_fixtures import jpeg_bytes, xray_like_array
+
+    pair = load_pair(kd_tiny.weights)
+    square, _ = pair.prepare(jpeg_bytes(xray_like_array(128, 128, seed=4)))
+    for loaded in pair.models.values():
+        p, m = cam.explain(loaded, preprocess.to_tensor(square), option)
+        assert 0.0 <= p <= 1.0 and m.shape == square.shape
+        assert m.min() >= 0.0 and m.max() <= 1.0 + 1e-6
+
+
+def test_cam_grid_bench_measures_every_option(kd_tiny, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import cam_grid
+
+    out = cam_grid.main(["--weights", str(kd_tiny.weights), "--data", str(kd_tiny.data), "--limit", "2",
+                         "--road-limit", "2", "--percentiles", "50", "--threads", "1"])
+    assert set(out["results"]) == set(cam.CAM_OPTIONS) and out["chosen"] in cam.CAM_OPTIONS
+    assert "| layer2 GradCAM |" in capsys.readouterr().out

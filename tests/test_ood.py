@@ -150,3 +150,16 @@ def test_decoding_and_colour_are_not_the_check(fitted):
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, "PNG")
     assert "teacher" in predict_bytes(pair, buf.getvalue(), "rgb.png")
+
+
+def test_ood_bench_judges_each_picture(fitted, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import ood as ood_bench
+
+    weights, data = fitted
+    ood_bench.main(["--weights", str(weights), "--data", str(data), "--limit", "10", "--xray", ""])
+    out = capsys.readouterr().out
+    assert "test : " in out and "| black.png | refused | image statistics |" in out

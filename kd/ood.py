@@ -43,7 +43,7 @@ MIN_GREY_LEVELS = 24  # distinct grey levels; a blank or two-tone picture has a 
 MAX_FLAT_SHARE = 0.5  # share of pixels on the 3 most common grey levels; X-rays spread over many
 FLAT_LEVELS = 3
 REASON_END = "; no probability is given."
-NOT_CXR = "This does not look like a chest radiograph like the ones the models learnt from"
+NOT_CXR = "This does not look like a chest radiograph of the kind the models learnt from"
 
 
 def grey_level_stats(square: np.ndarray) -> dict[str, float]:
@@ -58,8 +58,8 @@ def image_reason(square: np.ndarray) -> str | None:
     s = grey_level_stats(square)
     if s["grey_levels"] < MIN_GREY_LEVELS:
         what = "blank" if s["grey_levels"] <= 2 and s["flat_share"] > 0.999 else "a flat picture or a pattern"
-        return (f"{NOT_CXR}: it has only {s['grey_levels']} grey levels ({what}), where a radiograph has "
-                f"hundreds{REASON_END}")
+        levels = f"{s['grey_levels']} grey level{'s' if s['grey_levels'] != 1 else ''}"
+        return f"{NOT_CXR}: it has only {levels} ({what}), where a radiograph has hundreds{REASON_END}"
     if s["flat_share"] > MAX_FLAT_SHARE:
         return (f"{NOT_CXR}: {s['flat_share']:.0%} of it is {FLAT_LEVELS} flat grey levels (a blank page, text, "
                 f"a drawing or a pattern){REASON_END}")

@@ -84,7 +84,7 @@ def test_predict_refuses_junk_with_exit_status_2_and_no_probability(fitted, tmp_
 
 
 def test_image_statistics_name_blank_and_flat_pictures():
-    assert "grey levels" in ood.image_reason(np.zeros((160, 160), np.uint8))
+    assert "only 1 grey level (blank)" in ood.image_reason(np.zeros((160, 160), np.uint8))
     checker = ((np.indices((160, 160)) // 20).sum(0) % 2 * 255).astype(np.uint8)
     assert "2 grey levels" in ood.image_reason(checker)
     page = np.asarray(Image.fromarray(text_page(step=50)).resize((160, 160)))  # a letter: mostly paper

@@ -6,13 +6,18 @@ work lands on both; the ratio is the median over pairs with its spread. Also the
 fp32 and bf16 logits of the same weights, as a first check that bf16 keeps the numbers.
 
     python bench/cpu_bf16.py [--sizes 128 160] [--archs resnet18 resnet50] [--batch 32] [--steps 3] [--pairs 3]
+
+--accuracy [EPOCHS] then asks whether the AUC holds: the cpu preset's teacher fine-tuning (ResNet50, 128 px) for
+EPOCHS epochs on the real train split, once in float32 and once under bf16 autocast (same seed, same batches),
+both scored in float32 on the patient-level validation split; the paired patient bootstrap CI of the AUC
+difference, and each variant's wall time. The test split is not looked at.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from common import interleaved, ratio
+from common import SHARED, interleaved, ratio
 
 
 def main() -> int:
@@ -22,6 +27,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--accuracy", type=int, nargs="?", const=2, default=0, metavar="EPOCHS",
+                    help="also fine-tune the cpu preset's teacher for EPOCHS epochs in fp32 and bf16 and compare "
+                         "validation AUC")
+    ap.add_argument("--data", default=str(SHARED / "chest_xray"))
     args = ap.parse_args()
 
     import torch
@@ -66,7 +75,48 @@ def main() -> int:
             print(f"{arch} {size}px batch {args.batch}: fp32 {max(runs['fp32']):.1f} img/s, "
                   f"bf16 {max(runs['bf16']):.1f} img/s; bf16/fp32 {r}; max |logit diff| {(a - b).abs().max():.3f}",
                   flush=True)
+    if args.accuracy:
+        accuracy(args.data, args.accuracy)
     return 0
+
+
+def accuracy(data: str, epochs: int) -> None:
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from kd import distributed, metrics
+    from kd.config import preset
+    from kd.inference import predict_logits
+    from kd.models import build_teacher
+    from kd.pipeline import RunData, run_phase
+    from kd.progress import Reporter
+    from kd.checkpoint import load_weights
+
+    scores, seconds = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in ("fp32", "bf16"):
+            cfg = preset("cpu", epochs=epochs)
+            cfg.data, cfg.out, cfg.cpu_bf16, cfg.baseline = data, f"{tmp}/{variant}", variant == "bf16", False
+            cfg.cache_dir = str(Path(tmp) / "cache")
+            out = Path(cfg.out)
+            out.mkdir()
+            run_data = RunData(cfg, distributed.Dist(), progress=False)
+            result = run_phase("finetune", cfg, run_data, out, Reporter(out), torch.device("cpu"),
+                               distributed.Dist(), resume=False)
+            seconds[variant] = result["seconds"]
+            size = cfg.finetune.image_size
+            val = run_data.image_set("val", size)
+            teacher = load_weights(build_teacher(), out / "finetune" / "teacher.safetensors")
+            scores[variant] = metrics.softmax_pneumonia(predict_logits(teacher, val, size, torch.device("cpu")))
+            labels, patients = np.asarray(val.labels), run_data.patients("val", val)
+            print(f"{variant}: {epochs} epochs in {seconds[variant]:.0f} s, validation AUC "
+                  f"{metrics.rank_auc(labels, scores[variant]):.4f} (n={len(labels)})", flush=True)
+    diff, lo, hi = metrics.paired_auc_difference(labels, scores["fp32"], scores["bf16"], groups=patients)
+    print(f"teacher fine-tuning, validation AUC bf16 - fp32: {diff:+.4f} (paired patient bootstrap 95% CI "
+          f"{lo:+.4f} to {hi:+.4f}); wall time bf16/fp32 {seconds['bf16'] / seconds['fp32']:.2f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ def _train_parser(sub, name: str, help: str):
     p.add_argument("--epochs", type=int, help="epochs of every phase")
     p.add_argument("--batch-size", type=int, help="global batch size of every phase")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast in CPU training steps (always on with CUDA); the cpu preset turns it on")
     p.add_argument("--ssl-method", choices=SSL_METHODS)
     p.add_argument("--temperature", "-T", type=float, help="distillation temperature T")
     p.add_argument("--alpha", type=float, help="weight of the label loss in distillation (0-1)")
@@ -48,7 +50,7 @@ def config_from_args(args) -> Config:
     else:
         cfg = preset(args.preset, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size)
     for key in ("seed", "temperature", "alpha", "hint_weight", "ssl_method", "val_fraction", "init", "unlabeled",
-                "cache_dir", "teacher_targets"):
+                "cache_dir", "teacher_targets", "cpu_bf16"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)

@@ -128,7 +128,7 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
     reporter.log("phase_start", phase=name, epochs=phase.epochs, image_size=phase.image_size,
                  train_images=len(train), val_images=len(ctx.val))
     history = fit(objective, train, phase, ctx, phase_dir, reporter, name, seed=cfg.seed, grad_clip=cfg.grad_clip,
-                  resume=resume, dist=dist)
+                  resume=resume, dist=dist, bf16=cfg.cpu_bf16)
     last = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("epoch", "seconds")}
     result = {"phase": name, "seconds": prep_s + sum(h["seconds"] for h in history), "prep_seconds": prep_s,
               "metrics": last, "history": history,

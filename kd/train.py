@@ -2,7 +2,8 @@
 background jobs and torchrun alike.
 
 AdamW with linear warm-up then cosine decay (per step), gradient clipping, channels_last on every
-device (the fast layout for convolutions on CPU and GPU), bf16 autocast on CUDA, DDP when launched by torchrun. After each epoch the full training state is
+device (the fast layout for convolutions on CPU and GPU), bf16 autocast on CUDA (and on the CPU when asked:
+`bf16`), DDP when launched by torchrun. After each epoch the full training state is
 written atomically, so a killed run resumes from its last epoch. Batch order and augmentation are
 drawn from (seed, phase, epoch, rank), which makes a resumed run bit-identical on CPU.
 """
@@ -66,7 +67,7 @@ def _prefetch(batches):
 
 def fit(objective: Objective, train_set, phase: PhaseConfig, ctx: ValContext, out_dir: str | Path,
         reporter: Reporter, name: str, seed: int = 0, grad_clip: float = 1.0, resume: bool = False,
-        dist: distributed.Dist = distributed.Dist()) -> list[dict]:
+        dist: distributed.Dist = distributed.Dist(), bf16: bool = False) -> list[dict]:
     """Train `objective` on `train_set` for `phase.epochs`; returns per-epoch seconds and validation metrics."""
     device = ctx.device
     out_dir = Path(out_dir)
@@ -97,7 +98,7 @@ def fit(objective: Objective, train_set, phase: PhaseConfig, ctx: ValContext, ou
         start_epoch, history = state["epoch"] + 1, state["history"]
         reporter.log("resume", phase=name, epoch=start_epoch, epochs=phase.epochs)
 
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or bf16)
     images_per_step = per_rank * dist.world_size
     t_phase, done_steps = time.time(), 0
     for epoch in range(start_epoch, phase.epochs):

@@ -181,22 +181,35 @@ def test_distill_before_finetune_says_what_is_missing(tmp_path, capsys):
     assert "run the phase that produces it first" in capsys.readouterr().err
 
 
-def test_distill_with_cached_teacher_targets(tiny_run, tmp_path):
-    """--teacher-targets cached: the teacher's logits are computed once, served with every batch."""
+def test_distill_with_cached_teacher_targets(tiny_run, tmp_path, monkeypatch):
+    """--teacher-targets cached: the teacher's logits are computed once, served with every batch. Also
+    --cpu-bf16: the training steps run under bf16 autocast on the CPU (and evaluation does not)."""
+    import torch
+
     data, ref = tiny_run
     out = tmp_path / "run"
     (out / "finetune").mkdir(parents=True)
     (out / "finetune" / "teacher.safetensors").write_bytes((ref / "finetune" / "teacher.safetensors").read_bytes())
+    autocasts, real_autocast = [], torch.autocast
+
+    def spy(*args, **kwargs):
+        autocasts.append(kwargs.get("enabled", True))
+        return real_autocast(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", spy)
     assert main(["distill", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
-                 "--teacher-targets", "cached", "--no-baseline"]) == 0
+                 "--teacher-targets", "cached", "--no-baseline", "--cpu-bf16"]) == 0
+    assert json.loads((out / "config.json").read_text())["cpu_bf16"] is True
     events = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
     cached = [e for e in events if e["kind"] == "teacher_targets"]
     assert cached and cached[0]["images"] == next(e for e in events if e["kind"] == "phase_start")["train_images"]
+    steps = max(e["total_steps"] for e in events if e["kind"] == "step")
+    assert sum(autocasts) == steps  # bf16 in every training step; evaluation and export stay float32
     assert (out / "distill" / "student.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["teacher_targets"] == "cached"
     card = json.loads((out / "model_card.json").read_text())  # written by code: the command that made it
     assert card["reproduce"] == f"python -m kd distill --data {data} --out {out} --preset tiny --device cpu " \
-                                "--teacher-targets cached --no-baseline"
+                                "--teacher-targets cached --no-baseline --cpu-bf16"
     done = json.loads((out / "distill" / "done.json").read_text())  # caching counts in the phase's wall time
     assert 0 < done["prep_seconds"] and done["seconds"] == done["prep_seconds"] + sum(h["seconds"] for h in done["history"])
 

@@ -350,10 +350,20 @@ def expected_calibration_error(y, p, n_bins: int = 15) -> float:
     return float(np.abs(correct_sum - conf_sum).sum() / y.size)
 
 
-def calibration_curve(y, p, n_bins: int = 10) -> dict:
+MIN_IMAGES_PER_BIN = 20  # calibration_bins: fewer bins for small splits, so a bin is not one or two images
+
+
+def calibration_bins(n: int, most: int = 10) -> int:
+    """Equal-width bins for a reliability diagram of n images: 10 from 200 images on, down to 2 (16 images:
+    2 bins of about 8, instead of a zig-zag through ten bins of one or two)."""
+    return int(min(most, max(2, n // MIN_IMAGES_PER_BIN)))
+
+
+def calibration_curve(y, p, n_bins: int | None = None) -> dict:
     """Reliability-diagram data over equal-width bins of p (scikit-learn's calibration_curve, plus each
-    bin's middle and count for the plot); empty bins are left out."""
+    bin's middle and count for the plot); empty bins are left out. n_bins None: calibration_bins(len(y))."""
     y, p = _as_labels_and_probs(y, p)
+    n_bins = calibration_bins(y.size) if n_bins is None else n_bins
     fraction_positive, mean_predicted = sklearn_calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     count = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)  # scikit-learn's bins, (lo, hi]

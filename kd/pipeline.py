@@ -189,8 +189,8 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
         torch.manual_seed(cfg.seed)
         if not cfg.baseline:
             phases = tuple(p for p in phases if p != "baseline")
-        reporter.update(state="running", phases=list(phases), started=time.time(), device=str(device),
-                        world_size=dist.world_size, error=None)
+        reporter.start(state="running", phases=list(phases), device=str(device), world_size=dist.world_size,
+                       error=None)
         data = RunData(cfg, dist, progress)
         if dist.is_main:
             write_json_atomic(out / "split.json", {name: {"patients": sorted({s.patient for s in ss}),

@@ -20,7 +20,8 @@ PROGRESS_FILE = "progress.jsonl"
 STATUS_FILE = "status.json"
 
 _COUNTERS = ("epoch", "epochs", "step", "steps", "global_step", "total_steps", "images_per_s", "eta_s", "loss", "lr",
-             "started", "finished", "stopped", "updated")
+             "started", "finished", "stopped", "updated", "elapsed_before")
+_PHASE_COUNTERS = ("epoch", "epochs", "step", "steps", "global_step", "total_steps", "images_per_s", "eta_s", "loss")
 # What the readers of status.json use (the app's live panel, kd.jobs); other keys pass unchecked.
 STATUS_SHAPE = object_with(optional={
     "state": str, "phases": list_of(str), "phase": OPTIONAL_STR, "last_event": str, "error": OPTIONAL_STR,
@@ -56,13 +57,36 @@ class Reporter:
         record = {"time": time.time(), "kind": kind, **fields}
         with open(self.run_dir / PROGRESS_FILE, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
-        self.update(**{k: v for k, v in fields.items() if k != "metrics"}, last_event=kind)
+        # a new phase starts with no epoch or step of its own yet (not the last phase's "step 8/8")
+        fresh = dict.fromkeys(_PHASE_COUNTERS) if fields.get("phase") != self.state.get("phase") else {}
+        self.update(**{**fresh, **{k: v for k, v in fields.items() if k != "metrics"}}, last_event=kind)
+
+    def start(self, **fields) -> None:
+        """A run (or a resumed run) begins: `started` is now, and the time its earlier sessions ran is kept
+        in `elapsed_before`, so elapsed time counts every session and never goes negative."""
+        if not self.enabled:
+            return
+        before = elapsed_seconds(self.state, running=False) if self.state.get("started") else 0.0
+        self.update(**fields, started=time.time(), finished=None, stopped=None, elapsed_before=before or 0.0)
 
     def update(self, **fields) -> None:
         if not self.enabled:
             return
         self.state.update(fields, updated=time.time(), pid=os.getpid())
         write_json_atomic(self.run_dir / STATUS_FILE, self.state)
+
+
+def elapsed_seconds(status: dict, running: bool, now: float | None = None) -> float | None:
+    """Seconds a run has been running over all its sessions: the earlier sessions' `elapsed_before`, plus
+    this session's from `started` to its end (finished, stopped, now while running, else its last update)."""
+    started = status.get("started")
+    if not started:
+        return None
+    end = status.get("finished") or status.get("stopped") or (
+        (now or time.time()) if running else status.get("updated"))
+    if not end:
+        return None
+    return float(status.get("elapsed_before") or 0.0) + max(0.0, end - started)
 
 
 def load_status(run_dir: str | Path) -> dict | None:

@@ -33,10 +33,14 @@ else:
         if error:
             state.show_error(error)
 
-reports = {r: result[r] for r in models.ROLES} if result else evaluate.reports_from_card(card)
 st.subheader("Teacher vs student")
+card_split = "validation"
+if result is None and len(evaluate.card_splits(card)) > 1:
+    card_split = st.radio("Model card figures on", evaluate.card_splits(card), horizontal=True, key="eval_card_split",
+                          format_func=evaluate.CARD_SPLITS.get)
+reports = {r: result[r] for r in models.ROLES} if result else evaluate.reports_from_card(card, card_split)
 st.dataframe(evaluate.metrics_table(reports, card))
-st.caption(evaluate.result_caption(result) if result else evaluate.card_caption(card))
+st.caption(evaluate.result_caption(result) if result else evaluate.card_caption(card, card_split))
 
 curves, threshold_tab, disagreements_tab, faithfulness_tab = st.tabs(
     ["Curves", "Threshold", "Disagreements", "Faithfulness"])
@@ -45,6 +49,7 @@ with curves:
     left, right = st.columns(2)
     left.plotly_chart(figures.roc_figure(reports), key="eval_roc")
     right.plotly_chart(figures.calibration_figure(reports), key="eval_calibration")
+    right.caption(figures.CALIBRATION_NOTE)
     columns = st.columns(2)
     for column, role in zip(columns, models.ROLES):
         column.plotly_chart(figures.confusion_figure(reports[role].get("confusion_matrix", {}),

@@ -67,12 +67,8 @@ train.live_panel(refresh)
 
 # ----------------------------------------------------------------------------- runs and weights in use
 st.subheader("Runs")
+train.runs_panel(refresh)
 runs = progress.list_runs()
-if not runs:
-    st.caption("No runs yet.")
-else:
-    st.dataframe(progress.runs_frame(runs), hide_index=True)
-    st.caption("AUC and accuracy on each run's patient-level validation split, at its own threshold.")
 usable = progress.usable_runs(runs)
 c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
 if usable:

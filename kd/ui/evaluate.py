@@ -29,8 +29,35 @@ def _fmt_ci(value, ci) -> str:
     return f"{value:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else f"{value:.3f}"
 
 
-def reports_from_card(card: dict) -> dict[str, dict]:
-    return {role: card["models"][role].get("validation") or {} for role in ROLES}
+CARD_SPLITS = {"validation": "validation (patient-level split of train/: picks epochs and thresholds, optimistic)",
+               "test": "test (the dataset's test/ folder: never used for any choice, the external check)"}
+
+
+def card_splits(card: dict) -> list[str]:
+    """The splits the model card reports for both models ("validation", and "test" when the data had one)."""
+    return [s for s in CARD_SPLITS if all(card.get("models", {}).get(r, {}).get(s) for r in ROLES)]
+
+
+def reports_from_card(card: dict, split: str = "validation") -> dict[str, dict]:
+    return {role: card["models"][role].get(split) or {} for role in ROLES}
+
+
+def card_summary_frame(card: dict) -> pd.DataFrame:
+    """One row per model and split the card reports: AUC with its 95% CI, accuracy, sensitivity and
+    specificity at the card's threshold, and how many images."""
+    rows = []
+    for role in ROLES:
+        for split in CARD_SPLITS:
+            r = card.get("models", {}).get(role, {}).get(split)
+            if not r:
+                continue
+            rows.append({"model": ROLE_LABEL[role], "split": split,
+                         "AUC (95% CI)": _fmt_ci(r.get("auc"), r.get("ci", {}).get("auc")),
+                         **{METRIC_NAMES[m]: None if r.get(m) is None else round(float(r[m]), 3)
+                            for m in ("accuracy", "sensitivity", "specificity")},
+                         "threshold": round(float(r.get("threshold", card["models"][role].get("threshold", 0.5))), 3),
+                         "images": r.get("n")})
+    return pd.DataFrame(rows)
 
 
 def metrics_table(reports: dict[str, dict], card: dict) -> pd.DataFrame:
@@ -58,14 +85,14 @@ def ci_note(reports: dict[str, dict]) -> str:
             f"{'held fixed' if fixed else 're-chosen in each resample, as it was chosen on this split'}).")
 
 
-def card_caption(card: dict) -> str:
+def card_caption(card: dict, split: str = "validation") -> str:
     thr = ", ".join(f"{ROLE_LABEL[r].lower()} {card['models'][r].get('threshold', 0.5):.3f}" for r in ROLES)
-    split = card.get("metrics_split", "validation split")
-    if isinstance(split, dict):  # one description per split the card reports
-        split = split.get("validation", "validation split")
+    described = card.get("metrics_split", "validation split")
+    if isinstance(described, dict):  # one description per split the card reports
+        described = described.get(split, split)
     rule = card["models"]["teacher"].get("threshold_rule", "Youden's J on validation")
-    return (f"From the model card. Split: {split}. Thresholds ({rule}): {thr}. "
-            f"{ci_note(reports_from_card(card))} CPU ms/image measured at batch 1, "
+    return (f"From the model card. Split: **{split}**, {described}. Thresholds ({rule}): {thr}. "
+            f"{ci_note(reports_from_card(card, split))} CPU ms/image measured at batch 1, "
             f"{card.get('input', {}).get('size', '?')} px.")
 
 

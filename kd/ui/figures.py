@@ -74,7 +74,12 @@ def confusion_figure(cm: dict, title: str) -> go.Figure:
     return fig
 
 
+FEW_IMAGES = 10  # a calibration bin with fewer images is drawn hollow: too few to judge by
+
+
 def calibration_figure(reports: dict[str, dict]) -> go.Figure:
+    """Reliability diagram per model; each bin's marker is sized by its number of images and labelled
+    with it, and hollow under FEW_IMAGES, so a bin of two images is not read like one of two hundred."""
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#999"),
                              name="perfect", hoverinfo="skip"))
@@ -83,15 +88,27 @@ def calibration_figure(reports: dict[str, dict]) -> go.Figure:
         curve = cal.get("curve") or {}
         if not curve.get("mean_predicted"):
             continue
+        counts = list(curve.get("count") or [FEW_IMAGES] * len(curve["mean_predicted"]))
+        largest = max(max(counts), 1)
         name = (f"{ROLE_LABEL[role]} (T={cal.get('temperature', 1):.2f}, ECE {cal.get('ece_raw', float('nan')):.3f}"
                 f" -> {cal.get('ece_scaled', float('nan')):.3f})")
-        fig.add_trace(go.Scatter(x=curve["mean_predicted"], y=curve["fraction_positive"], mode="lines+markers",
-                                 line=dict(color=ROLE_COLOR[role]), name=name, customdata=curve.get("count"),
-                                 hovertemplate="predicted %{x:.2f}, observed %{y:.2f}, %{customdata} images"))
+        fig.add_trace(go.Scatter(
+            x=curve["mean_predicted"], y=curve["fraction_positive"], mode="lines+markers+text",
+            line=dict(color=ROLE_COLOR[role]), name=name, customdata=counts, text=[f"n={c}" for c in counts],
+            textposition="top center" if role == ROLES[0] else "bottom center",
+            textfont=dict(size=10, color=ROLE_COLOR[role]),
+            marker=dict(size=[7 + 13 * (c / largest) ** 0.5 for c in counts],
+                        symbol=["circle-open" if c < FEW_IMAGES else "circle" for c in counts]),
+            hovertemplate="predicted %{x:.2f}, observed %{y:.2f}, %{customdata} images"))
     fig.update_layout(title="Calibration (after temperature scaling)", xaxis_title="mean predicted probability",
                       yaxis_title="fraction with pneumonia", height=380, margin=dict(l=10, r=10, t=40, b=10),
-                      xaxis=dict(range=[0, 1]), yaxis=dict(range=[0, 1.02]), legend=dict(x=0.02, y=0.98))
+                      xaxis=dict(range=[0, 1]), yaxis=dict(range=[-0.05, 1.08]), legend=dict(x=0.02, y=0.98))
     return fig
+
+
+CALIBRATION_NOTE = (f"Each point is one bin of predicted probability (empty bins are left out); n = its images. "
+                    f"Hollow points hold fewer than {FEW_IMAGES} images: too few to judge calibration by. Small "
+                    "splits get fewer, wider bins.")
 
 
 def size_histogram(sizes: pd.DataFrame) -> go.Figure:

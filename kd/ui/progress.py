@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,19 +112,28 @@ def run_view(run_dir: str | Path) -> RunView:
         if status.get("last_event") == "phase_start":
             within = 0.0
         fraction = min(1.0, (i + within) / max(1, len(phases)))
-        text = (f"{phase} ({i + 1}/{len(phases)}) · epoch {status.get('epoch', '?')}/{status.get('epochs', '?')} · "
-                f"step {status.get('step', '?')}/{status.get('steps', '?')}")
+        text = f"{phase} ({i + 1}/{len(phases)}) · {_phase_position(status)}"
         if status.get("eta_s") is not None and status.get("last_event") == "step":
             text += f" · ETA for this phase {_duration(status.get('eta_s'))}"
     elif phase == "export":
         fraction, text = 0.99, f"exporting weights and model card ({status.get('model', '')})"
     else:
         fraction, text = 0.0, "preparing data (decoding images into the cache)" if running else state
-    started = status.get("started")
-    end = status.get("finished") or status.get("stopped") or (time.time() if running else status.get("updated"))
-    elapsed = _duration(end - started) if started and end else "?"
+    elapsed = _duration(kprogress.elapsed_seconds(status, running))
     return RunView(run_dir.name, run_dir, state, status, steps, epoch_frame(events), float(fraction), text,
                    status.get("images_per_s"), elapsed, None if running else status.get("error"), running, problems)
+
+
+def _phase_position(status: dict) -> str:
+    """Where the phase is: its epoch and step once it logged one, else what it is doing before its first step."""
+    epochs = status.get("epochs")
+    if status.get("last_event") == "teacher_targets":
+        return "computing the teacher's outputs for distillation"
+    if status.get("step") is None:
+        if status.get("last_event") == "resume" and status.get("epoch") is not None:
+            return f"resuming at epoch {status['epoch'] + 1}/{epochs}"
+        return f"starting ({epochs} epoch{'s' if epochs != 1 else ''})" if epochs is not None else "starting"
+    return f"epoch {status.get('epoch')}/{epochs} · step {status.get('step')}/{status.get('steps')}"
 
 
 def log_tail(run_dir: str | Path, lines: int = 25, max_bytes: int = 64_000) -> str:
@@ -151,24 +159,38 @@ def _card_number(card: dict | None, role: str, key: str) -> float | None:
         return None
 
 
-def runs_frame(runs: list[dict]) -> pd.DataFrame:
-    """One row per run with its state and key numbers from its model card (validation split)."""
+def runs_frame(runs: list[dict], running_dir: str | Path | None = None) -> pd.DataFrame:
+    """One row per run with its state and key numbers from its model card (validation split).
+
+    `running_dir`: the running job's run folder, whose state reads "running" (or "starting" until the job
+    has written its status). Elapsed counts every session of a resumed run, as the live panel does;
+    training time is the phases' epochs alone (the card's wall_time_s), without decoding and export."""
+    running_dir = Path(running_dir).resolve() if running_dir else None
     rows = []
     for r in runs:
         status, card = r["status"], r["card"]
         cfg = (card or {}).get("config", {})
+        running = running_dir is not None and Path(r["path"]).resolve() == running_dir
+        fresh = running and status.get("state") == "running"
         rows.append({
-            "run": r["name"], "state": status.get("state", "?"), "phases": ", ".join(status.get("phases") or []),
-            "preset": cfg.get("preset", ""),
+            "run": r["name"], "state": ("running" if fresh else "starting") if running else status.get("state", "?"),
+            "phases": ", ".join(status.get("phases") or []), "preset": cfg.get("preset", ""),
             "teacher AUC": _card_number(card, "teacher", "auc"), "student AUC": _card_number(card, "student", "auc"),
             "teacher acc": _card_number(card, "teacher", "accuracy"),
             "student acc": _card_number(card, "student", "accuracy"),
-            "wall time": _duration((card or {}).get("wall_time_s", {}).get("total")) if card else "",
+            "elapsed": _duration(kprogress.elapsed_seconds(status, fresh)) if status.get("started") else "",
+            "training time": _duration((card or {}).get("wall_time_s", {}).get("total")) if card else "",
             "modified": datetime.datetime.fromtimestamp(r["modified"]).strftime("%Y-%m-%d %H:%M"),
             "note": r.get("problem") or "",  # e.g. "unreadable: <run>/model_card.json, <why>"
         })
     frame = pd.DataFrame(rows)
     return frame if frame.empty or frame["note"].any() else frame.drop(columns="note")
+
+
+def carded_runs(runs: list[dict]) -> list[str]:
+    """Runs with a model card, newest card first."""
+    return [r["name"] for r in sorted((r for r in runs if r.get("card")), key=lambda r: str(r["card"].get("date") or ""),
+                                      reverse=True)]
 
 
 def has_both_models(run: dict) -> bool:

@@ -13,7 +13,8 @@ from kd import runs as kruns
 from kd.config import DESCRIPTION, PRESETS, Config, preset
 from kd.ui import figures
 from kd.ui.models import clear_model_cache
-from kd.ui.progress import RunView, log_tail, run_view
+from kd.ui.evaluate import card_summary_frame
+from kd.ui.progress import RunView, carded_runs, list_runs, log_tail, run_view, runs_frame
 from kd.ui.state import dataset_state, flash, running_job, runs_root, show_error
 
 COMMANDS = {
@@ -29,6 +30,7 @@ RUN_NAME_KEY = "kd_run_name"
 _NEXT_RUN_NAME = "_kd_next_run_name"
 WATCH_KEY = "kd_watch_run"
 _SEEN_RUNNING_KEY = "_kd_seen_running"
+_CONFIRM_STOP_KEY = "_kd_confirm_stop"
 
 
 def gpu_count() -> int:
@@ -100,6 +102,35 @@ def start_training(form: dict, command: str, gpus: int = 1) -> tuple[dict | None
 def stop_training() -> str:
     return "Stopped; the last finished epoch is kept (Resume continues from it)." if jobs.stop_job(runs_root()) \
         else "No job was running."
+
+
+def confirm_stop(view: RunView) -> None:
+    """Stop asks first, says what is kept, and shows that it is working while the process ends."""
+    with st.container(border=True):
+        st.warning(f"Stop run **{view.name}**? {stop_keeps(view)} Resume continues from there.",
+                   icon=":material/help:")
+        yes, no, _ = st.columns([1, 1, 3])
+        if yes.button("Yes, stop it", type="primary", key="train_stop_confirm"):
+            st.session_state.pop(_CONFIRM_STOP_KEY, None)
+            with st.spinner(f"Stopping {view.name}: waiting for the training process to end..."):
+                message = stop_training()
+            flash("info", message)
+            st.rerun()
+        if no.button("Keep running", key="train_stop_cancel"):
+            st.session_state.pop(_CONFIRM_STOP_KEY, None)
+            st.rerun(scope="fragment")
+
+
+def stop_keeps(view: RunView) -> str:
+    """What a stop now keeps: finished phases, and the current phase's last finished epoch."""
+    done = [str(e["phase"]) for e in view.epochs.to_dict("records")] if not view.epochs.empty else []
+    phase = view.status.get("phase")
+    finished_epochs = sum(1 for p in done if p == phase)
+    if phase and finished_epochs:
+        return f"The last finished epoch of {phase} (epoch {finished_epochs}) and every finished phase are kept."
+    if phase:
+        return f"Every finished phase is kept; {phase} has no finished epoch yet and starts again."
+    return "Nothing has been trained yet."
 
 
 def resume_training(run_name: str) -> tuple[dict | None, str | None]:
@@ -208,9 +239,13 @@ def _live_panel() -> None:
     if view.error:
         st.error(view.error)
     b1, b2, _ = st.columns([1, 1, 4])
-    if view.running and view.state != "finished" and b1.button("Stop", icon=":material/stop:", key="train_stop"):
-        flash("info", stop_training())
-        st.rerun()
+    if view.running and view.state != "finished":
+        if b1.button("Stop", icon=":material/stop:", key="train_stop"):
+            st.session_state[_CONFIRM_STOP_KEY] = view.name
+        if st.session_state.get(_CONFIRM_STOP_KEY) == view.name:
+            confirm_stop(view)
+    else:
+        st.session_state.pop(_CONFIRM_STOP_KEY, None)
     if view.can_resume and b2.button("Resume", icon=":material/replay:", key="train_resume"):
         _, error = resume_training(view.name)
         if error:
@@ -229,3 +264,40 @@ def _live_panel() -> None:
         right.dataframe(view.epochs.round(3), hide_index=True)
     with st.expander("train.log (last lines)", expanded=view.state == "failed"):
         st.code(log_tail(view.path) or "(empty)", language=None)
+
+
+def runs_panel(refresh: float) -> None:
+    """The runs table (redrawn every `refresh` seconds while a job runs, so its state follows the live
+    panel's) and the model card of a chosen finished run."""
+    st.fragment(_runs_panel, run_every=refresh if running_job() else None)()
+
+
+def _runs_panel() -> None:
+    runs = list_runs()
+    if not runs:
+        st.caption("No runs yet.")
+        return
+    job = running_job()
+    st.dataframe(runs_frame(runs, job["run_dir"] if job else None), hide_index=True, key="train_runs_table")
+    st.caption("AUC and accuracy on each run's patient-level validation split, at its own threshold. Elapsed: "
+               "wall-clock time over every session of the run; training time: the phases' epochs alone.")
+    carded = carded_runs(runs)
+    if not carded:
+        return
+    with st.expander("Model cards of finished runs", expanded=False):
+        name = st.selectbox("Run", carded, key="train_card_run")
+        card = next(r["card"] for r in runs if r["name"] == name)
+        st.dataframe(card_summary_frame(card), hide_index=True)
+        st.caption(card_note(card))
+        st.json(card, expanded=False)
+
+
+def card_note(card: dict) -> str:
+    """The card's provenance in one line: when, from which command, what each split is."""
+    parts = [f"Written {card.get('date', '?')}"]
+    if card.get("reproduce"):
+        parts.append(f"by `{card['reproduce']}`")
+    splits = card.get("metrics_split")
+    if isinstance(splits, dict):
+        parts.append("; ".join(f"{k}: {v}" for k, v in splits.items()))
+    return ". ".join(parts) + "."

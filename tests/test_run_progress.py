@@ -1,0 +1,108 @@
+"""How a run's progress reads: elapsed time over resumed sessions, where a phase stands before its first step,
+the runs table's state while a job runs, and each finished run's model card on the Train page."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from kd import progress as kprogress
+from kd.ui import evaluate as ui_evaluate
+from kd.ui import progress as ui_progress
+from kd.ui import train as ui_train
+
+
+def _status(run: Path) -> dict:
+    return json.loads((run / kprogress.STATUS_FILE).read_text())
+
+
+def test_elapsed_counts_every_session_of_a_resumed_run(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(kprogress.time, "time", lambda: clock[0])
+    reporter = kprogress.Reporter(tmp_path)
+    reporter.start(state="running", phases=["finetune"])
+    clock[0] = 1100.0
+    reporter.update(state="stopped", stopped=clock[0])  # first session: 100 s, then stopped
+    clock[0] = 9000.0  # resumed much later: the pause is not counted, nor is it negative
+    resumed = kprogress.Reporter(tmp_path)
+    resumed.start(state="running", phases=["finetune"])
+    status = _status(tmp_path)
+    assert status["stopped"] is None and status["finished"] is None and status["elapsed_before"] == 100.0
+    assert kprogress.elapsed_seconds(status, running=True, now=9030.0) == 130.0
+    clock[0] = 9050.0
+    resumed.update(state="finished", finished=clock[0])
+    assert kprogress.elapsed_seconds(_status(tmp_path), running=False) == 150.0
+    view = ui_progress.run_view(tmp_path)
+    assert view.elapsed == "2:30"
+
+
+def test_a_stop_before_the_first_status_update_has_no_elapsed_time():
+    assert kprogress.elapsed_seconds({}, running=True) is None
+    assert kprogress.elapsed_seconds({"started": 10.0}, running=False) is None  # no end known
+
+
+def test_a_new_phase_does_not_show_the_last_phases_step(tmp_path):
+    reporter = kprogress.Reporter(tmp_path)
+    reporter.start(state="running", phases=["finetune", "distill"])
+    reporter.log("phase_start", phase="finetune", epochs=2)
+    assert "finetune (1/2) · starting (2 epochs)" in ui_progress.run_view(tmp_path).progress_text
+    reporter.log("step", phase="finetune", epoch=2, epochs=2, step=8, steps=8, global_step=16, total_steps=16)
+    assert "epoch 2/2 · step 8/8" in ui_progress.run_view(tmp_path).progress_text
+    reporter.log("teacher_targets", phase="distill", images=24)
+    text = ui_progress.run_view(tmp_path).progress_text
+    assert "distill (2/2) · computing the teacher's outputs" in text and "8/8" not in text
+    reporter.log("phase_start", phase="distill", epochs=3)
+    text = ui_progress.run_view(tmp_path).progress_text
+    assert "distill (2/2) · starting (3 epochs)" in text and "?" not in text
+    reporter.log("resume", phase="distill", epoch=1, epochs=3)
+    assert "resuming at epoch 2/3" in ui_progress.run_view(tmp_path).progress_text
+
+
+def test_runs_table_says_running_for_the_running_job(tmp_path):
+    now = time.time()
+    runs = [{"name": "live", "path": str(tmp_path / "live"), "card": None, "modified": now,
+             "status": {"state": "running", "started": now - 65, "elapsed_before": 60.0}},
+            {"name": "just-started", "path": str(tmp_path / "new"), "card": None, "modified": now,
+             "status": {"state": "stopped", "started": now - 500, "stopped": now - 400}},
+            {"name": "old", "path": str(tmp_path / "old"), "card": None, "modified": now,
+             "status": {"state": "stopped", "started": now - 500, "stopped": now - 400}}]
+    frame = ui_progress.runs_frame(runs, running_dir=tmp_path / "live")
+    assert frame.loc[0, "state"] == "running" and frame.loc[0, "elapsed"] in ("2:05", "2:06")
+    assert frame.loc[2, "state"] == "stopped" and frame.loc[2, "elapsed"] == "1:40"
+    resumed = ui_progress.runs_frame(runs, running_dir=tmp_path / "new")
+    assert resumed.loc[1, "state"] == "starting"  # launched, its old status not rewritten yet
+
+
+def test_card_summary_has_validation_and_test_side_by_side(kd_tiny):
+    card = json.loads((kd_tiny.weights / "model_card.json").read_text())
+    frame = ui_evaluate.card_summary_frame(card)
+    assert list(zip(frame["model"], frame["split"])) == [
+        ("Teacher", "validation"), ("Teacher", "test"), ("Student", "validation"), ("Student", "test")]
+    assert frame["AUC (95% CI)"].str.match(r"^(n/a|\d\.\d{3}( \(\d\.\d{3}-\d\.\d{3}\))?)$").all()
+    assert ui_evaluate.card_splits(card) == ["validation", "test"]
+    assert "Written " in ui_train.card_note(card)
+
+
+@pytest.mark.parametrize("n, bins", [(16, 2), (60, 3), (312, 10), (786, 10)])
+def test_small_splits_get_fewer_calibration_bins(n, bins):
+    from kd.metrics import calibration_curve
+
+    y = [i % 2 for i in range(n)]
+    p = [i / (n - 1) for i in range(n)]  # spread over [0, 1]: no bin empty
+    curve = calibration_curve(y, p)
+    assert len(curve["count"]) == bins and sum(curve["count"]) == n
+
+
+def test_calibration_points_show_their_counts_and_hollow_when_few():
+    from kd.ui import figures
+
+    reports = {role: {"calibration": {"temperature": 1.0, "ece_raw": 0.1, "ece_scaled": 0.05,
+                                      "curve": {"mean_predicted": [0.2, 0.8], "fraction_positive": [0.1, 0.9],
+                                                "count": [3, 120]}}} for role in ("teacher", "student")}
+    fig = figures.calibration_figure(reports)
+    teacher = fig.data[1]
+    assert list(teacher.text) == ["n=3", "n=120"]
+    assert list(teacher.marker.symbol) == ["circle-open", "circle"]
+    assert teacher.marker.size[0] < teacher.marker.size[1]

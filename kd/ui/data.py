@@ -77,9 +77,13 @@ def split_counts(splits: dict[str, list[kdata.Sample]]) -> pd.DataFrame:
         row["total images"] = len(samples)
         row["total patients"] = len({s.patient for s in samples})
         row["% pneumonia"] = round(100 * info["PNEUMONIA"]["images"] / max(1, len(samples)), 1)
-        row["what it is"] = SPLIT_HELP.get(name, "")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def split_descriptions(splits) -> str:
+    """What each split is, as a markdown list under the table (in a table cell, a sentence is cut off)."""
+    return "\n".join(f"- **{name}**: {SPLIT_HELP[name]}" for name in splits if name in SPLIT_HELP)
 
 
 @st.cache_data(show_spinner="Reading image sizes...", ttl=600, max_entries=4)

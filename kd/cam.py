@@ -24,7 +24,7 @@ from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 from kd import preprocess
-from kd.inference import LoadedModel, ModelPair
+from kd.inference import LoadedModel, ModelPair, refuse_out_of_distribution
 from kd.metrics import softmax_pneumonia
 
 METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}  # on layer4, the names the app has always passed
@@ -205,7 +205,7 @@ def display_picture(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def diagnose_square(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay | None = None,
-                    method: str = "GradCAM", picture: np.ndarray | None = None) -> Diagnosis:
+                    method: str = DEFAULT_CAM, picture: np.ndarray | None = None) -> Diagnosis:
     picture = display_picture(square, pair.input_size) if picture is None else picture
     x = preprocess.to_tensor(square)
     views = {}
@@ -217,10 +217,12 @@ def diagnose_square(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay |
     return Diagnosis(square, xray, views, agreement(views["teacher"].cam, views["student"].cam), picture)
 
 
-def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = "GradCAM") -> Diagnosis:
-    """Bytes of an upload -> both predictions and both heat maps; raises preprocess.ImageError."""
+def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = DEFAULT_CAM) -> Diagnosis:
+    """Bytes of an upload -> both predictions and both heat maps; raises preprocess.ImageError, and
+    inference.NotChestXray (before any probability is computed) for what the weights' kd.ood check refuses."""
     size = pair.input_size
     square, xray = pair.prepare(data, name)  # the model's pixels: the same path as training and `kd predict`
+    refuse_out_of_distribution(pair, square)
     shown = preprocess.load_xray(data, name=name, target_size=max(size, DISPLAY_SIZE))  # sharper, for the eye only
     return diagnose_square(pair, square, xray, method, display_picture(shown.pixels, size))
 

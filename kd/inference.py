@@ -88,6 +88,17 @@ def check_in_distribution(pair: ModelPair, square: np.ndarray) -> str | None:
         return pair.ood.reason(teacher.model, square)
 
 
+class NotChestXray(preprocess.ImageError):
+    """A readable picture refused by the out-of-distribution check (kd.ood): no probability is given."""
+
+
+def refuse_out_of_distribution(pair: ModelPair, square: np.ndarray) -> None:
+    """Raise NotChestXray with check_in_distribution's reason when the square is refused."""
+    reason = check_in_distribution(pair, square)
+    if reason:
+        raise NotChestXray(reason)
+
+
 @torch.inference_mode()
 def predict_square(pair: ModelPair, square: np.ndarray) -> dict[str, dict]:
     """Probability of pneumonia and decision of each model for one preprocessed square image."""
@@ -107,9 +118,7 @@ def predict_bytes(pair: ModelPair, data: bytes, name: str = "upload") -> dict:
     """Decode, preprocess, check it is a chest radiograph (check_in_distribution) and predict; raises
     preprocess.ImageError with a human message."""
     square, xray = pair.prepare(data, name)
-    reason = check_in_distribution(pair, square)
-    if reason:
-        raise preprocess.ImageError(reason)
+    refuse_out_of_distribution(pair, square)
     return {"file": name, **predict_square(pair, square), "warnings": list(xray.warnings)}
 
 

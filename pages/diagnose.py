@@ -12,7 +12,7 @@ st.caption(models.weights_caption(pair))
 
 left, right = st.columns(2)
 method = left.selectbox("Heat map method", diagnose.CAM_METHODS, key="cam_method",
-                        help="Grad-CAM on the last ResNet block, for the PNEUMONIA output of each model.")
+                        help=diagnose.CAM_HELP)
 opacity = right.slider("Heat map opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacity",
                        help="0 shows the X-ray alone.")
 

@@ -83,6 +83,7 @@ def test_every_page_renders_with_the_disclaimer(app_env):
     counts = at.dataframe[0].value
     assert list(counts["split"]) == ["train", "val", "official-val", "test"]
     assert counts["total images"].sum() == 72
+    assert "what it is" not in counts.columns and f"- **val**: {ui_data.SPLIT_HELP['val']}" in all_text(at)
     assert "data_sizes" in element_keys(at, "plotly_chart")
     assert len(at.image) == 2 * 4  # a grid per class
 
@@ -90,6 +91,9 @@ def test_every_page_renders_with_the_disclaimer(app_env):
     assert "From the model card" in all_text(at)
     charts = set(element_keys(at, "plotly_chart"))
     assert {"eval_roc", "eval_calibration", "eval_cm_teacher", "eval_cm_student"} <= charts
+    assert "Split: **validation**" in all_text(at) and figures.CALIBRATION_NOTE in all_text(at)
+    at.radio(key="eval_card_split").set_value("test").run()  # the card's test figures, labelled as such
+    assert not at.exception and "Split: **test**, the dataset's test/ folder" in all_text(at)
     at.selectbox(key="eval_split").set_value("test")
     at.button(key="eval_run").click().run()
     assert not at.exception and not at.error
@@ -115,9 +119,13 @@ def test_upload_png_and_dicom_shows_both_models(app_env):
     assert len(metric_values(at, "CAM correlation")) == 2
     assert cam.AGREEMENT_HELP in all_text(at)
 
-    at.selectbox(key="cam_method").set_value("GradCAM++")
+    size = ui_models.load_models(app_env.weights)[0].input_size
+    default_source = cam.cam_option(cam.DEFAULT_CAM).source(size)  # the map says which layer and grid it is
+    assert all(default_source in c for i in at.image for c in i.captions)
+    at.selectbox(key="cam_method").set_value("layer3 LayerCAM")
     at.slider(key="cam_opacity").set_value(0.8).run()
     assert not at.exception and len(at.image) == 4
+    assert all("LayerCAM on layer3" in c for i in at.image for c in i.captions)
 
 
 def test_an_empty_heat_map_is_explained_and_agreement_not_claimed(app_env, monkeypatch):
@@ -207,6 +215,11 @@ def _fill_tiny_form(at: AppTest, name: str) -> None:
     at.text_input(key=ui_train.RUN_NAME_KEY).input(name)
 
 
+def _runs_table(at: AppTest):
+    [table] = [d.value for d in at.dataframe if "run" in d.value.columns and "elapsed" in d.value.columns]
+    return table
+
+
 def _state(at: AppTest) -> str | None:
     values = metric_values(at, "State")
     return values[0] if values else None
@@ -225,7 +238,7 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
     at.button(key="train_start").click().run()
     assert any("already running" in e for e in alerts(at, "error"))
 
-    saw_progress = saw_chart = False
+    saw_progress = saw_chart = saw_running_row = False
     deadline = time.time() + 240
     while time.time() < deadline:
         time.sleep(2)
@@ -233,15 +246,19 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
         assert not at.exception
         saw_progress |= bool(at.get("progress"))
         saw_chart |= "train_loss_chart" in element_keys(at, "plotly_chart")
+        table = _runs_table(at)
+        saw_running_row |= table.loc[table["run"] == "apptest", "state"].item() in ("running", "starting")
         if _state(at) == "finished" and not jobs.current_job(app_env.runs):
             break
     else:
         pytest.fail(f"training did not finish: {ui_progress.log_tail(app_env.runs / 'apptest')}")
     at.run()
-    assert saw_progress and saw_chart
+    assert saw_progress and saw_chart and saw_running_row
     assert "train_loss_chart" in element_keys(at, "plotly_chart")
-    runs = at.dataframe[-1].value
+    runs = _runs_table(at)
     assert "apptest" in list(runs["run"]) and runs.loc[runs["run"] == "apptest", "state"].item() == "finished"
+    [card] = [d.value for d in at.dataframe if "split" in d.value.columns]  # the finished run's model card
+    assert set(card["split"]) == {"validation", "test"} and set(card["model"]) == {"Teacher", "Student"}
 
     at.selectbox(key="train_use_choice").set_value("apptest")
     at.button(key="train_use").click().run()
@@ -302,6 +319,10 @@ def test_stale_lock_is_recovered_then_resume_and_stop(app_env):
     at.run()
     assert _state(at) in ("running", "starting")
     at.button(key="train_stop").click().run()
+    assert not at.exception
+    assert jobs.current_job(runs) is not None  # Stop asks first, saying what a stop keeps
+    assert any(f"Stop run **crashed**?" in w and "Resume continues" in w for w in alerts(at, "warning"))
+    at.button(key="train_stop_confirm").click().run()
     assert not at.exception
     assert jobs.current_job(runs) is None
     assert json.loads((crashed / "status.json").read_text())["state"] == "stopped"
@@ -466,7 +487,7 @@ def test_train_page_says_which_state_file_is_unreadable_and_goes_on(app_env, cas
     [message] = [w for w in alerts(at, "warning") if w.startswith("unreadable: ")]
     assert message.startswith(f"unreadable: {run / name}, ") and why in message, message
     assert metric_values(at, "Run") == ["broken"]  # the live panel and the runs table are still there
-    assert "broken" in list(at.dataframe[-1].value["run"])
+    assert "broken" in list(_runs_table(at)["run"])
     if name == "progress.jsonl":
         assert "train_loss_chart" in element_keys(at, "plotly_chart")  # the good line is still charted
 
@@ -505,7 +526,7 @@ def test_an_unreadable_active_json_is_said_and_the_shipped_weights_serve(app_env
 def test_a_run_whose_model_card_is_unreadable_is_listed_with_why(app_env):
     run = _broken_run(app_env.runs, "model_card.json", b"[1]")
     at = open_page(start_app(), "pages/train.py")
-    runs = at.dataframe[-1].value
+    runs = _runs_table(at)
     [note] = runs.loc[runs["run"] == "broken", "note"]
     assert note == f"unreadable: {run / 'model_card.json'}, it must be a JSON object, not [1]"
     assert "broken" not in ui_progress.usable_runs(ui_progress.list_runs())

@@ -163,3 +163,22 @@ def test_ood_bench_judges_each_picture(fitted, capsys):
     ood_bench.main(["--weights", str(weights), "--data", str(data), "--limit", "10", "--xray", ""])
     out = capsys.readouterr().out
     assert "test : " in out and "| black.png | refused | image statistics |" in out
+
+
+def test_the_app_shows_the_reason_in_place_of_a_probability(fitted, app_env, monkeypatch):
+    """Diagnose: a refused upload gets the reason and no probability; an X-ray beside it is diagnosed."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_app import APP, all_text, metric_values
+
+    monkeypatch.setenv("KD_WEIGHTS", str(fitted[0]))
+    xray = jpeg_bytes(xray_like_array(256, 256, seed=502))  # accepted (test_decoding_and_colour_are_not_the_check)
+    at = AppTest.from_file(str(APP), default_timeout=90).run()
+    at.file_uploader(key="uploads").set_value([("text_page.jpeg", JUNK["text_page.jpeg"], "image/jpeg"),
+                                               ("chest.jpeg", xray, "image/jpeg")]).run()
+    assert not at.exception and not at.error
+    [refusal] = [w.value for w in at.warning if "Refused" in w.value]
+    assert "no probability" in refusal and "chest radiograph" in refusal
+    assert len(metric_values(at, "Probability of pneumonia")) == 2  # teacher and student, for the X-ray only
+    assert "the uploaded picture" in [c for i in at.image for c in i.captions]
+    assert "Before any probability" in all_text(at)

@@ -15,14 +15,24 @@ import streamlit as st
 
 from kd import cam, preprocess
 from kd import data as kdata
-from kd.inference import ModelPair
+from kd.inference import ModelPair, NotChestXray
 from kd.ui.models import ROLE_LABEL, ROLES, architecture
 
-CAM_METHODS = tuple(cam.METHODS)
+# the heat maps on offer, the measured default first (kd.cam.DEFAULT_CAM, chosen by bench/cam_grid.py)
+CAM_METHODS = (cam.DEFAULT_CAM, *(name for name in cam.CAM_OPTIONS if name != cam.DEFAULT_CAM))
+CAM_HELP = ("Where the heat map comes from: a Grad-CAM-family method on one or several ResNet stages, for the "
+            "PNEUMONIA output of each model. Earlier stages give finer grids (layer2: the input / 8, layer3: / 16, "
+            "layer4: / 32); the default was chosen by ROAD faithfulness and border mass on validation "
+            "(bench/cam_grid.py, README).")
 MEMO_KEY = "_kd_diagnoses"
 MEMO_SIZE = 32  # diagnoses remembered per session (bytes digests -> results, memory only)
 UPLOAD_HELP = ("JPEG, PNG or DICOM (.dcm). Files are processed in memory only: never written to disk, never "
                "logged, forgotten when the session ends.")
+
+
+REFUSAL_NOTE = ("Before any probability, each picture is checked against the X-rays the models learnt from "
+                "(grey-level statistics and the teacher's features; kd/ood.py, threshold in the model card). Other "
+                "pictures get confident but meaningless numbers, so none is shown.")
 
 
 @dataclass
@@ -34,6 +44,8 @@ class CaseResult:
     diagnosis: cam.Diagnosis | None = None
     error: str | None = None
     truth: str | None = None
+    refused: bool = False  # readable, but not a chest radiograph like the training ones (kd.ood): no probability
+    picture: np.ndarray | None = None  # what was refused, shown small so the reader sees what was uploaded
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -44,7 +56,7 @@ def session_memo() -> dict:
     return st.session_state.setdefault(MEMO_KEY, {})
 
 
-def diagnose_bytes(pair: ModelPair, data: bytes, name: str, method: str = "GradCAM", memo: dict | None = None,
+def diagnose_bytes(pair: ModelPair, data: bytes, name: str, method: str = cam.DEFAULT_CAM, memo: dict | None = None,
                    truth: str | None = None) -> CaseResult:
     """Both predictions and heat maps of one file, or its refusal; never raises for a bad image.
 
@@ -56,6 +68,8 @@ def diagnose_bytes(pair: ModelPair, data: bytes, name: str, method: str = "GradC
         return replace(result, truth=truth)
     try:
         result = CaseResult(name, method, diagnosis=cam.diagnose(pair, data, name, method))
+    except NotChestXray as e:
+        result = CaseResult(name, method, error=str(e), refused=True, picture=_thumbnail(data, name))
     except preprocess.ImageError as e:
         result = CaseResult(name, method, error=str(e))
     if memo is not None:
@@ -65,7 +79,14 @@ def diagnose_bytes(pair: ModelPair, data: bytes, name: str, method: str = "GradC
     return replace(result, truth=truth)
 
 
-def diagnose_file(pair: ModelPair, path: str, method: str = "GradCAM", memo: dict | None = None,
+def _thumbnail(data: bytes, name: str, size: int = 256) -> np.ndarray | None:
+    try:
+        return preprocess.load_xray(data, name=name, target_size=size).pixels
+    except preprocess.ImageError:
+        return None
+
+
+def diagnose_file(pair: ModelPair, path: str, method: str = cam.DEFAULT_CAM, memo: dict | None = None,
                   truth: str | None = None) -> CaseResult:
     """A dataset image (path on disk) through exactly the upload path."""
     try:
@@ -76,7 +97,7 @@ def diagnose_file(pair: ModelPair, path: str, method: str = "GradCAM", memo: dic
     return diagnose_bytes(pair, data, Path(path).name, method, memo, truth)
 
 
-def diagnose_sample(pair: ModelPair, sample: kdata.Sample, method: str = "GradCAM",
+def diagnose_sample(pair: ModelPair, sample: kdata.Sample, method: str = cam.DEFAULT_CAM,
                     memo: dict | None = None) -> CaseResult:
     """A dataset case, with its ground truth shown next to the predictions."""
     return diagnose_file(pair, sample.path, method, memo, truth=kdata.CLASSES[sample.label])
@@ -115,6 +136,13 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> No
         if result.truth:
             title += f" &nbsp; ground truth: {decision_badge(result.truth)}"
         st.markdown(title)
+        if result.refused:
+            left, right = st.columns([1, 3])
+            if result.picture is not None:
+                left.image(result.picture, width=160, caption="the uploaded picture")
+            right.warning(f"**Refused: no probability is shown.** {result.error}", icon=":material/block:")
+            right.caption(REFUSAL_NOTE)
+            return
         if result.error:
             st.error(result.error)
             return
@@ -132,7 +160,8 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> No
                 st.markdown(f"Decision: {decision_badge(view.decision)} &nbsp; rule: "
                             f"{cam.decision_rule(view.threshold)} (the model card's threshold)")
                 st.image(overlay_image(result, role, opacity), width=380,
-                         caption=f"{ROLE_LABEL[role]} · {result.method} heat map for PNEUMONIA")
+                         caption=f"{ROLE_LABEL[role]} · heat map for PNEUMONIA: "
+                                 f"{cam.cam_option(result.method).source(pair.input_size)}")
                 if cam.is_empty(view.cam):
                     st.caption(cam.empty_map_note(view.probability, view.decision, view.threshold))
         a, b, c = st.columns(3)

@@ -10,6 +10,13 @@
   installed (a photograph, a logo, an MRI slice, a terrain map), and any --extra files; plus that X-ray
   as is, mirrored, tilted by 15 degrees and cropped to its centre, to show where the line falls.
 Each picture gets its verdict, which check refused it and its distance as a multiple of the threshold.
+
+--compare asks which features the check should use, with the same weights: for each teacher stage (layer3,
+layer4) and number of exact covariance directions, the check is fitted on (a seeded sample of) the training
+split, its threshold set on validation as `kd fit-ood` does; the rule that picks kd.ood.FEATURE_STAGE /
+COMPONENTS is the widest gap between the threshold and the nearest of the non-X-ray pictures, among the
+options that refuse them all (validation and those pictures only). Test refusals are printed as the
+external check, not used to choose.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from PIL import Image
 import common
 from kd.data import samples_for
 from kd.inference import load_pair
+from kd import ood
 from kd.ood import image_reason
 from kd.preprocess import ImageError
 from kd.testing.non_xrays import non_xrays
@@ -61,6 +69,60 @@ def turned_xrays(xray: np.ndarray) -> dict[str, bytes]:
                                                                         .copy())}
 
 
+def load_xray_array(path: str) -> np.ndarray:
+    if path:
+        return np.asarray(Image.open(path).convert("L"))
+    from kd.testing.xray_fixtures import xray_like_array
+
+    return xray_like_array(1024, 1024)
+
+
+def all_pictures(xray: np.ndarray, extra=()) -> dict[str, bytes]:
+    return {**non_xrays(xray), **matplotlib_pictures(), **{Path(f).name: Path(f).read_bytes() for f in extra},
+            **turned_xrays(xray)}
+
+
+# X-rays among the pictures: accepted by a good check (a mirrored X-ray, a tilt with the corners filled)
+STILL_XRAYS = ("X-ray as is", "X-ray mirrored left-right", "X-ray tilted 15 degrees, corners in its median grey")
+
+
+def compare(args) -> None:
+    from kd.cache import build_cache
+    from kd.data import load_splits
+
+    pair = load_pair(args.weights, ood=False)
+    teacher, size, contrast = pair.models["teacher"].model, pair.input_size, pair.contrast
+    cfg = pair.card.get("config", {})
+    splits = load_splits(args.data, cfg.get("val_fraction", 0.15), cfg.get("seed", 0))
+    train = splits["train"]
+    if len(train) > args.train_limit:
+        train = [train[i] for i in sorted(np.random.default_rng(0).choice(len(train), args.train_limit, replace=False))]
+
+    def squares(samples):
+        cache = build_cache([s.path for s in samples], size, None, progress=False, contrast=contrast)
+        return np.asarray(cache.images[cache.valid])
+
+    pictures = all_pictures(load_xray_array(args.xray), args.extra)
+    junk_names = [n for n in pictures if n not in STILL_XRAYS]
+    sets = {"train": squares(train), "val": squares(splits["val"]), "test": squares(splits.get("test", [])),
+            "pictures": np.stack([pair.prepare(pictures[n], n)[0] for n in junk_names])}
+    print(f"fitted on {len(sets['train'])} training X-rays; threshold {ood.threshold_words()}; "
+          f"{len(junk_names)} non-X-ray pictures\n")
+    print("| stage | directions | nearest non-X-ray / threshold | non-X-rays accepted | validation refused | "
+          "test refused (external) |\n|---|---|---|---|---|---|")
+    for stage in ("layer3", "layer4"):
+        feats = {k: ood.embeddings(teacher, v, stage).numpy() for k, v in sets.items()}
+        for components in (64, 512):
+            distance, _ = ood.EmbeddingDistance.fit(feats["train"], components)
+            d = {k: distance(torch.from_numpy(v)).numpy() for k, v in feats.items() if len(v)}
+            threshold = ood.validation_threshold(d["val"])
+            nearest = int(np.argmin(d["pictures"]))
+            test = f"{int((d['test'] > threshold).sum())} of {len(d['test'])}" if "test" in d else "-"
+            print(f"| {stage} | {components} | {d['pictures'][nearest] / threshold:.2f} ({junk_names[nearest]}) | "
+                  f"{int((d['pictures'] <= threshold).sum())} | {int((d['val'] > threshold).sum())} of {len(d['val'])} | "
+                  f"{test} |", flush=True)
+
+
 def split_refusals(pair, data: str, split: str, limit: int) -> str:
     from kd.cache import build_cache
 
@@ -85,8 +147,12 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default=str(common.REPO / "weights"))
     p.add_argument("--limit", type=int, default=400, help="X-rays per split at most")
     p.add_argument("--extra", nargs="*", default=[], help="more pictures to judge")
+    p.add_argument("--compare", action="store_true", help="compare feature stages and covariance sizes (above)")
+    p.add_argument("--train-limit", type=int, default=1500, help="--compare: training X-rays the options are fitted on")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 2)
+    if args.compare:
+        return compare(args)
     pair = load_pair(args.weights)
     if pair.ood is None:
         raise SystemExit(f"{args.weights} has no out-of-distribution check: run `python -m kd fit-ood` first")
@@ -94,14 +160,7 @@ def main(argv=None) -> None:
     if Path(args.data).exists():
         for split in ("val", "test"):
             print(split_refusals(pair, args.data, split, args.limit), flush=True)
-    if args.xray:
-        xray = np.asarray(Image.open(args.xray).convert("L"))
-    else:
-        from kd.testing.xray_fixtures import xray_like_array
-
-        xray = xray_like_array(1024, 1024)
-    pictures = {**non_xrays(xray), **matplotlib_pictures(), **{Path(f).name: Path(f).read_bytes() for f in args.extra},
-                **turned_xrays(xray)}
+    pictures = all_pictures(load_xray_array(args.xray), args.extra)
     print("\n| picture | verdict | refused by | distance / threshold |\n|---|---|---|---|")
     for name, data in pictures.items():
         try:

@@ -37,10 +37,15 @@ def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(model.avgpool(feature_map(model, x)), 1)
 
 
-def feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer4 feature map: what Grad-CAM looks at and what a feature hint matches."""
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def feature_map(model: nn.Module, x: torch.Tensor, stage: str = "layer4") -> torch.Tensor:
+    """A ResNet stage's output feature map; layer4's is what Grad-CAM looks at and a feature hint matches."""
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    for name in STAGES[:STAGES.index(stage) + 1]:
+        x = getattr(model, name)(x)
+    return x
 
 
 def feature_dim(model: nn.Module) -> int:

@@ -163,6 +163,10 @@ def test_ood_bench_judges_each_picture(fitted, capsys):
     ood_bench.main(["--weights", str(weights), "--data", str(data), "--limit", "10", "--xray", ""])
     out = capsys.readouterr().out
     assert "test : " in out and "| black.png | refused | image statistics |" in out
+    ood_bench.main(["--weights", str(weights), "--data", str(data), "--xray", "", "--compare", "--train-limit", "60"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| layer")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| layer3", "64"], ["| layer3", "512"], ["| layer4", "64"],
+                                                  ["| layer4", "512"]]
 
 
 def test_the_app_shows_the_reason_in_place_of_a_probability(fitted, app_env, monkeypatch):

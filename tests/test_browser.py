@@ -1,8 +1,11 @@
 """The app in a real browser: `streamlit run` in a subprocess, driven by Playwright with Debian's chromium.
 
-Upload an X-ray-like PNG and see both models; start a tiny training (fine-tuning, 6 epochs) on the
-Train page and watch its loss chart grow until the run finishes; visit Evaluate and Data.
-Screenshots of each page go to the folder named by KD_SCREENSHOTS (else the test's tmp folder).
+With the shipped weights: upload an X-ray they never saw (tests/fixtures/, from the official test split)
+beside a page of text; the X-ray gets both models and both heat maps at the default CAM's grid, the text
+page is refused with its reason. Then start a tiny training (fine-tuning) on the Train page, watch its
+loss chart grow and the runs table say "running", stop it (confirmed), resume it, and follow it to the
+end with a positive elapsed time; visit Evaluate and Data. Screenshots of each page go to the folder
+named by KD_SCREENSHOTS (else the test's tmp folder).
 """
 from __future__ import annotations
 
@@ -13,10 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from kd import jobs
+from kd import cam, jobs
+from kd.model_card import read_card
+from kd.paths import SHIPPED_WEIGHTS
 from kd.testing import app_server
 from kd.testing.app_server import CHROMIUM, CHROMIUM_ARGS
-from kd.testing.xray_fixtures import xray_png
+from kd.testing.non_xrays import text_page
+from kd.testing.xray_fixtures import jpeg_bytes
+
+UNSEEN_XRAY = Path(__file__).resolve().parent / "fixtures" / "person100_bacteria_475.jpeg"
+EPOCHS = 40  # a tiny fine-tuning long enough to be stopped and resumed while it runs
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
@@ -24,7 +33,8 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 @pytest.fixture
 def server(app_env):
-    proc, url = app_server.start({**os.environ, **app_env.env}, log=app_env.tmp / "streamlit.log")
+    env = {**os.environ, **app_env.env, "KD_WEIGHTS": str(SHIPPED_WEIGHTS)}  # real models for Diagnose
+    proc, url = app_server.start(env, log=app_env.tmp / "streamlit.log")
     try:
         yield url
     finally:
@@ -38,6 +48,25 @@ def _chart_points(page) -> int:
         const el = document.querySelector('.js-plotly-plot');
         return el ? el.querySelectorAll('.scatterlayer .point').length : 0;
     }""")
+
+
+def _table_rows(page) -> list[list[str]]:
+    """The cells of every st.dataframe on the page, row by row: the grid draws on a canvas, and keeps its
+    cells in a hidden table for screen readers, which is what this reads."""
+    return page.evaluate("""() => [...document.querySelectorAll('[data-testid="stDataFrame"] tr')]
+        .map(tr => [...tr.querySelectorAll('td[role="gridcell"]')].map(td => td.textContent.trim()))
+        .filter(cells => cells.length)""")
+
+
+def _elapsed_seconds(page) -> int:
+    """The live panel's Elapsed metric ("m:ss" or "h:mm:ss") in seconds; fails on "?" or a minus sign."""
+    text = page.locator('[data-testid="stMetric"]').filter(has_text="Elapsed") \
+        .locator('[data-testid="stMetricValue"]').first.inner_text().strip()
+    assert not text.startswith("-") and text != "?", text
+    seconds = 0
+    for part in text.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds
 
 
 def _screenshot(page, path: Path) -> None:
@@ -62,27 +91,33 @@ def test_upload_and_training_in_a_browser(server, app_env):
             page.set_default_timeout(60_000)
             page.goto(server)
 
-            # Diagnose: one upload -> both models, both overlays
+            # Diagnose: an unseen X-ray -> both models, both maps at the default grid; a text page -> refused
             expect(page.get_by_role("heading", name="Diagnose")).to_be_visible()
             expect(page.get_by_text("Research tool, not a diagnostic device").first).to_be_visible()
-            page.locator("input[type=file]").set_input_files(
-                files=[{"name": "chest.png", "mimeType": "image/png", "buffer": xray_png()}])
-            images = page.locator('[data-testid="stImage"] img')
-            expect(images).to_have_count(2, timeout=90_000)
+            page.locator("input[type=file]").set_input_files(files=[
+                {"name": UNSEEN_XRAY.name, "mimeType": "image/jpeg", "buffer": UNSEEN_XRAY.read_bytes()},
+                {"name": "letter.jpeg", "mimeType": "image/jpeg", "buffer": jpeg_bytes(text_page())}])
+            expect(page.get_by_text("2 of 2 files diagnosed.")).to_be_visible(timeout=120_000)
             probabilities = page.locator('[data-testid="stMetric"]').filter(has_text="Probability of pneumonia")
-            expect(probabilities).to_have_count(2)
+            expect(probabilities).to_have_count(2)  # teacher and student, for the X-ray only
             for value in probabilities.locator('[data-testid="stMetricValue"]').all_inner_texts():
                 assert value.endswith("%") and 0 <= float(value.rstrip("%")) <= 100
+            grid = cam.cam_option(cam.DEFAULT_CAM).source(read_card(SHIPPED_WEIGHTS)["input"]["size"])
+            assert cam.cam_option(cam.DEFAULT_CAM).grid(read_card(SHIPPED_WEIGHTS)["input"]["size"]) >= 14
+            expect(page.locator('[data-testid="stImage"]').filter(has_text=grid)).to_have_count(2)
+            refusal = page.locator('[data-testid="stAlert"]').filter(has_text="Refused: no probability is shown.")
+            expect(refusal).to_have_count(1)
+            expect(refusal).to_contain_text("chest radiograph")
             _screenshot(page, shots / "diagnose.png")
 
-            # Train: a tiny fine-tuning run (6 epochs) from the form, followed live until it finishes
+            # Train: a tiny fine-tuning run from the form, followed live, stopped, resumed, finished
             page.get_by_role("link", name="Train").click()
             expect(page.get_by_role("heading", name="Train")).to_be_visible()
             page.locator('[data-testid="stSelectbox"]').filter(has_text="What to run").click()
             page.get_by_role("option", name="Fine-tune the teacher", exact=True).click()
             page.locator('[data-testid="stSelectbox"]').filter(has_text="Preset").click()
             page.get_by_role("option", name="tiny", exact=True).click()
-            page.get_by_label("Epochs (every phase)").fill("6")
+            page.get_by_label("Epochs (every phase)").fill(str(EPOCHS))
             page.get_by_label("Run name", exact=True).fill("browser")
             page.get_by_role("button", name="Start training").click()
             expect(page.get_by_text("Started finetune")).to_be_visible()
@@ -94,11 +129,23 @@ def test_upload_and_training_in_a_browser(server, app_env):
                 page.wait_for_timeout(500)
                 counts.append(_chart_points(page))
             assert counts[-1] > counts[0] > 0, f"the loss chart did not grow: {counts}"
+            deadline = time.time() + 60
+            while ["browser", "running"] not in [row[:2] for row in _table_rows(page)] and time.time() < deadline:
+                page.wait_for_timeout(500)
+            assert ["browser", "running"] in [row[:2] for row in _table_rows(page)], _table_rows(page)
+
             state = page.locator('[data-testid="stMetric"]').filter(has_text="State")
+            page.get_by_role("button", name="Stop").click()
+            expect(page.get_by_text("Stop run browser?")).to_be_visible()
+            page.get_by_role("button", name="Yes, stop it").click()
+            expect(state.first).to_contain_text("stopped", timeout=60_000)
+            stopped_at = _elapsed_seconds(page)
+            assert stopped_at > 0
+            page.get_by_role("button", name="Resume").click()
             expect(state.first).to_contain_text("finished", timeout=240_000)
             expect(state).to_have_count(1)  # the page rerun at the end replaced the live panel
+            assert _elapsed_seconds(page) >= stopped_at  # both sessions counted, never negative
             # once the process has exited, the whole page reruns: runs table refreshed, polling off
-            expect(page.get_by_text("Started finetune")).to_have_count(0)
             expect(page.get_by_role("button", name="Stop")).to_have_count(0)
             expect(page.get_by_text("Run to show")).to_be_visible()
             use = page.get_by_role("button", name="Use these weights")
@@ -120,4 +167,6 @@ def test_upload_and_training_in_a_browser(server, app_env):
         finally:
             browser.close()
     card = json.loads((app_env.runs / "browser" / "model_card.json").read_text())
-    assert card["phases"]["finetune"]["epochs"] == 6
+    assert card["phases"]["finetune"]["epochs"] == EPOCHS
+    events = [json.loads(line) for line in (app_env.runs / "browser" / "progress.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "resume" for e in events)  # it was stopped and resumed, not run through

@@ -11,6 +11,7 @@ what "a teacher worth distilling" asks (issue: teacher AUC >= labels-only + 0.01
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from common import SHARED
 
@@ -34,7 +35,7 @@ def main() -> int:
     from kd.model_card import read_card
     from kd.models import build
 
-    weights = args.weights or default_weights()
+    weights = Path(args.weights) if args.weights else default_weights()
     card = read_card(weights)
     size, contrast, cfg = card["input"]["size"], card["input"].get("contrast", "none"), card.get("config", {})
     roles = [r for r in ("teacher", "student", "student_baseline") if r in card["models"]]

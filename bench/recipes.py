@@ -118,20 +118,38 @@ class Job:
     def row(self) -> dict:
         card_path = self.out / "model_card.json"
         card = json.loads(card_path.read_text()) if card_path.exists() else {}
-        models = {}
-        for role, m in card.get("models", {}).items():
-            models[role] = {"threshold": m.get("threshold"), "threshold_rule": m.get("threshold_rule"),
-                            "calibration_temperature": m.get("calibration_temperature"),
-                            "threshold_rules": m.get("threshold_rules")}
-            for split in ("validation", "test"):
-                r = m.get(split)
-                if r:
-                    models[role][split] = {k: r.get(k) for k in ("auc", "accuracy", "sensitivity", "specificity")}
-                    models[role][split]["auc_ci"] = r.get("ci", {}).get("auc")
         return {"name": self.name, "lever": self.lever, "state": self.state,
                 "command": " ".join(self.argv()[1:]).replace(sys.executable, "python"),
                 "config": self.cfg, "wall_s": None if self.t0 is None or self.t1 is None else round(self.t1 - self.t0, 1),
-                "phase_seconds": card.get("wall_time_s"), "models": models}
+                "phase_seconds": card.get("wall_time_s"), "models": card_models(card)}
+
+
+def card_models(card: dict) -> dict:
+    """Each model's threshold, calibration and validation / test figures from a model card (one table row)."""
+    models = {}
+    for role, m in card.get("models", {}).items():
+        models[role] = {"threshold": m.get("threshold"), "threshold_rule": m.get("threshold_rule"),
+                        "calibration_temperature": m.get("calibration_temperature"),
+                        "threshold_rules": m.get("threshold_rules")}
+        for split in ("validation", "test"):
+            r = m.get(split)
+            if r:
+                models[role][split] = {k: r.get(k) for k in ("auc", "accuracy", "sensitivity", "specificity")}
+                models[role][split]["auc_ci"] = r.get("ci", {}).get("auc")
+    return models
+
+
+def record_run(run_dir: Path, name: str, lever: str, device: str) -> dict:
+    """A looks file (bench/recipes/looks-*.json) of one finished run made outside this script (e.g. the
+    cpu preset's reference run): its card's command, config and both splits' figures."""
+    card = json.loads((Path(run_dir) / "model_card.json").read_text())
+    total = (card.get("wall_time_s") or {}).get("total")
+    total = None if total is None else round(float(total), 1)
+    row = {"name": name, "lever": lever, "state": "finished", "command": card.get("reproduce", ""),
+           "config": card.get("config"), "wall_s": total, "phase_seconds": card.get("wall_time_s"),
+           "models": card_models(card)}
+    return {"device": device, "scale": card.get("config", {}).get("preset", ""), "data": card.get("config", {}).get(
+        "data", ""), "wall_s": total or 0.0, "rows": [row]}
 
 
 def test_auc(job: Job, role: str = "teacher") -> float | None:

@@ -3,6 +3,8 @@
 Every row is one look at the official test split (the shared half): the table keeps them all, kept or not.
 
     python bench/recipes_table.py            # rewrites bench/recipes.md
+    python bench/recipes_table.py --record RUN_DIR --name NAME --lever TEXT --device cpu
+        # first adds a finished run made elsewhere (e.g. the cpu preset's reference run) as its own looks file
 """
 from __future__ import annotations
 
@@ -68,7 +70,22 @@ def render(files: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--record", help="a finished run folder (with model_card.json) to add as a new looks file")
+    ap.add_argument("--name", default="run")
+    ap.add_argument("--lever", default="")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    if args.record:
+        from recipes import record_run
+
+        existing = sorted((HERE / "recipes").glob("looks-*.json"))
+        path = HERE / "recipes" / f"looks-{len(existing) + 1}-{args.name}.json"
+        path.write_text(json.dumps(record_run(Path(args.record), args.name, args.lever, args.device), indent=1))
+        print(f"wrote {path}")
     files = sorted((HERE / "recipes").glob("looks-*.json"))
     (HERE / "recipes.md").write_text(render(files))
     print(f"wrote {HERE / 'recipes.md'} from {len(files)} file(s)")

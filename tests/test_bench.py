@@ -118,3 +118,19 @@ def test_app_memory_bench_measures_a_real_server(capsys):
     r = app_memory.main(["--files", "1"])
     assert r["files"] == 1 and 0 < r["idle_mib"] < r["loaded_mib"] <= r["peak_mib"]
     assert "X-rays diagnosed" in capsys.readouterr().out
+
+
+def test_a_finished_run_is_recorded_as_a_look_at_the_test_split(tiny_run, tmp_path):
+    """bench/recipes_table.py --record: a run made outside bench/recipes.py joins the table of looks."""
+    import json
+
+    import recipes
+    import recipes_table
+
+    looks = recipes.record_run(tiny_run[1], "tiny-reference", "the tiny preset", "cpu")
+    path = tmp_path / "looks-1-tiny-reference.json"
+    path.write_text(json.dumps(looks))
+    table = recipes_table.render([path])
+    assert "Looks at the test split so far: 3 " in table  # teacher, student, labels-only student
+    assert "| tiny-reference | the tiny preset | teacher | finished |" in table
+    assert looks["rows"][0]["config"]["preset"] == "tiny" and looks["scale"] == "tiny"

@@ -4,25 +4,22 @@
 
 idle   : resident memory of the server once it answers, before any page is opened (the baseline);
 loaded : after the Diagnose page has loaded both models and diagnosed --files full-resolution X-rays
-         (../shared/data/fullres_samples, else generated 2,000 px JPEGs) uploaded at once;
+         (../shared/data/fullres_samples, else a real X-ray enlarged to 2,000 px) uploaded at once;
 peak   : the server's high-water mark (VmHWM) over the whole run.
 Needs Debian's chromium at /usr/bin/chromium and the playwright package (as the browser test does).
 """
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from common import SHARED
 from kd.testing import app_server
 from kd.testing.app_server import CHROMIUM, CHROMIUM_ARGS
+from kd.testing.xray_fixtures import real_xray
 
 
 def status_mib(pid: int) -> dict[str, float]:
@@ -36,16 +33,13 @@ def status_mib(pid: int) -> dict[str, float]:
 
 
 def uploads(n: int) -> list[dict]:
+    """The full-resolution samples, else a real test-split X-ray enlarged to 2000x1700 with a little noise
+    per file (distinct uploads that the out-of-distribution check lets through to both models)."""
     files = sorted((SHARED / "fullres_samples").rglob("*.jpeg"))[:n]
     if files:
         return [{"name": f.name, "mimeType": "image/jpeg", "buffer": f.read_bytes()} for f in files]
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.normal(120, 40, (1700, 2000)).clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-        out.append({"name": f"generated_{i}.jpeg", "mimeType": "image/jpeg", "buffer": buf.getvalue()})
-    return out
+    return [{"name": f"enlarged_{i}.jpeg", "mimeType": "image/jpeg", "buffer": real_xray(2000, 1700, noise=4, seed=i)}
+            for i in range(n)]
 
 
 def main(argv=None) -> dict | None:

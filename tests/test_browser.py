@@ -1,6 +1,6 @@
 """The app in a real browser: `streamlit run` in a subprocess, driven by Playwright with Debian's chromium.
 
-With the shipped weights: upload an X-ray they never saw (tests/fixtures/, from the official test split)
+With the shipped weights: upload an X-ray they never saw (kd/testing/data/, from the official test split)
 beside a page of text; the X-ray gets both models and both heat maps at the default CAM's grid, the text
 page is refused with its reason. Then start a tiny training (fine-tuning) on the Train page, watch its
 loss chart grow and the runs table say "running", stop it (confirmed), resume it, and follow it to the
@@ -22,9 +22,9 @@ from kd.paths import SHIPPED_WEIGHTS
 from kd.testing import app_server
 from kd.testing.app_server import CHROMIUM, CHROMIUM_ARGS
 from kd.testing.non_xrays import text_page
+from kd.testing.xray_fixtures import REAL_XRAY as UNSEEN_XRAY  # an official-test image: never trained on
 from kd.testing.xray_fixtures import jpeg_bytes
 
-UNSEEN_XRAY = Path(__file__).resolve().parent / "fixtures" / "person100_bacteria_475.jpeg"
 EPOCHS = 40  # a tiny fine-tuning long enough to be stopped and resumed while it runs
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),

@@ -519,3 +519,18 @@ def write_kermany_dataset(root, n_per_class=(6, 6), size: int = 64, seed: int = 
                     name = f"person{patient_id}_{kind}_{k}.jpeg"
                 (folder / name).write_bytes(jpeg_bytes(arr, quality=92))
     return root
+
+
+REAL_XRAY = Path(__file__).resolve().parent / "data" / "person100_bacteria_475.jpeg"  # see data/README.md
+
+
+def real_xray(width: int | None = None, height: int | None = None, noise: float = 0.0, seed: int = 0) -> bytes:
+    """A real chest X-ray of the official test split (JPEG bytes), enlarged to width x height and with
+    Gaussian noise of std `noise` grey levels when asked (distinct files the shipped weights accept)."""
+    if width is None:
+        return REAL_XRAY.read_bytes()
+    picture = np.asarray(Image.open(REAL_XRAY).convert("L").resize((width, height), Image.Resampling.BICUBIC),
+                         dtype=np.float32)
+    if noise:
+        picture = picture + np.random.default_rng(seed).normal(0, noise, picture.shape)
+    return jpeg_bytes(picture.clip(0, 255).astype(np.uint8))

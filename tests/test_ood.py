@@ -182,7 +182,8 @@ def test_the_app_shows_the_reason_in_place_of_a_probability(fitted, app_env, mon
                                                ("chest.jpeg", xray, "image/jpeg")]).run()
     assert not at.exception and not at.error
     [refusal] = [w.value for w in at.warning if "Refused" in w.value]
-    assert "no probability" in refusal and "chest radiograph" in refusal
+    assert refusal.startswith("**Refused: no probability is shown.**") and "chest radiograph" in refusal
+    assert refusal.count("no probability") == 1
     assert len(metric_values(at, "Probability of pneumonia")) == 2  # teacher and student, for the X-ray only
     assert "the uploaded picture" in [c for i in at.image for c in i.captions]
     assert "Before any probability" in all_text(at)

@@ -16,6 +16,7 @@ import streamlit as st
 from kd import cam, preprocess
 from kd import data as kdata
 from kd.inference import ModelPair, NotChestXray
+from kd.ood import REASON_END
 from kd.ui.models import ROLE_LABEL, ROLES, architecture
 
 # the heat maps on offer, the measured default first (kd.cam.DEFAULT_CAM, chosen by bench/cam_grid.py)
@@ -140,7 +141,8 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> No
             left, right = st.columns([1, 3])
             if result.picture is not None:
                 left.image(result.picture, width=160, caption="the uploaded picture")
-            right.warning(f"**Refused: no probability is shown.** {result.error}", icon=":material/block:")
+            reason = result.error.removesuffix(REASON_END) + "."  # the heading already says no probability
+            right.warning(f"**Refused: no probability is shown.** {reason}", icon=":material/block:")
             right.caption(REFUSAL_NOTE)
             return
         if result.error:

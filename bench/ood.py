@@ -87,7 +87,6 @@ STILL_XRAYS = ("X-ray as is", "X-ray mirrored left-right", "X-ray tilted 15 degr
 
 
 def compare(args) -> None:
-    from kd.cache import build_cache
     from kd.data import load_splits
 
     pair = load_pair(args.weights, ood=False)
@@ -99,8 +98,7 @@ def compare(args) -> None:
         train = [train[i] for i in sorted(np.random.default_rng(0).choice(len(train), args.train_limit, replace=False))]
 
     def squares(samples):
-        cache = build_cache([s.path for s in samples], size, None, progress=False, contrast=contrast)
-        return np.asarray(cache.images[cache.valid])
+        return ood.prepared_squares(samples, size, contrast, progress=False)
 
     pictures = all_pictures(load_xray_array(args.xray), args.extra)
     junk_names = [n for n in pictures if n not in STILL_XRAYS]
@@ -124,19 +122,15 @@ def compare(args) -> None:
 
 
 def split_refusals(pair, data: str, split: str, limit: int) -> str:
-    from kd.cache import build_cache
-
     cfg = pair.card.get("config", {})
     samples = samples_for(data, split, cfg.get("val_fraction", 0.15), cfg.get("seed", 0))
     if len(samples) > limit:
         samples = [samples[i] for i in sorted(np.random.default_rng(0).choice(len(samples), limit, replace=False))]
-    cache = build_cache([s.path for s in samples], pair.input_size, None, progress=False, contrast=pair.contrast)
-    squares = np.asarray(cache.images[cache.valid])
-    ratio = pair.ood.distances(pair.models["teacher"].model, squares) / pair.ood.threshold
-    by_stats = np.array([image_reason(s) is not None for s in squares], dtype=bool)
-    refused, stats = int((by_stats | (ratio > 1)).sum()), int(by_stats.sum())
-    return (f"{split:5}: {refused} of {len(squares)} X-rays refused ({refused / len(squares):.2%}; {stats} by image "
-            f"statistics); largest distance {ratio.max():.2f}x the threshold")
+    squares = ood.prepared_squares(samples, pair.input_size, pair.contrast, progress=False)
+    distances = pair.ood.distances(pair.models["teacher"].model, squares)
+    r = ood.refusal_counts(squares, distances, pair.ood.threshold)
+    return (f"{split:5}: {r['refused']} of {r['n']} X-rays refused ({r['fraction']:.2%}; {r['by_image_statistics']} "
+            f"by image statistics); largest distance {distances.max() / pair.ood.threshold:.2f}x the threshold")
 
 
 def main(argv=None) -> None:

@@ -195,14 +195,16 @@ def validation_threshold(distances: np.ndarray, share: float = REFUSED_VALIDATIO
     return float(d[len(d) - allowed - 1])
 
 
-def _squares(samples, size: int, contrast: str) -> np.ndarray:
+def prepared_squares(samples, size: int, contrast: str, progress: bool = True) -> np.ndarray:
+    """The readable samples' uint8 squares as the models see them (the training cache's path)."""
     from kd.cache import build_cache
 
-    cache = build_cache([s.path for s in samples], size, None, progress=True, contrast=contrast)
+    cache = build_cache([s.path for s in samples], size, None, progress=progress, contrast=contrast)
     return np.asarray(cache.images[cache.valid])
 
 
-def _refusals(squares: np.ndarray, distances: np.ndarray, threshold: float) -> dict:
+def refusal_counts(squares: np.ndarray, distances: np.ndarray, threshold: float) -> dict:
+    """How many of these squares the check refuses, and by which of its two parts."""
     by_stats = np.array([image_reason(s) is not None for s in squares], dtype=bool)
     by_distance = np.asarray(distances) > threshold
     refused = by_stats | by_distance
@@ -235,20 +237,20 @@ def fit(weights_dir: str | Path, data_root: str | Path, max_train: int | None = 
         train = [train[i] for i in keep]
     teacher = pair.models["teacher"].model
     size, contrast = pair.input_size, pair.contrast
-    train_sq = _squares(train, size, contrast)
+    train_sq = prepared_squares(train, size, contrast)
     train_features = embeddings(teacher, train_sq, stage)
     distance, shrinkage = EmbeddingDistance.fit(train_features.numpy(), components)
     check = OODCheck(distance.eval(), 0.0, {"stage": stage})
     with torch.inference_mode():
         train_d = check.distance(train_features).numpy()
-    val_sq = _squares(splits["val"], size, contrast)
+    val_sq = prepared_squares(splits["val"], size, contrast)
     val_d = check.distances(teacher, val_sq)
     check.threshold = validation_threshold(val_d[[image_reason(s) is None for s in val_sq]])
-    refused = {"train": _refusals(train_sq, train_d, check.threshold),
-               "validation": _refusals(val_sq, val_d, check.threshold)}
+    refused = {"train": refusal_counts(train_sq, train_d, check.threshold),
+               "validation": refusal_counts(val_sq, val_d, check.threshold)}
     if "test" in splits:
-        test_sq = _squares(splits["test"], size, contrast)
-        refused["test"] = _refusals(test_sq, check.distances(teacher, test_sq), check.threshold)
+        test_sq = prepared_squares(splits["test"], size, contrast)
+        refused["test"] = refusal_counts(test_sq, check.distances(teacher, test_sq), check.threshold)
     info = {
         "file": OOD_FILE,
         "method": ("refuse when the image statistics rule it out, or when the squared Mahalanobis distance of the "

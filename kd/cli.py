@@ -75,17 +75,14 @@ def cmd_train(args) -> int:
 
 def summary(card: dict) -> str:
     """Validation and test side by side for each model, at the card's threshold (calibrated probability)."""
+    from kd.model_card import split_rows
+
     lines = [f"{'model':17} {'split':10} {'AUC (95% CI)':22} {'acc':>6} {'sens':>6} {'spec':>6} {'thr':>6}"]
-    for role, m in card["models"].items():
-        for split, label in (("validation", "validation"), ("test", "test")):
-            v = m.get(split)
-            if not v:
-                continue
-            lo, hi = v["ci"]["auc"]
-            auc = ("n/a" if v["auc"] is None else f"{v['auc']:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None
-                   else f"{v['auc']:.3f}")
-            lines.append(f"{role:17} {label:10} {auc:22} {v['accuracy']:6.3f} {v['sensitivity']:6.3f} "
-                         f"{v['specificity']:6.3f} {m['threshold']:6.3f}")
+    for r in split_rows(card):
+        auc = ("n/a" if r["auc"] is None else f"{r['auc']:.3f} ({r['auc_low']:.3f}-{r['auc_high']:.3f})"
+               if r["auc_low"] is not None else f"{r['auc']:.3f}")
+        lines.append(f"{r['role']:17} {r['split']:10} {auc:22} {r['accuracy']:6.3f} {r['sensitivity']:6.3f} "
+                     f"{r['specificity']:6.3f} {card['models'][r['role']]['threshold']:6.3f}")
     lines.append("validation: patient-level split of train/ (chooses epochs, calibration, thresholds; optimistic); "
                  "test: the dataset's test/ folder, the external check")
     return "\n".join(lines)

@@ -80,3 +80,23 @@ def read_card(weights_dir: str | Path) -> dict:
     """The model card of a weights folder; statefile.UnreadableState (a ValueError) when it is missing or
     not of the shape its readers rely on."""
     return statefile.read_json(Path(weights_dir) / CARD_FILE, CARD_SHAPE)
+
+
+REPORTED_SPLITS = ("validation", "test")  # what a card reports, side by side; test only when the data had one
+
+
+def split_rows(card: dict, roles=None) -> list[dict]:
+    """One row per model and reported split: AUC and its 95% CI, accuracy, sensitivity and specificity at
+    the model's threshold, and the number of images (the CLI summary and the app's card tables)."""
+    rows = []
+    for role, m in card.get("models", {}).items():
+        if roles is not None and role not in roles:
+            continue
+        for split in REPORTED_SPLITS:
+            r = m.get(split)
+            if r:
+                lo, hi = ((r.get("ci") or {}).get("auc") or [None, None])[:2]
+                rows.append({"role": role, "split": split, "auc": r.get("auc"), "auc_low": lo, "auc_high": hi,
+                             **{k: r.get(k) for k in ("accuracy", "sensitivity", "specificity", "n")},
+                             "threshold": r.get("threshold", m.get("threshold", 0.5))})
+    return rows

@@ -12,6 +12,7 @@ from kd import cam, metrics
 from kd import data as kdata
 from kd.checkpoint import CheckpointError
 from kd.inference import ModelPair
+from kd.model_card import split_rows
 from kd.ui.data import SPLIT_HELP, split_samples
 from kd.ui.models import ROLE_LABEL, ROLES
 
@@ -43,21 +44,14 @@ def reports_from_card(card: dict, split: str = "validation") -> dict[str, dict]:
 
 
 def card_summary_frame(card: dict) -> pd.DataFrame:
-    """One row per model and split the card reports: AUC with its 95% CI, accuracy, sensitivity and
-    specificity at the card's threshold, and how many images."""
-    rows = []
-    for role in ROLES:
-        for split in CARD_SPLITS:
-            r = card.get("models", {}).get(role, {}).get(split)
-            if not r:
-                continue
-            rows.append({"model": ROLE_LABEL[role], "split": split,
-                         "AUC (95% CI)": _fmt_ci(r.get("auc"), r.get("ci", {}).get("auc")),
-                         **{METRIC_NAMES[m]: None if r.get(m) is None else round(float(r[m]), 3)
-                            for m in ("accuracy", "sensitivity", "specificity")},
-                         "threshold": round(float(r.get("threshold", card["models"][role].get("threshold", 0.5))), 3),
-                         "images": r.get("n")})
-    return pd.DataFrame(rows)
+    """One row per model and split the card reports (model_card.split_rows): AUC with its 95% CI, accuracy,
+    sensitivity and specificity at the card's threshold, and how many images."""
+    return pd.DataFrame([{"model": ROLE_LABEL[r["role"]], "split": r["split"],
+                          "AUC (95% CI)": _fmt_ci(r["auc"], [r["auc_low"], r["auc_high"]]),
+                          **{METRIC_NAMES[m]: None if r[m] is None else round(float(r[m]), 3)
+                             for m in ("accuracy", "sensitivity", "specificity")},
+                          "threshold": round(float(r["threshold"]), 3), "images": r["n"]}
+                         for r in split_rows(card, ROLES)])
 
 
 def metrics_table(reports: dict[str, dict], card: dict) -> pd.DataFrame:

@@ -68,10 +68,10 @@ def test_runs_table_says_running_for_the_running_job(tmp_path):
              "status": {"state": "stopped", "started": now - 500, "stopped": now - 400}},
             {"name": "old", "path": str(tmp_path / "old"), "card": None, "modified": now,
              "status": {"state": "stopped", "started": now - 500, "stopped": now - 400}}]
-    frame = ui_progress.runs_frame(runs, running_dir=tmp_path / "live")
+    frame = ui_progress.runs_frame(runs, job={"run_dir": str(tmp_path / "live"), "started": now - 65})
     assert frame.loc[0, "state"] == "running" and frame.loc[0, "elapsed"] in ("2:05", "2:06")
     assert frame.loc[2, "state"] == "stopped" and frame.loc[2, "elapsed"] == "1:40"
-    resumed = ui_progress.runs_frame(runs, running_dir=tmp_path / "new")
+    resumed = ui_progress.runs_frame(runs, job={"run_dir": str(tmp_path / "new"), "started": now})
     assert resumed.loc[1, "state"] == "starting"  # launched, its old status not rewritten yet
 
 
@@ -106,3 +106,12 @@ def test_calibration_points_show_their_counts_and_hollow_when_few():
     assert list(teacher.text) == ["n=3", "n=120"]
     assert list(teacher.marker.symbol) == ["circle-open", "circle"]
     assert teacher.marker.size[0] < teacher.marker.size[1]
+
+
+def test_a_card_without_bin_counts_gets_no_made_up_counts():
+    from kd.ui import figures
+
+    curve = {"mean_predicted": [0.2, 0.8], "fraction_positive": [0.1, 0.9]}  # a card written before counts
+    reports = {role: {"calibration": {"curve": curve}} for role in ("teacher", "student")}
+    teacher = figures.calibration_figure(reports).data[1]
+    assert teacher.text is None and teacher.mode == "lines+markers"

@@ -88,18 +88,19 @@ def calibration_figure(reports: dict[str, dict]) -> go.Figure:
         curve = cal.get("curve") or {}
         if not curve.get("mean_predicted"):
             continue
-        counts = list(curve.get("count") or [FEW_IMAGES] * len(curve["mean_predicted"]))
-        largest = max(max(counts), 1)
         name = (f"{ROLE_LABEL[role]} (T={cal.get('temperature', 1):.2f}, ECE {cal.get('ece_raw', float('nan')):.3f}"
                 f" -> {cal.get('ece_scaled', float('nan')):.3f})")
-        fig.add_trace(go.Scatter(
-            x=curve["mean_predicted"], y=curve["fraction_positive"], mode="lines+markers+text",
-            line=dict(color=ROLE_COLOR[role]), name=name, customdata=counts, text=[f"n={c}" for c in counts],
+        counts = curve.get("count")  # older cards have none: plain markers, no made-up counts
+        counted = dict(
+            mode="lines+markers+text", customdata=counts, text=[f"n={c}" for c in counts],
             textposition="top center" if role == ROLES[0] else "bottom center",
             textfont=dict(size=10, color=ROLE_COLOR[role]),
-            marker=dict(size=[7 + 13 * (c / largest) ** 0.5 for c in counts],
+            marker=dict(size=[7 + 13 * (c / max(max(counts), 1)) ** 0.5 for c in counts],
                         symbol=["circle-open" if c < FEW_IMAGES else "circle" for c in counts]),
-            hovertemplate="predicted %{x:.2f}, observed %{y:.2f}, %{customdata} images"))
+            hovertemplate="predicted %{x:.2f}, observed %{y:.2f}, %{customdata} images") if counts else dict(
+            mode="lines+markers", hovertemplate="predicted %{x:.2f}, observed %{y:.2f}")
+        fig.add_trace(go.Scatter(x=curve["mean_predicted"], y=curve["fraction_positive"],
+                                 line=dict(color=ROLE_COLOR[role]), name=name, **counted))
     fig.update_layout(title="Calibration (after temperature scaling)", xaxis_title="mean predicted probability",
                       yaxis_title="fraction with pneumonia", height=380, margin=dict(l=10, r=10, t=40, b=10),
                       xaxis=dict(range=[0, 1]), yaxis=dict(range=[-0.05, 1.08]), legend=dict(x=0.02, y=0.98))

@@ -83,11 +83,25 @@ class RunView:
         return not self.running and self.state in ("stopped", "failed") and (self.path / "config.json").exists()
 
 
+def live_state(status: dict, running: bool, job: dict | None) -> str | None:
+    """The state to show for a run: its status's, except that the running job's run reads "starting" until
+    the job has rewritten the status it left when it last stopped (launched or resumed just now)."""
+    state = status.get("state")
+    fresh = (status.get("started") or 0) >= (job or {}).get("started", 0)
+    if running and (state not in ("running", "finished") or not fresh):
+        return "starting"
+    return state
+
+
+def is_job_run(job: dict | None, run_dir: str | Path) -> bool:
+    return bool(job and Path(job["run_dir"]).resolve() == Path(run_dir).resolve())
+
+
 def run_view(run_dir: str | Path) -> RunView:
     """Everything the live panel shows about one run, from its status and progress files only."""
     run_dir = Path(run_dir)
     job = running_job()
-    running = bool(job and Path(job["run_dir"]).resolve() == run_dir.resolve())
+    running = is_job_run(job, run_dir)
     problems = []
     try:
         status = kruns.run_status(run_dir, kprogress.load_status(run_dir) or {})
@@ -97,10 +111,7 @@ def run_view(run_dir: str | Path) -> RunView:
     events, bad_lines = kprogress.load_progress(run_dir)
     if bad_lines:
         problems.append(str(bad_lines))
-    state = status.get("state") or "unknown"
-    fresh = (status.get("started") or 0) >= (job or {}).get("started", 0)
-    if running and (state not in ("running", "finished") or not fresh):
-        state = "starting"  # launched or resumed, and the old status not rewritten yet
+    state = live_state(status, running, job) or "unknown"
     phases = list(status.get("phases") or [])
     phase = status.get("phase")
     steps = step_frame(events)
@@ -159,26 +170,24 @@ def _card_number(card: dict | None, role: str, key: str) -> float | None:
         return None
 
 
-def runs_frame(runs: list[dict], running_dir: str | Path | None = None) -> pd.DataFrame:
+def runs_frame(runs: list[dict], job: dict | None = None) -> pd.DataFrame:
     """One row per run with its state and key numbers from its model card (validation split).
 
-    `running_dir`: the running job's run folder, whose state reads "running" (or "starting" until the job
-    has written its status). Elapsed counts every session of a resumed run, as the live panel does;
-    training time is the phases' epochs alone (the card's wall_time_s), without decoding and export."""
-    running_dir = Path(running_dir).resolve() if running_dir else None
+    `job`: the running job's record, whose run reads as the live panel says (live_state). Elapsed counts
+    every session of a resumed run, as the live panel does; training time is the phases' epochs alone
+    (the card's wall_time_s), without decoding and export."""
     rows = []
     for r in runs:
         status, card = r["status"], r["card"]
         cfg = (card or {}).get("config", {})
-        running = running_dir is not None and Path(r["path"]).resolve() == running_dir
-        fresh = running and status.get("state") == "running"
+        state = live_state(status, is_job_run(job, r["path"]), job) or "?"
         rows.append({
-            "run": r["name"], "state": ("running" if fresh else "starting") if running else status.get("state", "?"),
+            "run": r["name"], "state": state,
             "phases": ", ".join(status.get("phases") or []), "preset": cfg.get("preset", ""),
             "teacher AUC": _card_number(card, "teacher", "auc"), "student AUC": _card_number(card, "student", "auc"),
             "teacher acc": _card_number(card, "teacher", "accuracy"),
             "student acc": _card_number(card, "student", "accuracy"),
-            "elapsed": _duration(kprogress.elapsed_seconds(status, fresh)) if status.get("started") else "",
+            "elapsed": _duration(kprogress.elapsed_seconds(status, state == "running")) if status.get("started") else "",
             "training time": _duration((card or {}).get("wall_time_s", {}).get("total")) if card else "",
             "modified": datetime.datetime.fromtimestamp(r["modified"]).strftime("%Y-%m-%d %H:%M"),
             "note": r.get("problem") or "",  # e.g. "unreadable: <run>/model_card.json, <why>"
@@ -187,10 +196,15 @@ def runs_frame(runs: list[dict], running_dir: str | Path | None = None) -> pd.Da
     return frame if frame.empty or frame["note"].any() else frame.drop(columns="note")
 
 
+def _newest_card_first(runs: list[dict]) -> list[dict]:
+    """Runs with a model card, the newest card first (by the card's date, not the folder's modification
+    time, which a later log line changes)."""
+    return sorted((r for r in runs if r.get("card")), key=lambda r: str(r["card"].get("date") or ""), reverse=True)
+
+
 def carded_runs(runs: list[dict]) -> list[str]:
     """Runs with a model card, newest card first."""
-    return [r["name"] for r in sorted((r for r in runs if r.get("card")), key=lambda r: str(r["card"].get("date") or ""),
-                                      reverse=True)]
+    return [r["name"] for r in _newest_card_first(runs)]
 
 
 def has_both_models(run: dict) -> bool:
@@ -201,10 +215,8 @@ def has_both_models(run: dict) -> bool:
 
 
 def usable_runs(runs: list[dict]) -> list[str]:
-    """Runs whose weights Diagnose and Evaluate can use, the newest finished first (by the date its model
-    card was written, not the folder's modification time, which a later log line changes)."""
-    usable = [r for r in runs if has_both_models(r)]
-    return [r["name"] for r in sorted(usable, key=lambda r: str(r["card"].get("date") or ""), reverse=True)]
+    """Runs whose weights Diagnose and Evaluate can use, the newest finished first."""
+    return [r["name"] for r in _newest_card_first(runs) if has_both_models(r)]
 
 
 def list_runs() -> list[dict]:

@@ -278,7 +278,7 @@ def _runs_panel() -> None:
         st.caption("No runs yet.")
         return
     job = running_job()
-    st.dataframe(runs_frame(runs, job["run_dir"] if job else None), hide_index=True, key="train_runs_table")
+    st.dataframe(runs_frame(runs, job), hide_index=True, key="train_runs_table")
     st.caption("AUC and accuracy on each run's patient-level validation split, at its own threshold. Elapsed: "
                "wall-clock time over every session of the run; training time: the phases' epochs alone.")
     carded = carded_runs(runs)

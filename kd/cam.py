@@ -91,6 +91,8 @@ def border_share(cam: np.ndarray, fraction: float = 0.1) -> float | None:
     bh, bw = max(1, round(fraction * h)), max(1, round(fraction * w))
     inner = cam[bh:h - bh, bw:w - bw].sum()
     return float((total - inner) / total)
+
+
 PNEUMONIA = 1
 DISPLAY_SIZE = 448  # px of the picture the heat maps are drawn on
 TOP_FRACTION = 0.2  # the "hot" region compared by the agreement score

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+OTHER_LOOKS = HERE / "recipes" / "other_looks.json"  # looks that are not recipe rows, written by hand as they happen
 
 
 def _fmt(split: dict | None) -> str:
@@ -24,7 +25,7 @@ def _fmt(split: dict | None) -> str:
             f"{split['specificity']:.3f} ")
 
 
-def render(files: list[Path]) -> str:
+def render(files: list[Path], others: list[dict] | None = None) -> str:
     lines = ["# Recipes compared on the official test split", "",
              "Written by `python bench/recipes_table.py` from the JSON that `bench/recipes.py` wrote (one file per "
              "device session). Validation = the patient-level split carved from train/ (786 images); test = the "
@@ -66,7 +67,16 @@ def render(files: list[Path]) -> str:
                                  f"{v['specificity']:.3f} | {te.get('accuracy', 0):.3f} | {te.get('sensitivity', 0):.3f}"
                                  f" | {te.get('specificity', 0):.3f} |")
             lines.append("")
-    lines.insert(2, f"Looks at the test split so far: {looks} (model x recipe rows with a test figure).\n")
+    others = others or []
+    if others:
+        lines += ["## Other looks at the test split", "",
+                  "Figures on the test split that are not a recipe row above (paired differences, the "
+                  "out-of-distribution check's refusals, single images); each counts as a look.", "",
+                  "| date | what | run | command | figure |", "|---|---|---|---|---|"]
+        lines += [f"| {o['date']} | {o['what']} | {o['run']} | `{o['command']}` | {o['figure']} |" for o in others]
+        lines.append("")
+    lines.insert(2, f"Looks at the test split so far: {looks + len(others)} ({looks} model x recipe rows with a test "
+                    f"figure, {len(others)} other looks listed at the end).\n")
     return "\n".join(lines)
 
 
@@ -87,7 +97,8 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(record_run(Path(args.record), args.name, args.lever, args.device), indent=1))
         print(f"wrote {path}")
     files = sorted((HERE / "recipes").glob("looks-*.json"))
-    (HERE / "recipes.md").write_text(render(files))
+    others = json.loads(OTHER_LOOKS.read_text()) if OTHER_LOOKS.exists() else []
+    (HERE / "recipes.md").write_text(render(files, others))
     print(f"wrote {HERE / 'recipes.md'} from {len(files)} file(s)")
     return 0
 

@@ -134,3 +134,17 @@ def test_a_finished_run_is_recorded_as_a_look_at_the_test_split(tiny_run, tmp_pa
     assert "Looks at the test split so far: 3 " in table  # teacher, student, labels-only student
     assert "| tiny-reference | the tiny preset | teacher | finished |" in table
     assert looks["rows"][0]["config"]["preset"] == "tiny" and looks["scale"] == "tiny"
+
+
+def test_other_looks_at_the_test_split_are_listed_and_counted(tiny_run, tmp_path):
+    import json
+
+    import recipes
+    import recipes_table
+
+    path = tmp_path / "looks-1-tiny-reference.json"
+    path.write_text(json.dumps(recipes.record_run(tiny_run[1], "tiny-reference", "the tiny preset", "cpu")))
+    other = {"date": "d", "what": "a paired difference", "run": "r", "command": "c", "figure": "+0.01"}
+    table = recipes_table.render([path], [other])
+    assert "Looks at the test split so far: 4 (3 model x recipe rows" in table
+    assert "| d | a paired difference | r | `c` | +0.01 |" in table

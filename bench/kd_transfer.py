@@ -29,7 +29,7 @@ def main() -> int:
     from kd import metrics
     from kd.cache import ImageSet, build_cache
     from kd.checkpoint import load_weights
-    from kd.data import samples_for
+    from kd.data import samples_for, split_settings
     from kd.inference import predict_logits
     from kd.inference import default_weights
     from kd.model_card import read_card
@@ -47,7 +47,7 @@ def main() -> int:
               .eval().to(memory_format=torch.channels_last) for r in roles}
     print(f"weights {weights} ({size} px, contrast {contrast}); CIs: patient-level bootstrap, {args.n_boot} resamples")
     for split in args.splits:
-        samples = samples_for(args.data, split, cfg.get("val_fraction", 0.15), cfg.get("seed", 0))
+        samples = samples_for(args.data, split, *split_settings(cfg))
         cache = build_cache([s.path for s in samples], size, None, progress=False, contrast=contrast)
         images = ImageSet.from_cache(cache, [s.label for s in samples])
         patients = [samples[r].patient for r in images.rows]

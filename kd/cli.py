@@ -30,7 +30,9 @@ def _train_parser(sub, name: str, help: str):
     p.add_argument("--hint-weight", type=float, help="weight of the FitNets layer4 feature hint (0 = off)")
     p.add_argument("--teacher-targets", choices=TEACHER_TARGETS,
                    help="distillation: teacher run on every augmented view (online) or its logits computed once (cached)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="training seed (initialisation, augmentation, batch order)")
+    p.add_argument("--split-seed", type=int, help="seed of the patient-level validation split (default 0; "
+                   "independent of --seed, so runs with different seeds share one validation split)")
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--init", help="local weights file to initialise the teacher (ImageNet, SwAV, ...)")
     p.add_argument("--unlabeled", nargs="*", default=None, help="extra folders of unlabeled X-rays for pretraining")
@@ -49,7 +51,7 @@ def config_from_args(args) -> Config:
         cfg = Config.load(saved)  # a resumed run keeps its settings
     else:
         cfg = preset(args.preset, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size)
-    for key in ("seed", "temperature", "alpha", "hint_weight", "ssl_method", "val_fraction", "init", "unlabeled",
+    for key in ("seed", "split_seed", "temperature", "alpha", "hint_weight", "ssl_method", "val_fraction", "init", "unlabeled",
                 "cache_dir", "teacher_targets", "cpu_bf16"):
         value = getattr(args, key, None)
         if value is not None:

@@ -54,7 +54,8 @@ class Config:
     data: str = ""
     out: str = "runs/latest"
     preset: str = "cpu"
-    seed: int = 0
+    seed: int = 0  # weights' initialisation, augmentation and batch order (per phase, kd.train.phase_seed)
+    split_seed: int = 0  # the patient-level validation split: kept when `seed` changes, so seeds share validation
     device: str = "auto"  # auto | cpu | cuda
     # bf16 autocast in training steps on the CPU too (always on CUDA): 1.86x on this AVX512-BF16 CPU for
     # ResNet18 and ResNet50 at 128 px (bench/cpu_bf16.py); evaluation and export stay float32

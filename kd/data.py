@@ -212,6 +212,13 @@ def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int =
     return train, val
 
 
+def split_settings(cfg: dict) -> tuple[float, int]:
+    """(val_fraction, split seed) of the patient-level split a run's config.json carved. The split has its own
+    seed so that runs with different training seeds (a seed ensemble, a noise estimate) share one validation
+    split; configs written before `split_seed` existed carved it with the training seed."""
+    return float(cfg.get("val_fraction", 0.15)), int(cfg.get("split_seed", cfg.get("seed", 0)))
+
+
 @_listing_errors
 def load_splits(root: str | Path, val_fraction: float, seed: int) -> dict[str, list[Sample]]:
     """`train` and `val` carved from train/ by patient, plus `official-val` and `test` when present."""

@@ -39,12 +39,12 @@ def evaluate_weights(weights_dir, data_root, split: str = "test", device: torch.
     The CIs resample patients; on `val`, where the thresholds were chosen, each resample re-chooses them
     by the card's rule, with the card's seed: the same numbers as the card's validation block."""
     from kd.cache import build_cache
-    from kd.data import samples_for
+    from kd.data import samples_for, split_settings
 
     device = device or torch.device("cpu")
     pair = load_pair(weights_dir)
     cfg = pair.card.get("config", {})
-    samples = samples_for(data_root, split, cfg.get("val_fraction", 0.15), cfg.get("seed", 0))
+    samples = samples_for(data_root, split, *split_settings(cfg))
     cache = build_cache([s.path for s in samples], pair.input_size, None, progress=progress is None,
                         contrast=pair.contrast)
     images = ImageSet.from_cache(cache, [s.label for s in samples])

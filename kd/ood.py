@@ -221,7 +221,7 @@ def fit(weights_dir: str | Path, data_root: str | Path, max_train: int | None = 
     as the models see them. `max_train`: a seeded random subset of the training split (None: all of it).
     The test split, when the dataset has one, is only counted (how many of its X-rays are refused): the
     external check, never used to set anything."""
-    from kd.data import load_splits
+    from kd.data import load_splits, split_settings
     from kd.inference import load_pair
     from kd.model_card import CARD_FILE, git_commit
 
@@ -229,7 +229,7 @@ def fit(weights_dir: str | Path, data_root: str | Path, max_train: int | None = 
     weights_dir = Path(weights_dir)
     pair = load_pair(weights_dir, ood=False)
     cfg = pair.card.get("config", {})
-    val_fraction, seed = float(cfg.get("val_fraction", 0.15)), int(cfg.get("seed", 0))
+    val_fraction, seed = split_settings(cfg)
     splits = load_splits(data_root, val_fraction, seed)
     train = splits["train"]
     if max_train is not None and max_train < len(train):

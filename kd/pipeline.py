@@ -38,7 +38,7 @@ class RunData:
 
     def __init__(self, cfg: Config, dist: distributed.Dist, progress: bool = True):
         self.cfg, self.dist, self.progress = cfg, dist, progress
-        self.splits = load_splits(cfg.data, cfg.val_fraction, cfg.seed)
+        self.splits = load_splits(cfg.data, cfg.val_fraction, cfg.split_seed)
         self.unlabeled = list_unlabeled(cfg.unlabeled) if cfg.unlabeled else []
         self.skipped: dict[str, str] = {}
         check_held_out(self.splits, self.unlabeled)

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from kd.data import DatasetError, list_split, patient_id, patient_split, samples_for
+from kd.data import DatasetError, list_split, patient_id, patient_split, samples_for, split_settings
 from kd.testing.xray_fixtures import write_kermany_dataset
 
 
@@ -30,6 +30,22 @@ def test_split_has_no_patient_on_both_sides_and_is_deterministic(dataset):
     assert patient_split(samples, 0.25, seed=1) == (train, val)
     assert patient_split(samples, 0.25, seed=2) != (train, val)
     assert samples_for(dataset, "val", 0.25, 1) == val
+
+
+def test_the_training_seed_does_not_move_the_validation_split(dataset):
+    """Seeds of a recipe (a seed ensemble, a noise estimate) must share one validation split."""
+    from kd.config import preset
+    from kd.distributed import Dist
+    from kd.pipeline import RunData
+
+    runs = [preset("tiny", seed=seed, split_seed=3) for seed in (0, 1)]
+    for cfg in runs:
+        cfg.data = str(dataset)
+    first, second = (RunData(cfg, Dist()).splits["val"] for cfg in runs)
+    assert first == second == patient_split(list_split(dataset, "train"), 0.15, 3)[1]
+    assert split_settings(runs[1].to_dict()) == (0.15, 3)
+    # a config written before split_seed existed carved its split with the training seed
+    assert split_settings({"val_fraction": 0.2, "seed": 5}) == (0.2, 5)
 
 
 def test_byte_identical_duplicates_stay_on_one_side(tmp_path):

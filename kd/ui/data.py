@@ -23,13 +23,13 @@ SPLIT_HELP = {
 
 
 def split_params() -> tuple[float, int]:
-    """val_fraction and seed of the patient-level split: the active weights' config, else the defaults."""
+    """val_fraction and split seed of the patient-level split: the active weights' config, else the defaults."""
     cfg = Config()
     try:
         saved = read_card(active_weights()).get("config", {})
-        return float(saved.get("val_fraction", cfg.val_fraction)), int(saved.get("seed", cfg.seed))
+        return kdata.split_settings(saved)
     except (OSError, ValueError):
-        return cfg.val_fraction, cfg.seed
+        return cfg.val_fraction, cfg.split_seed
 
 
 @st.cache_data(show_spinner="Reading the dataset (patients, duplicates)...", ttl=3600, max_entries=4)

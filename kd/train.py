@@ -1,7 +1,7 @@
 """The one training loop, used by every phase (SSL, fine-tuning, distillation), the CLI, the app's
 background jobs and torchrun alike.
 
-AdamW with linear warm-up then cosine decay (per step), gradient clipping, channels_last on every
+AdamW (fused) with linear warm-up then cosine decay (per step), gradient clipping, channels_last on every
 device (the fast layout for convolutions on CPU and GPU), bf16 autocast on CUDA (and on the CPU when asked:
 `bf16`), DDP when launched by torchrun. After each epoch the full training state is
 written atomically, so a killed run resumes from its last epoch. Batch order and augmentation are
@@ -65,6 +65,27 @@ def _prefetch(batches):
             yield item
 
 
+# fused AdamW: one kernel over all parameters instead of a Python loop over them: 3x faster optimizer steps
+# for ResNet50 on this CPU, same update rule (bench/fused_adamw.py)
+FUSED_ADAMW = True
+
+
+def fused_layouts_agree(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter, its gradient and its moments share one memory layout. The fused kernel walks
+    them as flat memory, so a gradient with other strides than its parameter gets the wrong update, silently
+    on the CPU (pytorch/pytorch#106951); autograd gives gradients their parameter's layout, which this checks
+    once per run before the first step (the loop falls back to the per-parameter update otherwise)."""
+    def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:  # strides of size-1 dimensions do not matter
+        return all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            moments = [v for k, v in optimizer.state.get(p, {}).items() if k != "step" and torch.is_tensor(v)]
+            if not all(same_layout(t, p) for t in [p.grad, *moments] if t is not None):
+                return False
+    return True
+
+
 def fit(objective: Objective, train_set, phase: PhaseConfig, ctx: ValContext, out_dir: str | Path,
         reporter: Reporter, name: str, seed: int = 0, grad_clip: float = 1.0, resume: bool = False,
         dist: distributed.Dist = distributed.Dist(), bf16: bool = False) -> list[dict]:
@@ -80,7 +101,7 @@ def fit(objective: Objective, train_set, phase: PhaseConfig, ctx: ValContext, ou
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]  # no weight decay on BatchNorm and biases
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": phase.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=phase.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=phase.lr, fused=FUSED_ADAMW)
     per_rank = max(1, phase.batch_size // dist.world_size)
     sampler = DistributedSampler(range(len(train_set)), num_replicas=dist.world_size, rank=dist.rank,
                                  shuffle=True, seed=seed, drop_last=True)
@@ -121,6 +142,9 @@ def fit(objective: Objective, train_set, phase: PhaseConfig, ctx: ValContext, ou
             loss.backward()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            if done_steps == 0 and not fused_layouts_agree(optimizer):
+                for group in optimizer.param_groups:
+                    group["fused"] = False
             optimizer.step()
             scheduler.step()
             objective.on_step_end(step + 1, total_steps)

@@ -63,8 +63,10 @@ def _spawn(fn, args, timeout: float) -> None:
             pytest.fail(f"the ranks did not finish within {timeout:.0f} s (deadlock?)")
 
 
-def test_two_gloo_ranks_stay_in_sync(tmp_path):
-    _spawn(_worker, (2, _free_port(), str(tmp_path)), timeout=300)
+def test_two_gloo_ranks_stay_in_sync_even_with_skewed_clocks(tmp_path):
+    """Rank 1's clock runs 1000x fast: logging follows steps, not clocks, so no rank waits at a collective
+    the other never reaches, and DDP keeps both ranks' parameters equal."""
+    _spawn(_worker, (2, _free_port(), str(tmp_path), True), timeout=300)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     fresh = dict(build_student().named_parameters())
@@ -73,13 +75,6 @@ def test_two_gloo_ranks_stay_in_sync(tmp_path):
     assert (tmp_path / "run" / "state.pt").exists()
     steps = [json.loads(x) for x in (tmp_path / "progress.jsonl").read_text().splitlines()]
     assert sum(e["kind"] == "step" for e in steps) >= 1  # rank 0 alone writes progress, averaged over ranks
-
-
-def test_logging_follows_steps_so_skewed_clocks_cannot_deadlock(tmp_path):
-    _spawn(_worker, (2, _free_port(), str(tmp_path), True), timeout=300)
-    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _pipeline_worker(rank: int, world: int, port: int, data: str, out: str):

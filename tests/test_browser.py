@@ -2,15 +2,16 @@
 
 With the shipped weights: upload an X-ray they never saw (kd/testing/data/, from the official test split)
 beside a page of text; the X-ray gets both models and both heat maps at the default CAM's grid, the text
-page is refused with its reason. Then start a tiny training (fine-tuning) on the Train page, watch its
-loss chart grow and the runs table say "running", stop it (confirmed), resume it, and follow it to the
-end with a positive elapsed time; visit Evaluate and Data. Screenshots of each page go to the folder
-named by KD_SCREENSHOTS (else the test's tmp folder).
+page is refused with its reason. Then start a tiny training (fine-tuning) on the Train page, stop it
+(confirmed) after its first epoch, resume it, see the runs table say "running" and the loss chart grow, and
+follow it to the end with a positive elapsed time; visit Evaluate and Data. Screenshots of each page go to
+the folder named by KD_SCREENSHOTS (else the test's tmp folder).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from kd.testing.non_xrays import text_page
 from kd.testing.xray_fixtures import REAL_XRAY as UNSEEN_XRAY  # an official-test image: never trained on
 from kd.testing.xray_fixtures import jpeg_bytes
 
-EPOCHS = 40  # a tiny fine-tuning long enough to be stopped and resumed while it runs
+EPOCHS = 10  # a tiny fine-tuning (about a second an epoch) long enough to be stopped, resumed and watched
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
@@ -122,18 +123,12 @@ def test_upload_and_training_in_a_browser(server, app_env):
             page.get_by_role("button", name="Start training").click()
             expect(page.get_by_text("Started finetune")).to_be_visible()
 
-            page.wait_for_selector(".js-plotly-plot", timeout=180_000)
-            counts = [_chart_points(page)]
-            deadline = time.time() + 180
-            while counts[-1] <= counts[0] and time.time() < deadline:
-                page.wait_for_timeout(500)
-                counts.append(_chart_points(page))
-            assert counts[-1] > counts[0] > 0, f"the loss chart did not grow: {counts}"
-            deadline = time.time() + 60
-            while ["browser", "running"] not in [row[:2] for row in _table_rows(page)] and time.time() < deadline:
-                page.wait_for_timeout(500)
-            assert ["browser", "running"] in [row[:2] for row in _table_rows(page)], _table_rows(page)
-
+            # stop once the first epoch's checkpoint is on disk: the panel shows epoch 2 or later
+            position = re.compile(rf"epoch ([2-9]|\d{{2,}})/{EPOCHS} · step")
+            expect(page.get_by_text(position).first).to_be_visible(timeout=180_000)
+            page.wait_for_selector(".js-plotly-plot")
+            before = _chart_points(page)
+            assert before > 0
             state = page.locator('[data-testid="stMetric"]').filter(has_text="State")
             page.get_by_role("button", name="Stop").click()
             expect(page.get_by_text("Stop run browser?")).to_be_visible()
@@ -142,6 +137,18 @@ def test_upload_and_training_in_a_browser(server, app_env):
             stopped_at = _elapsed_seconds(page)
             assert stopped_at > 0
             page.get_by_role("button", name="Resume").click()
+
+            # the resumed run is followed live: the runs table says "running", the loss chart grows
+            deadline = time.time() + 60
+            while ["browser", "running"] not in [row[:2] for row in _table_rows(page)] and time.time() < deadline:
+                page.wait_for_timeout(250)
+            assert ["browser", "running"] in [row[:2] for row in _table_rows(page)], _table_rows(page)
+            counts = [_chart_points(page)]
+            deadline = time.time() + 60
+            while counts[-1] <= before and time.time() < deadline:
+                page.wait_for_timeout(250)
+                counts.append(_chart_points(page))
+            assert counts[-1] > before, f"the loss chart did not grow after the resume: {before} then {counts}"
             expect(state.first).to_contain_text("finished", timeout=240_000)
             expect(state).to_have_count(1)  # the page rerun at the end replaced the live panel
             assert _elapsed_seconds(page) >= stopped_at  # both sessions counted, never negative

@@ -6,7 +6,14 @@ each model's AUC and the paired difference (distilled - labels-only) with a 95 %
 patients (both models scored on every resample). Also the teacher against the labels-only student, which is
 what "a teacher worth distilling" asks (issue: teacher AUC >= labels-only + 0.01).
 
+`--ensemble RUN ...`: more teachers of the same recipe trained with other seeds (`kd finetune --seed N
+--out RUN`, same preset, same validation split); their calibrated probabilities are averaged with the
+weights' teacher's, and that ensemble is compared with the labels-only student too (Lakshminarayanan et
+al. 2017, "Simple and scalable predictive uncertainty estimation using deep ensembles": a mean of
+independently trained networks).
+
     python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
+                                [--ensemble runs/teacher-seed1 runs/teacher-seed2]
 """
 from __future__ import annotations
 
@@ -16,13 +23,14 @@ from pathlib import Path
 from common import SHARED
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None, help="weights folder (default: the shipped one)")
     ap.add_argument("--data", default=str(SHARED / "chest_xray"))
     ap.add_argument("--splits", nargs="+", default=["val", "test"])
     ap.add_argument("--n-boot", type=int, default=2000)
-    args = ap.parse_args()
+    ap.add_argument("--ensemble", nargs="*", default=[], help="run folders of more teachers (other seeds)")
+    args = ap.parse_args(argv)
 
     import torch
 
@@ -45,19 +53,35 @@ def main() -> int:
     device = torch.device("cpu")
     models = {r: load_weights(build(card["models"][r]["architecture"]), weights / card["models"][r]["file"])
               .eval().to(memory_format=torch.channels_last) for r in roles}
+    temperatures = {r: card["models"][r].get("calibration_temperature", 1.0) for r in roles}
+    for i, run in enumerate(args.ensemble, start=1):
+        member = read_card(run)
+        if (member["input"]["size"], member["input"].get("contrast", "none")) != (size, contrast) \
+                or split_settings(member.get("config", {})) != split_settings(cfg):
+            print(f"{run}: another input size, contrast or validation split than {weights}: not one recipe")
+            return 1
+        role = f"teacher_seed{member.get('config', {}).get('seed', i)}"
+        models[role] = load_weights(build(member["models"]["teacher"]["architecture"]),
+                                    Path(run) / member["models"]["teacher"]["file"]).eval() \
+            .to(memory_format=torch.channels_last)
+        temperatures[role] = member["models"]["teacher"].get("calibration_temperature", 1.0)
+        roles.append(role)
     print(f"weights {weights} ({size} px, contrast {contrast}); CIs: patient-level bootstrap, {args.n_boot} resamples")
     for split in args.splits:
         samples = samples_for(args.data, split, *split_settings(cfg))
         cache = build_cache([s.path for s in samples], size, None, progress=False, contrast=contrast)
         images = ImageSet.from_cache(cache, [s.label for s in samples])
         patients = [samples[r].patient for r in images.rows]
-        p = {r: metrics.softmax_pneumonia(predict_logits(m, images, size, device),
-                                          card["models"][r].get("calibration_temperature", 1.0))
+        p = {r: metrics.softmax_pneumonia(predict_logits(m, images, size, device), temperatures[r])
              for r, m in models.items()}
+        members = [r for r in p if r.startswith("teacher")]
+        if len(members) > 1:
+            p["teacher_ensemble"] = sum(p[r] for r in members) / len(members)
         y = images.labels
-        aucs = "  ".join(f"{r} {metrics.rank_auc(y, p[r]):.4f}" for r in roles)
+        aucs = "  ".join(f"{r} {metrics.rank_auc(y, p[r]):.4f}" for r in p)
         print(f"\n{split} ({len(y)} images, {len(set(patients))} patients): AUC {aucs}")
-        for a, b in (("student_baseline", "student"), ("student_baseline", "teacher")):
+        for a, b in (("student_baseline", "student"), ("student_baseline", "teacher"),
+                     ("student_baseline", "teacher_ensemble"), ("teacher", "teacher_ensemble")):
             if b in p:
                 d, lo, hi = metrics.paired_auc_difference(y, p[a], p[b], n_boot=args.n_boot, groups=patients)
                 print(f"  {b} - {a}: {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")

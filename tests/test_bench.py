@@ -148,3 +148,30 @@ def test_other_looks_at_the_test_split_are_listed_and_counted(tiny_run, tmp_path
     table = recipes_table.render([path], [other])
     assert "Looks at the test split so far: 4 (3 model x recipe rows" in table
     assert "| d | a paired difference | r | `c` | +0.01 |" in table
+
+
+def test_kd_transfer_compares_students_and_a_teacher_ensemble(tiny_run, tmp_path, capsys):
+    """bench/kd_transfer.py: distilled vs labels-only student, the teacher, and with --ensemble a mean of
+    teachers trained with other seeds on the same validation split (a run on another split is refused)."""
+    import json
+
+    import kd_transfer
+
+    from kd.cli import main as kd_main
+
+    data, weights = tiny_run
+    common = ["--data", str(data), "--preset", "tiny", "--device", "cpu", "--no-baseline"]
+    assert kd_main(["finetune", "--out", str(tmp_path / "seed1"), "--seed", "1", *common]) == 0
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "test",
+                             "--n-boot", "50", "--ensemble", str(tmp_path / "seed1")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher_seed1" in out and "teacher_ensemble" in out
+    for line in ("student - student_baseline", "teacher_ensemble - student_baseline", "teacher_ensemble - teacher"):
+        assert out.count(line) == 2, line  # validation and test
+    card_path = tmp_path / "seed1" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["config"]["split_seed"] = 5  # as if trained with --split-seed 5
+    card_path.write_text(json.dumps(card))
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",
+                             "--ensemble", str(tmp_path / "seed1")]) == 1
+    assert "not one recipe" in capsys.readouterr().out

@@ -117,7 +117,8 @@ def size_summary(sizes: pd.DataFrame) -> str:
 @st.cache_data(show_spinner="Loading sample images...", ttl=600, max_entries=8)
 def sample_thumbnails(root: str, split: str = "train", per_class: int = 4, size: int = 256,
                       seed: int = 0) -> dict[str, list[tuple[np.ndarray, str]]]:
-    """Per class, a few (thumbnail, caption) pairs decoded with the app's own preprocessing."""
+    """Per class, a few (thumbnail, caption) pairs decoded with the app's own preprocessing; an unreadable file
+    drawn for the grid gives its place to the next readable one."""
     from PIL import Image
 
     samples = dataset_splits(root, *split_params())[split]
@@ -126,7 +127,9 @@ def sample_thumbnails(root: str, split: str = "train", per_class: int = 4, size:
         group = [s for s in samples if s.label == label]
         random.Random(f"{seed}-{cls}").shuffle(group)
         thumbs = []
-        for s in group[:per_class]:
+        for s in group:
+            if len(thumbs) == per_class:
+                break
             try:
                 pixels = preprocess.load_xray_file(s.path, target_size=size).pixels
             except preprocess.ImageError:

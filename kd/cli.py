@@ -64,9 +64,9 @@ def config_from_args(args) -> Config:
 
 
 def cmd_train(args) -> int:
+    cfg = config_from_args(args)  # a bad setting or saved config.json is reported before torch is imported
     from kd.pipeline import run
 
-    cfg = config_from_args(args)
     command = "python -m kd " + shlex.join(args.argv)  # recorded in the model card: how to make these weights
     card = run(cfg, PHASE_COMMANDS[args.command], resume=args.resume, command=command)
     if card:
@@ -201,17 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # --help and usage errors exit here, before torch is imported
-
-    from kd.checkpoint import CheckpointError
-    from kd.data import DatasetError
-    from kd.pipeline import PhaseOrderError
-
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     handlers = {"evaluate": cmd_evaluate, "predict": cmd_predict, "fit-ood": cmd_fit_ood}
     try:
         return handlers.get(args.command, cmd_train)(args)
-    except (DatasetError, CheckpointError, PhaseOrderError, ValueError, FloatingPointError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FloatingPointError, RuntimeError) as e:  # DatasetError, CheckpointError,
+        print(f"error: {e}", file=sys.stderr)  # PhaseOrderError and unreadable state files are among them
         return 1
     except OSError as e:  # unwritable output folder, disk full, unreadable input
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +143,6 @@ def main(argv=None) -> None:
     p.add_argument("--compare", action="store_true", help="compare feature stages and covariance sizes (above)")
     p.add_argument("--train-limit", type=int, default=1500, help="--compare: training X-rays the options are fitted on")
     args = p.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 2)
     if args.compare:
         return compare(args)
     pair = load_pair(args.weights)

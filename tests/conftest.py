@@ -1,13 +1,25 @@
-"""Shared fixtures: a tiny trained run for the pipeline/CLI tests, and the app's tiny environment.
+"""Shared fixtures: a tiny trained run for the pipeline/CLI tests, which is also the app's tiny environment.
 
-Both build a tiny Kermany-layout dataset and train the `tiny` preset once per session (seconds at 32 px).
+The `tiny` preset is trained once per test run (seconds at 32 px), shared by the pytest-xdist workers.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+
+def pytest_configure(config):
+    """One compute thread per pytest-xdist worker (`pytest -n 2`), for the processes it starts too (CLI runs,
+    the app's server and its jobs): two workers with a thread per core each would oversubscribe the cores,
+    and on these tiny models OpenMP threads waiting for each other cost more than they give."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +31,34 @@ def tiny_dataset(tmp_path_factory) -> Path:
                                  splits=("train", "val", "test"))
 
 
+def _built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills once per test run. Under pytest-xdist the workers share it: the
+    first to come builds it under a lock, the others wait and reuse it (the session's tiny training is the
+    suite's most expensive setup). Tests read it and copy what they change."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    import shutil
+
+    from kd import locks
+
+    folder = tmp_path_factory.getbasetemp().parent / name  # this run's pytest-N/, shared by its workers
+    with locks.acquire(folder.with_suffix(".lock"), wait=900):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory):
+    """`built_once(name, build)`: the folder `build(folder)` filled once for this test run (see _built_once)."""
+    return lambda name, build: _built_once(tmp_path_factory, name, build)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """(data, out): a tiny dataset (train/val/test, 12 + 12 images each, one unreadable file in train/)
@@ -27,14 +67,15 @@ def tiny_run(tmp_path_factory):
     from kd.pipeline import run
     from kd.testing.xray_fixtures import write_kermany_dataset
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    data = write_kermany_dataset(root / "data", n_per_class=(12, 12), size=64, splits=("train", "val", "test"))
-    (data / "train" / "PNEUMONIA" / "person900_bacteria_1.jpeg").write_bytes(b"not a jpeg at all")
-    out = root / "run"
-    cfg = preset("tiny")
-    cfg.data, cfg.out, cfg.device = str(data), str(out), "cpu"
-    run(cfg, progress=False)
-    return data, out
+    def build(root: Path) -> None:
+        data = write_kermany_dataset(root / "data", n_per_class=(12, 12), size=64, splits=("train", "val", "test"))
+        (data / "train" / "PNEUMONIA" / "person900_bacteria_1.jpeg").write_bytes(b"not a jpeg at all")
+        cfg = preset("tiny")
+        cfg.data, cfg.out, cfg.device = str(data), str(root / "run"), "cpu"
+        run(cfg, progress=False)
+
+    root = _built_once(tmp_path_factory, "tiny_run", build)
+    return root / "data", root / "run"
 
 
 @pytest.fixture(scope="session")
@@ -44,22 +85,12 @@ def tiny_weights(tiny_run):
 
 
 @pytest.fixture(scope="session")
-def kd_tiny(tiny_dataset, tmp_path_factory):
-    """The clean tiny dataset (12 + 12 images per split, 64 px) and tiny weights trained on it.
-
-    Fine-tune + distil only (the app needs a teacher and a student, not the SSL phase). Nothing in
-    os.environ is changed here: use `app_env` for that."""
-    from kd.config import preset
-    from kd.pipeline import run
-
-    root = tmp_path_factory.mktemp("kd_app")
-    data = tiny_dataset
-    weights = root / "weights"
-    cfg = preset("tiny")
-    cfg.data, cfg.out, cfg.device, cfg.baseline = str(data), str(weights), "cpu", False
-    run(cfg, phases=("finetune", "distill"), progress=False)
-    assert (weights / "model_card.json").exists()
-    return SimpleNamespace(root=root, data=data, weights=weights)
+def kd_tiny(tiny_run, tmp_path_factory):
+    """The app's tiny world: `tiny_run`'s dataset (with its one unreadable training file, which every page must
+    take in its stride) and its weights (teacher, student, labels-only student), trained once per session.
+    Nothing in os.environ is changed here: use `app_env` for that."""
+    data, weights = tiny_run
+    return SimpleNamespace(root=tmp_path_factory.mktemp("kd_app"), data=data, weights=weights)
 
 
 @pytest.fixture

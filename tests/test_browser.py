@@ -26,7 +26,7 @@ from kd.testing.non_xrays import text_page
 from kd.testing.xray_fixtures import REAL_XRAY as UNSEEN_XRAY  # an official-test image: never trained on
 from kd.testing.xray_fixtures import jpeg_bytes
 
-EPOCHS = 10  # a tiny fine-tuning (about a second an epoch) long enough to be stopped, resumed and watched
+EPOCHS = 6  # a tiny fine-tuning (about a second an epoch) long enough to be stopped, resumed and watched
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")

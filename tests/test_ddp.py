@@ -63,10 +63,29 @@ def _spawn(fn, args, timeout: float) -> None:
             pytest.fail(f"the ranks did not finish within {timeout:.0f} s (deadlock?)")
 
 
-def test_two_gloo_ranks_stay_in_sync_even_with_skewed_clocks(tmp_path):
-    """Rank 1's clock runs 1000x fast: logging follows steps, not clocks, so no rank waits at a collective
-    the other never reaches, and DDP keeps both ranks' parameters equal."""
-    _spawn(_worker, (2, _free_port(), str(tmp_path), True), timeout=300)
+def _loop_then_pipeline(rank: int, world: int, ports: tuple[int, int], out: str, data: str):
+    """One spawn for both checks (each costs two fresh processes): the training loop with rank 1's clock
+    running 1000x fast, then the whole pipeline, still with that clock, in a new process group."""
+    from kd.config import preset
+    from kd.pipeline import run
+
+    _worker(rank, world, ports[0], out, skew_clock=True)
+    _join_rank(rank, world, ports[1])
+    cfg = preset("tiny")
+    cfg.data, cfg.out, cfg.device = data, f"{out}/pipeline", "cpu"
+    run(cfg, progress=False)
+
+
+def test_two_gloo_ranks_stay_in_sync_and_run_the_whole_pipeline(tmp_path):
+    """As torchrun --nproc_per_node 2 starts them. The loop: logging follows steps, not clocks, so no rank
+    waits at a collective the other never reaches, and DDP keeps both ranks' parameters equal. The pipeline
+    (`kd pipeline` under torchrun): SSL, fine-tuning, distillation, the labels-only student, and the export
+    that rank 0 does alone (it must not wait at a barrier the other rank never reaches)."""
+    from kd.testing.xray_fixtures import write_kermany_dataset
+
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(8, 8), size=40, splits=("train", "test"))
+    _spawn(_loop_then_pipeline, (2, (_free_port(), _free_port()), str(tmp_path), str(data)), timeout=600)
+
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     fresh = dict(build_student().named_parameters())
@@ -76,25 +95,7 @@ def test_two_gloo_ranks_stay_in_sync_even_with_skewed_clocks(tmp_path):
     steps = [json.loads(x) for x in (tmp_path / "progress.jsonl").read_text().splitlines()]
     assert sum(e["kind"] == "step" for e in steps) >= 1  # rank 0 alone writes progress, averaged over ranks
 
-
-def _pipeline_worker(rank: int, world: int, port: int, data: str, out: str):
-    from kd.config import preset
-    from kd.pipeline import run
-
-    _join_rank(rank, world, port)
-    cfg = preset("tiny")
-    cfg.data, cfg.out, cfg.device = data, out, "cpu"
-    run(cfg, progress=False)
-
-
-def test_torchrun_pipeline_runs_every_phase_and_exports(tmp_path):
-    """torchrun --nproc_per_node 2 -m kd pipeline: SSL, fine-tuning, distillation, the labels-only student, and
-    the export that rank 0 does alone (it must not wait at a barrier the other rank never reaches)."""
-    from kd.testing.xray_fixtures import write_kermany_dataset
-
-    data = write_kermany_dataset(tmp_path / "data", n_per_class=(8, 8), size=40, splits=("train", "test"))
-    out = tmp_path / "run"
-    _spawn(_pipeline_worker, (2, _free_port(), str(data), str(out)), timeout=600)
+    out = tmp_path / "pipeline"
     for phase in ("pretrain", "finetune", "distill", "baseline"):
         assert (out / phase / "done.json").exists(), phase
     card = json.loads((out / "model_card.json").read_text())

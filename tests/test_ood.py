@@ -27,16 +27,16 @@ JUNK = non_xrays(XRAY)
 
 
 @pytest.fixture(scope="module")
-def fitted(kd_tiny, tmp_path_factory):
+def fitted(kd_tiny, built_once):
     """A copy of the tiny weights with the check fitted on a generated dataset of X-ray-like pictures
-    (more images than the training set, so the validation split has some)."""
-    root = tmp_path_factory.mktemp("ood")
-    weights = root / "weights"
-    shutil.copytree(kd_tiny.weights, weights)
-    data = write_kermany_dataset(root / "data", n_per_class=(100, 100), size=64, seed=3, splits=("train", "test"))
-    code = main(["fit-ood", "--weights", str(weights), "--data", str(data)])
-    assert code == 0
-    return weights, data
+    (more images than the training set, so the validation split has some); built once per test run."""
+    def build(root):
+        shutil.copytree(kd_tiny.weights, root / "weights")
+        write_kermany_dataset(root / "data", n_per_class=(100, 100), size=64, seed=3, splits=("train", "test"))
+        assert main(["fit-ood", "--weights", str(root / "weights"), "--data", str(root / "data")]) == 0
+
+    root = built_once("ood", build)
+    return root / "weights", root / "data"
 
 
 def test_fit_writes_the_check_and_a_readable_card_section(fitted):

@@ -22,6 +22,17 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow(seconds) first, longest first: with pytest-xdist handing out two tests at a time
+    (pyproject.toml), the workers start on the long ones and finish together on the short ones, instead of
+    one worker running the browser test alone at the end (longest-processing-time-first scheduling)."""
+    def seconds(item) -> float:
+        marker = item.get_closest_marker("slow")
+        return marker.args[0] if marker and marker.args else 0.0
+
+    items.sort(key=lambda item: -seconds(item))
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A clean generated Kermany-layout dataset: train/val/test, 12 + 12 images each, 64 px."""

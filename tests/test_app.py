@@ -225,6 +225,7 @@ def _state(at: AppTest) -> str | None:
     return values[0] if values else None
 
 
+@pytest.mark.slow(12)  # seconds on an idle machine, alone
 def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
     at = open_page(start_app(), "pages/train.py")
     _fill_tiny_form(at, "apptest")

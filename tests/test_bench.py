@@ -110,6 +110,7 @@ def test_onnx_runtime_export_matches_pytorch():
     assert rate > 0 and diff < 1e-3
 
 
+@pytest.mark.slow(11)  # seconds on an idle machine, alone
 def test_app_memory_bench_measures_a_real_server(capsys):
     import app_memory
 

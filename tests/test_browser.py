@@ -79,6 +79,7 @@ def _screenshot(page, path: Path) -> None:
     page.set_viewport_size({"width": 1400, "height": 1000})
 
 
+@pytest.mark.slow(40)  # seconds on an idle machine, alone
 def test_upload_and_training_in_a_browser(server, app_env):
     sync_api = pytest.importorskip("playwright.sync_api")
     shots = Path(os.environ.get("KD_SCREENSHOTS") or app_env.tmp / "screenshots")

@@ -76,6 +76,7 @@ def _loop_then_pipeline(rank: int, world: int, ports: tuple[int, int], out: str,
     run(cfg, progress=False)
 
 
+@pytest.mark.slow(13)  # seconds on an idle machine, alone
 def test_two_gloo_ranks_stay_in_sync_and_run_the_whole_pipeline(tmp_path):
     """As torchrun --nproc_per_node 2 starts them. The loop: logging follows steps, not clocks, so no rank
     waits at a collective the other never reaches, and DDP keeps both ranks' parameters equal. The pipeline

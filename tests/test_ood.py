@@ -152,6 +152,7 @@ def test_decoding_and_colour_are_not_the_check(fitted):
     assert "teacher" in predict_bytes(pair, buf.getvalue(), "rgb.png")
 
 
+@pytest.mark.slow(6)  # seconds on an idle machine, alone
 def test_ood_bench_judges_each_picture(fitted, capsys):
     import sys
     from pathlib import Path

@@ -130,6 +130,7 @@ def _train_cmd(data, out):
             "--epochs", "3", "--batch-size", "4", "--device", "cpu", "--no-baseline"]
 
 
+@pytest.mark.slow(11)  # seconds on an idle machine, alone
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     """A real SIGKILL of a `kd finetune` process after its first checkpoint; `--resume` ends at the weights of
     a run never interrupted. The kill needs its own process; the resume and the uninterrupted run happen in

@@ -27,6 +27,7 @@ def data(tmp_path_factory):
     return write_kermany_dataset(tmp_path_factory.mktemp("resume") / "data", n_per_class=(8, 8), size=40)
 
 
+@pytest.mark.slow(15)  # seconds on an idle machine, alone
 def test_kill_in_every_phase_then_resume_gives_the_uninterrupted_weights(data, tmp_path, monkeypatch):
     torch.set_num_threads(1)
     run(_cfg(data, tmp_path / "ref"), progress=False)

@@ -3,8 +3,9 @@ alone and the whole training step of kd's loop (augmented batch, bf16 forward as
 backward, optimizer step), per model, measured interleaved (default, fused, default, fused, ...), so load from
 other work lands on both; ratios are medians over pairs with their spread.
 
-Also the same update: from the same weights and gradients, N steps of each optimizer end at the same
-parameters up to float32 rounding (largest absolute difference printed).
+Also the same update: from the same weights and gradients (laid out like their parameters, as autograd makes
+them; kd.train.fused_layouts_agree checks that), 20 steps of each optimizer end at the same parameters up to
+float32 rounding (largest absolute difference printed).
 
     python bench/fused_adamw.py [--archs resnet18 resnet50] [--size 128] [--batch 32] [--pairs 5]
 """
@@ -82,8 +83,8 @@ def main() -> int:
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4, fused=fused)
             g = torch.Generator().manual_seed(1)
             for _ in range(20):
-                for p in m.parameters():
-                    p.grad = torch.randn(p.shape, generator=g) * 1e-2
+                for p in m.parameters():  # in the parameter's own memory layout, as autograd makes them
+                    p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g) * 1e-2)
                 opt.step()
             finals.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
         print(f"{arch}: largest parameter difference after 20 steps {float((finals[0] - finals[1]).abs().max()):.2e}")

@@ -81,6 +81,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     label_smoothing: float = 0.0  # of the label cross-entropy (supervised phases and KD's label term)
     ema_decay: float = 0.0  # exponential moving average of the weights (0 = off); the EMA is what is exported
+    bootstrap: int = 1000  # patient-bootstrap resamples behind the model card's confidence intervals
     threshold_rule: str = "youden"  # youden | sensitivity (>= min_sensitivity on validation) | calibrated-0.5
     min_sensitivity: float = 0.95
     pretrain: PhaseConfig = field(default_factory=PhaseConfig)
@@ -134,6 +135,8 @@ class Config:
             raise ValueError(f"alpha must be between 0 and 1 (got {self.alpha})")
         if self.temperature <= 0:
             raise ValueError(f"temperature T must be positive (got {self.temperature})")
+        if self.bootstrap < 10:
+            raise ValueError(f"bootstrap needs at least 10 resamples for a confidence interval (got {self.bootstrap})")
         if not 0.0 < self.val_fraction < 0.9:
             raise ValueError(f"val_fraction must be in (0, 0.9) (got {self.val_fraction})")
         if self.contrast not in CONTRASTS:
@@ -187,7 +190,7 @@ def _preset_tiny() -> Config:
     """32 px, one epoch a phase: for tests and smoke runs, not for accuracy."""
     ph = dict(epochs=1, image_size=32, batch_size=8, warmup_epochs=0.0)
     return Config(
-        preset="tiny", eval_image_size=32, max_knn_bank=64,
+        preset="tiny", eval_image_size=32, max_knn_bank=64, bootstrap=100,
         pretrain=PhaseConfig(lr=1e-3, **ph), finetune=PhaseConfig(lr=1e-3, **ph), distill=PhaseConfig(lr=2e-3, **ph),
     )
 

@@ -155,7 +155,7 @@ def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter
             "batchnorm_recalibrated": recalibrated,
             "cpu_ms_per_image": cpu_latency_ms(model, size),
             "validation": model_report(val.labels, logits, point["threshold"], point["calibration_temperature"],
-                                       seed=cfg.seed, groups=val_patients, rechoose=chooser),
+                                       n_boot=cfg.bootstrap, seed=cfg.seed, groups=val_patients, rechoose=chooser),
         }
         model = model.to(device)
         ext_logits = {name: predict_logits(model, images, size, device) for name, images in external.items()
@@ -163,7 +163,7 @@ def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter
         for name, z in ext_logits.items():
             key = "test" if name == "test" else "official_val_sanity_check"
             entry[key] = model_report(external[name].labels, z, point["threshold"], point["calibration_temperature"],
-                                      seed=cfg.seed, groups=data.patients(name, external[name]))
+                                      n_boot=cfg.bootstrap, seed=cfg.seed, groups=data.patients(name, external[name]))
         entry["threshold_rules"] = compare_threshold_rules(cfg, val, logits, val_patients, external, ext_logits)
         card["models"][role] = entry
     card["phases"] = phases

@@ -29,6 +29,7 @@ def test_pipeline_writes_weights_card_and_progress(tiny_run):
         assert 0.0 <= m["threshold"] <= 1.0 and m["calibration_temperature"] > 0
         v = m["validation"]
         assert set(v["ci"]) >= {"auc", "accuracy", "sensitivity", "specificity"}
+        assert v["n_boot"] == m["test"]["n_boot"] == 100  # the tiny preset's Config.bootstrap
         assert v["n"] > 0
         assert m["test"]["n"] == 24  # the test split, reported beside validation, at the same threshold
         assert set(m["threshold_rules"]) == {"youden", "sensitivity", "calibrated-0.5"}

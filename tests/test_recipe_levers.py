@@ -131,7 +131,7 @@ def test_threshold_rules(rule):
 def test_config_refuses_unknown_levers():
     for bad in (dict(contrast="sharpen"), dict(threshold_rule="f1"), dict(label_smoothing=0.6),
                 dict(ema_decay=1.0), dict(augment=AugmentConfig(scale_min=0.9, scale_max=0.5)),
-                dict(augment=AugmentConfig(noise=-1))):
+                dict(augment=AugmentConfig(noise=-1)), dict(bootstrap=5)):
         cfg = Config(**bad)
         with pytest.raises(ValueError):
             cfg.validate()

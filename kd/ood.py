@@ -100,13 +100,33 @@ class EmbeddingDistance(nn.Module):
 
         x = np.asarray(features, dtype=np.float64)
         lw = LedoitWolf(assume_centered=False).fit(x)
-        values, vectors = np.linalg.eigh(lw.covariance_)  # ascending
-        values, vectors = values[::-1], vectors[:, ::-1]
-        k = min(components, x.shape[1])
-        tail = float(values[k:].mean()) if k < x.shape[1] else float(values[-1])
-        module = cls(torch.from_numpy(lw.location_), torch.from_numpy(np.ascontiguousarray(vectors[:, :k].T)),
+        n, d = x.shape
+        k = min(components, d)
+        if n < d:
+            values, vectors, tail = cls._low_rank_spectrum(x - lw.location_, float(lw.shrinkage_), k)
+            k = len(values)
+        else:
+            values, vectors = np.linalg.eigh(lw.covariance_)  # ascending
+            values, vectors = values[::-1], vectors[:, ::-1].T
+            tail = float(values[k:].mean()) if k < d else float(values[-1])
+        module = cls(torch.from_numpy(lw.location_), torch.from_numpy(np.ascontiguousarray(vectors[:k])),
                      torch.from_numpy(values[:k].copy()), torch.tensor(tail))
         return module, float(lw.shrinkage_)
+
+    @staticmethod
+    def _low_rank_spectrum(centred: np.ndarray, shrinkage: float, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Eigenvalues (descending), eigenvectors (rows) and tail variance of the Ledoit-Wolf covariance
+        (1 - s) X'X / n + s mu I when there are fewer images n than dimensions d: X'X has rank < n, so the SVD of
+        X gives its directions in O(n^2 d) instead of a d x d eigendecomposition; every other direction has
+        variance s mu. Keeping at most n directions then gives the same distances as keeping k > n of them,
+        since the ones beyond n would carry exactly the tail variance."""
+        n, d = centred.shape
+        _, singular, vectors = np.linalg.svd(centred, full_matrices=False)
+        floor = shrinkage * float((singular ** 2).sum()) / (n * d)  # s * mu, mu = trace(X'X / n) / d
+        values = (1.0 - shrinkage) * singular ** 2 / n + floor
+        if k >= n:
+            return values, vectors, floor
+        return values[:k], vectors[:k], float((values[k:].sum() + (d - n) * floor) / (d - k))
 
 
 @torch.inference_mode()

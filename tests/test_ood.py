@@ -129,6 +129,28 @@ def test_distance_is_the_mahalanobis_distance_of_the_shrunk_covariance():
     assert part(torch.from_numpy(q)).numpy() == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("components", [5, 29, 30, 48, 64])
+def test_fewer_images_than_dimensions_give_the_same_distances(components):
+    """30 images of 64-d features: the SVD route (kd.ood.EmbeddingDistance._low_rank_spectrum) against the
+    Mahalanobis distance under the shrunk covariance's own eigendecomposition, dropped directions sharing the
+    mean of their variances."""
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 64)) @ rng.normal(size=(64, 64))
+    fitted, _ = ood.EmbeddingDistance.fit(x, components=components)
+    assert fitted.components.shape[0] == min(components, 30)
+    lw = LedoitWolf().fit(x)
+    values, vectors = np.linalg.eigh(lw.covariance_)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    k = min(components, 64)
+    kept = vectors[:, :k] @ np.diag(1 / values[:k]) @ vectors[:, :k].T
+    dropped = vectors[:, k:] @ vectors[:, k:].T / values[k:].mean() if k < 64 else 0
+    q = rng.normal(size=(5, 64)) @ rng.normal(size=(64, 64))
+    expected = np.einsum("ij,jk,ik->i", q - lw.location_, kept + dropped, q - lw.location_)
+    assert fitted(torch.from_numpy(q)).numpy() == pytest.approx(expected, rel=1e-4)
+
+
 def test_threshold_refuses_at_most_the_share_of_validation():
     d = np.arange(1000, dtype=float)
     t = ood.validation_threshold(d, 0.005)

@@ -237,7 +237,7 @@ def _preset_gpu() -> Config:
 PRESETS = {"tiny": _preset_tiny, "cpu": _preset_cpu, "gpu": _preset_gpu}
 DESCRIPTION = {  # what each preset costs: the one place the app and its messages take it from
     "tiny": "seconds on a CPU",
-    "cpu": "about an hour on an idle 2-core CPU",
+    "cpu": "about 15 minutes on an idle 2-core CPU",
     "gpu": "about 3 minutes of training on one H100/H200",
 }
 

@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{weights} has no student_baseline: nothing to compare")
         return 1
     device = torch.device("cpu")
-    models = {r: load_weights(build(card["models"][r]["architecture"]), weights / card["models"][r]["file"])
-              .eval().to(memory_format=torch.channels_last) for r in roles}
+    def load(folder: Path, entry: dict) -> torch.nn.Module:
+        return load_weights(build(entry["architecture"]), folder / entry["file"]).eval() \
+            .to(memory_format=torch.channels_last)
+
+    models = {r: load(weights, card["models"][r]) for r in roles}
     temperatures = {r: card["models"][r].get("calibration_temperature", 1.0) for r in roles}
     for i, run in enumerate(args.ensemble, start=1):
         member = read_card(run)
@@ -61,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run}: another input size, contrast or validation split than {weights}: not one recipe")
             return 1
         role = f"teacher_seed{member.get('config', {}).get('seed', i)}"
-        models[role] = load_weights(build(member["models"]["teacher"]["architecture"]),
-                                    Path(run) / member["models"]["teacher"]["file"]).eval() \
-            .to(memory_format=torch.channels_last)
+        models[role] = load(Path(run), member["models"]["teacher"])
         temperatures[role] = member["models"]["teacher"].get("calibration_temperature", 1.0)
         roles.append(role)
     print(f"weights {weights} ({size} px, contrast {contrast}); CIs: patient-level bootstrap, {args.n_boot} resamples")

@@ -170,7 +170,7 @@ def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter
     card["wall_time_s"] = {name: ph["seconds"] for name, ph in phases.items()}
     card["wall_time_s"]["total"] = sum(card["wall_time_s"].values())
     card["metrics_split"] = {
-        "validation": (f"patient-level split carved from train/ (val_fraction={cfg.val_fraction}, seed={cfg.seed}); "
+        "validation": (f"patient-level split carved from train/ (val_fraction={cfg.val_fraction}, split seed={cfg.split_seed}); "
                        "it picks epochs, calibration and thresholds, so its metrics are optimistic"),
         "test": ("the dataset's test/ folder (for Kermany: the official test split, other children and acquisition "
                  "period than train/): never trained on, never used for any choice; the external check"),

@@ -279,9 +279,8 @@ def fit(weights_dir: str | Path, data_root: str | Path, max_train: int | None = 
         "stage": stage,
         "features": f"teacher {stage}, pooled ({distance.mean.numel()}-d), images at {size} px, contrast {contrast}",
         "threshold": check.threshold,
-        "threshold_rule": (f"the smallest validation distance above which at most {REFUSED_VALIDATION_SHARE:.1%} "
-                           f"of the validation X-rays (patient-level split, val_fraction={val_fraction}, seed={seed}) "
-                           "lie" + (": the farthest validation X-ray" if REFUSED_VALIDATION_SHARE == 0 else "")),
+        "threshold_rule": (f"{threshold_words()} (patient-level split, val_fraction={val_fraction}, "
+                           f"split seed={seed})"),
         "image_statistics": {"min_grey_levels": MIN_GREY_LEVELS, "max_flat_share": MAX_FLAT_SHARE,
                              "flat_levels": FLAT_LEVELS},
         "shrinkage": shrinkage, "components": int(distance.components.shape[0]),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kd import statefile
 
-SSL_METHODS = ("simclr", "byol")
+SSL_METHODS = ("simclr", "byol", "moco")
 TEACHER_TARGETS = ("online", "cached")
 CONTRASTS = ("none", "equalize", "clahe")
 THRESHOLD_RULES = ("youden", "sensitivity", "calibrated-0.5")

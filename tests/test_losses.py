@@ -60,7 +60,7 @@ def test_hint_loss_is_mse_after_adapter():
     assert hint(sm, tm).item() == pytest.approx(F.mse_loss(hint.adapter(sm), tm).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "moco"])
 def test_ssl_objective_loss_and_momentum(method):
     from kd.models import build_student
     from kd.objectives import SSLObjective
@@ -74,6 +74,12 @@ def test_ssl_objective_loss_and_momentum(method):
     assert obj.backbone.conv1.weight.grad is not None
     if method == "simclr":  # NT-Xent with 2N views: loss >= 0, near log(2N-1) at init
         assert 0 < loss.item() < 2 * math.log(11)
+    elif method == "moco":  # InfoNCE over 1 positive + the queue's 4,096 negatives: near log(4097) at init
+        assert 0 < loss.item() < 2 * math.log(1 + obj.MOCO_QUEUE)
+        assert all(p.grad is None for p in obj.target_backbone.parameters())
+        queued = obj.criterion.memory_bank.bank.clone()
+        obj(images, torch.zeros(6, dtype=torch.long), torch.Generator().manual_seed(1))
+        assert not torch.equal(queued, obj.criterion.memory_bank.bank)  # this batch's keys joined the queue
     else:  # negative cosine similarity is bounded in [-1, 1]; the target network has no gradients
         assert -1 <= loss.item() <= 1
         assert all(p.grad is None for p in obj.target_backbone.parameters())

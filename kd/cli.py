@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from kd.config import PRESETS, SSL_METHODS, TEACHER_TARGETS, Config, preset
+from kd.config import PRESETS, SSL_METHODS, STUDENT_INITS, TEACHER_TARGETS, Config, preset
 
 PHASE_COMMANDS = {"pipeline": ("pretrain", "finetune", "distill", "baseline"), "pretrain": ("pretrain",),
                   "finetune": ("finetune",), "distill": ("distill",)}
@@ -35,7 +35,12 @@ def _train_parser(sub, name: str, help: str):
                    "independent of --seed, so runs with different seeds share one validation split)")
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--init", help="local weights file to initialise the teacher (ImageNet, SwAV, ...)")
-    p.add_argument("--unlabeled", nargs="*", default=None, help="extra folders of unlabeled X-rays for pretraining")
+    p.add_argument("--unlabeled", nargs="*", default=None,
+                   help="folders of unlabeled X-rays: SSL pretraining's corpus (and distillation's, with --distill-unlabeled)")
+    p.add_argument("--distill-unlabeled", action=argparse.BooleanOptionalAction, default=None,
+                   help="the student matches the teacher on the --unlabeled images too (labels' term where there are labels)")
+    p.add_argument("--student-init", choices=STUDENT_INITS,
+                   help="teacher-stem: the student starts from the teacher's conv1/bn1; scratch: random")
     p.add_argument("--cache-dir", help="decoded-image cache (default: next to the run folder)")
     p.add_argument("--no-baseline", action="store_true", help="skip the labels-only student of the ablation")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
@@ -52,7 +57,7 @@ def config_from_args(args) -> Config:
     else:
         cfg = preset(args.preset, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size)
     for key in ("seed", "split_seed", "temperature", "alpha", "hint_weight", "ssl_method", "val_fraction", "init", "unlabeled",
-                "cache_dir", "teacher_targets", "cpu_bf16"):
+                "cache_dir", "teacher_targets", "cpu_bf16", "distill_unlabeled", "student_init"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)

@@ -16,6 +16,7 @@ SSL_METHODS = ("simclr", "byol", "moco")
 TEACHER_TARGETS = ("online", "cached")
 CONTRASTS = ("none", "equalize", "clahe")
 THRESHOLD_RULES = ("youden", "sensitivity", "calibrated-0.5")
+STUDENT_INITS = ("teacher-stem", "scratch")
 
 
 @dataclass
@@ -63,7 +64,13 @@ class Config:
     val_fraction: float = 0.15
     eval_image_size: int = 224  # the resolution the exported models see at inference (model card input size)
     ssl_method: str = "simclr"
-    unlabeled: list[str] = field(default_factory=list)
+    unlabeled: list[str] = field(default_factory=list)  # folders of X-rays without labels: SSL pretraining's corpus
+    # distillation's transfer set takes the unlabeled folders too: the student matches the teacher's outputs on
+    # them, the label term only where there are labels (SimCLRv2's third step, Chen et al. 2020)
+    distill_unlabeled: bool = False
+    # teacher-stem: the student starts from the teacher's conv1/bn1 (the only layers whose shapes match);
+    # scratch: random initialisation (the ablation of that seed)
+    student_init: str = "teacher-stem"
     init: str = ""  # optional local weights file to start the teacher from (ImageNet, SwAV, ...)
     temperature: float = 4.0  # KD softening temperature T
     alpha: float = 0.5  # weight of the label cross-entropy; (1 - alpha) goes to the KD term
@@ -152,6 +159,10 @@ class Config:
             raise ValueError(f"augment scale must satisfy 0.05 <= min <= max <= 2 (got {a.scale_min}, {a.scale_max})")
         if min(a.aspect, a.rotation, a.translate, a.brightness, a.contrast, a.gamma, a.blur, a.noise) < 0:
             raise ValueError("augmentation strengths must be >= 0")
+        if self.distill_unlabeled and not self.unlabeled:
+            raise ValueError("distillation on unlabeled images needs unlabeled folders (--unlabeled DIR ...)")
+        if self.student_init not in STUDENT_INITS:
+            raise ValueError(f"student init must be one of {', '.join(STUDENT_INITS)}, not {self.student_init!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda (got {self.device!r})")
         for name in ("pretrain", "finetune", "distill"):

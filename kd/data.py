@@ -155,6 +155,35 @@ def list_unlabeled(folders: list[str | Path]) -> list[str]:
     return paths
 
 
+def unlabeled_provenance(folders: list[str], used: list[str]) -> list[dict]:
+    """Per unlabeled folder: how many of its pictures the run used and, from the manifest.csv it holds (columns
+    `file` and `licence`, `source_repo` when given), each source's count and licence: the terms of an outside
+    corpus carry over to weights trained on it, so the model card must name them. A missing or unreadable
+    manifest is said, never a failed export."""
+    import csv
+    from collections import Counter
+
+    entries = []
+    for folder in folders:
+        root = Path(folder).expanduser().resolve()
+        mine = [Path(p).resolve() for p in used if Path(p).resolve().is_relative_to(root)]
+        entry: dict = {"folder": str(folder), "images": len(mine)}
+        manifest = root / "manifest.csv"
+        try:
+            with open(manifest, newline="", encoding="utf-8") as f:
+                rows = {r["file"]: (r.get("source_repo") or "", r["licence"]) for r in csv.DictReader(f)}
+        except FileNotFoundError:
+            entry["licences"] = "unknown: the folder has no manifest.csv naming each file's source and licence"
+        except (OSError, csv.Error, UnicodeDecodeError, KeyError, TypeError) as e:
+            entry["licences"] = f"unknown: {manifest} is unreadable ({type(e).__name__}: {e})"
+        else:
+            counts = Counter(rows.get(p.relative_to(root).as_posix(), ("", "not in manifest.csv")) for p in mine)
+            entry["sources"] = [{"source": src, "licence": lic, "images": n}
+                                for (src, lic), n in sorted(counts.items(), key=lambda kv: -kv[1])]
+        entries.append(entry)
+    return entries
+
+
 def content_hash(path: str) -> str:
     """The file's content hash; an unreadable file gets a hash of its own (it matches no other file,
     and the image cache records it as unreadable)."""

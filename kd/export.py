@@ -22,7 +22,7 @@ from kd.augment import center
 from kd.cache import ImageSet
 from kd.checkpoint import load_weights, save_weights, write_json_atomic
 from kd.config import THRESHOLD_RULES, Config
-from kd.data import describe
+from kd.data import describe, unlabeled_provenance
 from kd.evaluate import model_report
 from kd.inference import predict_logits
 from kd.model_card import CARD_FILE, base_card, data_fingerprint
@@ -178,6 +178,14 @@ def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter
     card["data"] = {"fingerprint": data_fingerprint(data.splits["train"] + data.splits["val"]),
                     **{split: describe(samples) for split, samples in data.splits.items()},
                     "unlabeled_images": len(data.unlabeled), "skipped_unreadable": len(data.skipped)}
+    if data.unlabeled:
+        uses = [what for what, phase in (("SSL pretraining", "pretrain"), ("distillation's transfer set", "distill"))
+                if phases.get(phase, {}).get("unlabeled_images", 0) > 0 and phases[phase].get("epochs", 0) > 0]
+        card["data"]["unlabeled"] = {
+            "used_for": uses, "folders": unlabeled_provenance(cfg.unlabeled, data.unlabeled),
+            "kept_apart": "no file byte-identical to a validation, official-val or test image (checked before "
+                          "training; the run stops otherwise); never evaluated on",
+        }
     if "pretrain" in phases:
         card["ssl_knn_probe"] = phases["pretrain"].get("metrics", {})
     card["config"] = cfg.to_dict()

@@ -104,7 +104,8 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
     # initialises this one exactly as the uninterrupted run did
     torch.manual_seed(phase_seed(cfg.seed, name, "init"))
     prep_s = 0.0  # work before the first epoch that belongs to the phase's cost (caching teacher logits)
-    train = data.image_set("train", phase.image_size, with_unlabeled=name == "pretrain")
+    with_unlabeled = name == "pretrain" or (name == "distill" and cfg.distill_unlabeled)  # never for labels alone
+    train = data.image_set("train", phase.image_size, with_unlabeled=with_unlabeled)
     ctx = ValContext(data.image_set("val", phase.image_size), train, device, batch_size=max(phase.batch_size, 64),
                      knn_k=cfg.knn_k, max_knn_bank=cfg.max_knn_bank)
     weights = class_weights(train.class_counts())
@@ -132,7 +133,8 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
     last = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("epoch", "seconds")}
     result = {"phase": name, "seconds": prep_s + sum(h["seconds"] for h in history), "prep_seconds": prep_s,
               "metrics": last, "history": history,
-              "image_size": phase.image_size, "epochs": phase.epochs, "train_images": len(train)}
+              "image_size": phase.image_size, "epochs": phase.epochs, "train_images": len(train),
+              "unlabeled_images": int((train.labels < 0).sum())}
     if dist.is_main:
         for role, model in objective.exported().items():
             save_weights(model, phase_dir / f"{role}.safetensors")
@@ -143,12 +145,13 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
 
 def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: ImageSet, class_weight: torch.Tensor,
                       device: torch.device, reporter: Reporter | None = None):
-    """A new student (stem copied from the teacher) and its objective for phase `name` (distill, or the
+    """A new student (stem copied from the teacher unless cfg.student_init is "scratch") and its objective for phase `name` (distill, or the
     labels-only baseline), with the training set it sees: under cfg.teacher_targets == "cached" that set
     carries the teacher's logits, computed here. Returns (objective, train, seconds spent caching)."""
     phase = cfg.phase(name)
     student = build_student()
-    seed_student_from_teacher(student, teacher)
+    if cfg.student_init == "teacher-stem":
+        seed_student_from_teacher(student, teacher)
     augmentation = Augment.from_config(cfg.augment)
     if name != "distill":  # the ablation: same student, same budget, labels only
         objective = SupervisedObjective(student, "student", phase.image_size, class_weight, augmentation,

@@ -44,6 +44,14 @@ with st.form("train_form", border=True):
         key="train_teacher_targets", format_func=train.TEACHER_TARGET_LABELS.get,
         help="Online: the teacher sees every augmented view the student sees (consistent teaching). Cached: its "
              "outputs on each un-augmented image are computed once: faster, see the README for what it costs.")
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    unlabeled = c1.text_area(
+        "Unlabeled X-ray folders (one per line, optional)", key="train_unlabeled", height=68,
+        help="Chest X-rays without labels, searched recursively: they join SSL pretraining. None may be a "
+             "validation or test image (the run stops if one is). Licences of an outside corpus carry over to "
+             "the weights: the model card lists them from the folder's manifest.csv.")
+    distill_unlabeled = c2.checkbox("Distil on them too", key="train_distill_unlabeled",
+                                    help="The student also matches the teacher's outputs on these images.")
     c1, c2, c3 = st.columns(3)
     device_label = c1.selectbox("Device", list(train.DEVICES), key="train_device")
     n_gpus = train.gpu_count()
@@ -57,7 +65,8 @@ if submitted:
     train.submit(dict(data_root=state.data_root_value(), run_name=run_name, preset_name=preset_name, epochs=epochs,
                       image_size=image_size, batch_size=batch_size, temperature=temperature, alpha=alpha,
                       ssl_method=ssl_method, device=train.DEVICES[device_label], baseline=baseline,
-                      teacher_targets=teacher_targets), command_label, gpus)
+                      teacher_targets=teacher_targets, unlabeled=unlabeled, distill_unlabeled=distill_unlabeled),
+                 command_label, gpus)
 
 # ----------------------------------------------------------------------------- live progress
 head, refresh_column = st.columns([4, 1], vertical_alignment="bottom")

@@ -23,7 +23,7 @@ from kd.config import PRESETS  # noqa: E402
 from kd.data import LAYOUT_HELP, stratified_sample  # noqa: E402
 from kd.model_card import DISCLAIMER  # noqa: E402
 from kd.testing.xray_fixtures import (BAD_UPLOAD_KEYWORDS, BAD_UPLOADS, colour_photo, xray_dicom,  # noqa: E402
-                                 xray_png)
+                                 png_bytes, xray_like_array, xray_png)
 from kd.ui import data as ui_data  # noqa: E402
 from kd.ui import diagnose as ui_diagnose  # noqa: E402
 from kd.ui import evaluate as ui_evaluate  # noqa: E402
@@ -230,10 +230,18 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
     at = open_page(start_app(), "pages/train.py")
     _fill_tiny_form(at, "apptest")
     at.radio(key="train_teacher_targets").set_value("cached")
+    corpus = app_env.tmp / "outside"  # an unlabeled folder for pretraining and distillation's transfer set
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.png").write_bytes(png_bytes(xray_like_array(40 + 8 * i, 36, seed=20 + i)))
+    at.text_area(key="train_unlabeled").set_value(str(corpus))
+    at.checkbox(key="train_distill_unlabeled").check()
     at.button(key="train_start").click().run()
     assert not at.exception
     assert any("Started pipeline" in s for s in alerts(at, "success")), alerts(at, "error")
-    assert json.loads((app_env.runs / "apptest" / "config.json").read_text())["teacher_targets"] == "cached"
+    saved = json.loads((app_env.runs / "apptest" / "config.json").read_text())
+    assert saved["teacher_targets"] == "cached"
+    assert saved["unlabeled"] == [str(corpus.resolve())] and saved["distill_unlabeled"] is True
 
     _fill_tiny_form(at, "second")  # one job at a time
     at.button(key="train_start").click().run()
@@ -260,6 +268,8 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
     assert "apptest" in list(runs["run"]) and runs.loc[runs["run"] == "apptest", "state"].item() == "finished"
     [card] = [d.value for d in at.dataframe if "split" in d.value.columns]  # the finished run's model card
     assert set(card["split"]) == {"validation", "test"} and set(card["model"]) == {"Teacher", "Student"}
+    used = json.loads((app_env.runs / "apptest" / "model_card.json").read_text())["data"]["unlabeled"]
+    assert used["folders"][0]["images"] == 3 and used["used_for"] == ["SSL pretraining", "distillation's transfer set"]
 
     at.selectbox(key="train_use_choice").set_value("apptest")
     at.button(key="train_use").click().run()
@@ -357,6 +367,18 @@ def test_build_config_is_the_cli_config_and_validates(app_env, tmp_path):
     _, message = ui_train.start_training(dict(data_root=str(app_env.data), run_name="bad name!", preset_name="tiny"),
                                     "pipeline")
     assert "not allowed" in message
+    corpus = tmp_path / "corpus" / "deep"
+    corpus.mkdir(parents=True)
+    (corpus / "a.png").write_bytes(png_bytes(xray_like_array(40, 30)))
+    cfg = ui_train.build_config(str(app_env.data), "r6", "tiny", unlabeled=f"  {corpus.parent}\n\n",
+                                distill_unlabeled=True)
+    assert cfg.unlabeled == [str(corpus.parent.resolve())] and cfg.distill_unlabeled
+    (tmp_path / "empty").mkdir()
+    for folders, problem in ((str(tmp_path / "empty"), "holds no JPEG or PNG"), (str(tmp_path / "nope"), "does not exist")):
+        with pytest.raises(DatasetError, match=problem):
+            ui_train.build_config(str(app_env.data), "r7", "tiny", unlabeled=folders)
+    with pytest.raises(ValueError, match="needs unlabeled folders"):
+        ui_train.build_config(str(app_env.data), "r8", "tiny", distill_unlabeled=True)
 
 
 def test_progress_events_become_frames_and_figures():

@@ -47,6 +47,28 @@ def test_distillation_loss_combines_ce_and_kd():
     assert distillation_loss(s, t, y, 4.0, 1.0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
 
 
+def test_unlabeled_images_get_the_soft_term_only():
+    """Label -1 (the unlabeled transfer set): the label term averages over the labelled rows, with their class
+    weights, by plain math; the KD term over every row; a batch with no label has the KD term alone."""
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 2, requires_grad=True), torch.randn(5, 2)
+    y = torch.tensor([1, -1, 0, -1, -1])
+    w = torch.tensor([2.0, 0.5])
+    loss = distillation_loss(s, t, y, temperature=3.0, alpha=0.4, class_weight=w)
+    logp = F.log_softmax(s.detach(), 1)
+    ce = -(w[1] * logp[0, 1] + w[0] * logp[2, 0]) / (w[1] + w[0])  # weighted mean over rows 0 and 2
+    pt, ls = F.softmax(t / 3.0, 1), F.log_softmax(s.detach() / 3.0, 1)
+    kd = 9.0 * (pt * (pt.log() - ls)).sum(1).mean()  # all five rows
+    assert loss.item() == pytest.approx((0.4 * ce + 0.6 * kd).item(), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    none = torch.full((5,), -1)
+    only_kd = distillation_loss(s, t, none, 3.0, 0.4, class_weight=w)
+    assert only_kd.item() == pytest.approx(0.6 * kd.item(), rel=1e-5)
+    only_kd.backward()  # no NaN from an empty mean: the label term is exactly 0
+    assert torch.isfinite(s.grad).all()
+
+
 def test_distillation_does_not_backprop_into_teacher():
     s = torch.randn(3, 2, requires_grad=True)
     t = torch.randn(3, 2, requires_grad=True)

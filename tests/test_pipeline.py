@@ -223,6 +223,102 @@ def test_distill_with_cached_teacher_targets(tiny_run, tmp_path, monkeypatch):
     assert 0 < done["prep_seconds"] and done["seconds"] == done["prep_seconds"] + sum(h["seconds"] for h in done["history"])
 
 
+def _mixed_unlabeled_folder(root: Path) -> Path:
+    """Unlabeled pictures of mixed sizes and modes, as an outside corpus comes: grey and RGB JPEG, 16-bit and
+    RGBA PNG, portrait and landscape, in nested folders, and one file that is not an image."""
+    import numpy as np
+
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "0.jpeg").write_bytes(jpeg_bytes(xray_like_array(60, 40, seed=11)))
+    (root / "a" / "deep" / "1.png").write_bytes(png_bytes(xray16_array(36, 52, seed=12)))
+    rgb = np.repeat(xray_like_array(48, 64, seed=13)[..., None], 3, axis=2)
+    (root / "b" / "2.jpg").write_bytes(jpeg_bytes(rgb))
+    rgba = np.concatenate([rgb[:40, :40], np.full((40, 40, 1), 255, np.uint8)], axis=2)
+    (root / "b" / "3.png").write_bytes(png_bytes(rgba))
+    (root / "b" / "notes.txt").write_text("not an image")
+    (root / "manifest.csv").write_text("file,source_repo,licence\na/0.jpeg,org/x,CC BY 4.0\nb/2.jpg,org/x,CC BY 4.0\n"
+                                       "b/3.png,org/y,research use only\n")
+    return root
+
+
+def test_distillation_on_unlabeled_images_too(tiny_run, tmp_path):
+    """--distill-unlabeled: distillation's transfer set is the labelled train images plus the unlabeled folders
+    (their label -1 gets the soft term only, tests/test_losses.py); the labels-only student never sees them,
+    and the model card counts them. The run resumes after the tiny run's fine-tuning (its teacher)."""
+    import shutil
+
+    data, ref = tiny_run
+    corpus = _mixed_unlabeled_folder(tmp_path / "corpus")
+    out = tmp_path / "run"
+    for phase in ("pretrain", "finetune"):
+        shutil.copytree(ref / phase, out / phase)
+    seen_labels = []
+    import kd.objectives as objectives
+    real = objectives.distillation_loss
+
+    def spy(s, t, labels, *a, **k):
+        seen_labels.append(labels.clone())
+        return real(s, t, labels, *a, **k)
+
+    objectives.distillation_loss = spy
+    try:
+        assert main(["pipeline", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
+                     "--teacher-targets", "cached", "--unlabeled", str(corpus), "--distill-unlabeled",
+                     "--resume"]) == 0
+    finally:
+        objectives.distillation_loss = real
+    events = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
+    starts = {e["phase"]: e["train_images"] for e in events if e["kind"] == "phase_start"}
+    assert starts["distill"] == starts["baseline"] + 4  # 4 pictures (the text file is not one); labels alone: none
+    assert next(e for e in events if e["kind"] == "teacher_targets")["images"] == starts["distill"]
+    every = torch.cat(seen_labels)
+    assert 0 < (every == -1).sum() <= 4 and (every >= 0).sum() > 0  # batches mix both (one epoch, last one dropped)
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["data"]["unlabeled_images"] == 4
+    assert json.loads((out / "config.json").read_text())["distill_unlabeled"] is True
+    provenance = card["data"]["unlabeled"]  # the corpus named: count, sources, licences, how it was kept apart
+    assert provenance["used_for"] == ["distillation's transfer set"]  # the copied pretraining ran without them
+    assert "byte-identical" in provenance["kept_apart"]
+    [folder] = provenance["folders"]
+    assert folder["images"] == 4 and sorted(map(tuple, (d.values() for d in folder["sources"]))) == [
+        ("", "not in manifest.csv", 1), ("org/x", "CC BY 4.0", 2), ("org/y", "research use only", 1)]
+
+
+def test_unlabeled_provenance_without_or_with_a_broken_manifest(tmp_path):
+    from kd.data import list_unlabeled, unlabeled_provenance
+
+    corpus = _mixed_unlabeled_folder(tmp_path / "c")
+    (corpus / "manifest.csv").write_bytes(b"\xff\xfe broken")
+    [entry] = unlabeled_provenance([str(corpus)], list_unlabeled([corpus]))
+    assert entry["images"] == 4 and "unreadable" in entry["licences"] and "manifest.csv" in entry["licences"]
+    (corpus / "manifest.csv").unlink()
+    [entry] = unlabeled_provenance([str(corpus)], list_unlabeled([corpus]))
+    assert "no manifest.csv" in entry["licences"]
+
+
+def test_distill_unlabeled_needs_unlabeled_folders(tmp_path, capsys):
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40)
+    assert main(["distill", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                 "--distill-unlabeled"]) == 1
+    assert "needs unlabeled folders" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("init", ["teacher-stem", "scratch"])
+def test_student_init_from_the_teacher_stem_or_scratch(init):
+    from kd.config import preset
+    from kd.models import build_teacher
+    from kd.objectives import class_weights
+    from kd.pipeline import student_objective
+
+    torch.manual_seed(0)
+    teacher = build_teacher()
+    cfg = preset("tiny", student_init=init)
+    objective, _, _ = student_objective("distill", cfg, teacher, None, class_weights([1, 1]), torch.device("cpu"))
+    same = torch.equal(objective.student.conv1.weight, teacher.conv1.weight)
+    assert same is (init == "teacher-stem")
+
+
 def test_cached_teacher_targets_refuse_the_feature_hint(tmp_path, capsys):
     data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40)
     assert main(["distill", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",

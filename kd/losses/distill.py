@@ -4,6 +4,10 @@ Network" (2015), arXiv:1503.02531.
 The student matches the teacher's class distribution softened by a temperature T > 1. Gradients of
 the soft term scale as 1/T^2, so it is multiplied by T^2 to keep its weight comparable to the hard
 label term when T changes.
+
+Images without a label (label -1: the unlabeled transfer set of Chen et al. 2020, "Big Self-Supervised Models
+are Strong Semi-Supervised Learners", SimCLRv2) contribute the soft term only; the label term averages over
+the labelled images of the batch, and is 0 for a batch with none.
 """
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,13 @@ class DistillKL(nn.Module):
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float,
                       class_weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
-    """alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)."""
-    ce = F.cross_entropy(student_logits, labels, weight=class_weight, label_smoothing=label_smoothing)
+    """alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T); CE over the labels >= 0 only."""
+    labelled = labels >= 0
+    if labelled.all():
+        ce = F.cross_entropy(student_logits, labels, weight=class_weight, label_smoothing=label_smoothing)
+    elif labelled.any():
+        ce = F.cross_entropy(student_logits[labelled], labels[labelled], weight=class_weight,
+                             label_smoothing=label_smoothing)
+    else:
+        ce = student_logits.sum() * 0.0  # keeps the graph (DDP) without a label term
     return alpha * ce + (1 - alpha) * DistillKL(temperature)(student_logits, teacher_logits.detach())

@@ -66,11 +66,17 @@ def preset_defaults(name: str) -> dict:
 def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs: int | None = None,
                  image_size: int | None = None, batch_size: int | None = None, temperature: float | None = None,
                  alpha: float | None = None, ssl_method: str | None = None, device: str = "auto",
-                 baseline: bool = True, teacher_targets: str | None = None) -> Config:
+                 baseline: bool = True, teacher_targets: str | None = None, unlabeled: str = "",
+                 distill_unlabeled: bool = False) -> Config:
     """The one Config the CLI would build from the same choices; raises DatasetError / JobError / ValueError.
 
-    None keeps the preset's value (epochs, image size and batch size then differ per phase)."""
+    None keeps the preset's value (epochs, image size and batch size then differ per phase). `unlabeled`: folders
+    of X-rays without labels, one per line (the CLI's --unlabeled), each checked to hold pictures."""
     root = kdata.check_root(data_root)
+    folders = [line.strip() for line in (unlabeled or "").splitlines() if line.strip()]
+    for folder in folders:
+        if not kdata.list_unlabeled([folder]):
+            raise kdata.DatasetError(f"Unlabeled folder {folder} holds no JPEG or PNG pictures.")
     run_dir = kruns.run_dir_for(run_name, runs_root())
     if device not in DEVICES.values():
         raise ValueError(f"Unknown device {device!r}")
@@ -79,6 +85,8 @@ def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs
     cfg = preset(preset_name, image_size=image_size or None, epochs=epochs, batch_size=batch_size or None,
                  temperature=temperature, alpha=alpha, ssl_method=ssl_method, teacher_targets=teacher_targets)
     cfg.data, cfg.out, cfg.device, cfg.baseline = str(root.resolve()), str(run_dir), device, bool(baseline)
+    cfg.unlabeled = [str(Path(f).expanduser().resolve()) for f in folders]
+    cfg.distill_unlabeled = bool(distill_unlabeled)
     cfg.validate()
     return cfg
 

@@ -153,6 +153,11 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) 
         raise CheckpointError(f"Weights file {path} not found.") from None
     except Exception as e:
         raise CheckpointError(f"{path} is not a valid safetensors file ({e}).") from e
+    damaged = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if damaged:  # a NaN weight gives p = nan, which every "p >= threshold" reads as NORMAL
+        raise CheckpointError(f"{path} holds NaN or infinite values (in {', '.join(damaged[:3])}"
+                              f"{f' and {len(damaged) - 3} more tensors' if len(damaged) > 3 else ''}): the weights "
+                              "are damaged; restore or retrain them.")
     own = model.state_dict()
     tensors = {k: v.to(own[k].dtype) if k in own else v for k, v in tensors.items()}
     try:
@@ -160,6 +165,21 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) 
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match the model architecture: {str(e).splitlines()[0]}") from e
     return model
+
+
+def file_in_folder(folder: str | Path, name: str) -> Path:
+    """`folder / name`, refused (CheckpointError) unless it resolves to a file directly inside `folder`: a model
+    card names its weights files, and must not reach outside its folder by '../', an absolute path or a symlink."""
+    folder = Path(folder)
+    path = folder / name
+    try:
+        inside = path.resolve(strict=False).parent == folder.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise CheckpointError(f"{path} cannot be resolved ({e}).") from None
+    if not inside or Path(name).name != name:
+        raise CheckpointError(f"{path} is outside the weights folder {folder} (the model card must name a file "
+                              "in its own folder; symlinks elsewhere are not followed).")
+    return path
 
 
 def load_any_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from kd import preprocess
 from kd.augment import center
 from kd.cache import ImageSet
-from kd.checkpoint import CheckpointError, load_weights
+from kd.checkpoint import CheckpointError, file_in_folder, load_weights
 from kd.metrics import softmax_pneumonia
 from kd.model_card import CARD_FILE, read_card
 from kd.models import build
@@ -69,11 +69,11 @@ def load_pair(weights_dir: str | Path | None = None, ood: bool = True) -> ModelP
     models = {}
     for role in ROLES:
         info = card["models"][role]
-        model = load_weights(build(info["architecture"]), weights_dir / info["file"]).eval()
+        model = load_weights(build(info["architecture"]), file_in_folder(weights_dir, info["file"])).eval()
         model = model.to(memory_format=torch.channels_last)
         threshold = float(info.get("threshold", 0.5))
         models[role] = LoadedModel(role, model, threshold, float(info.get("calibration_temperature", 1.0)))
-    check = load_ood(weights_dir, weights_dir / card["models"]["teacher"]["file"]) if ood else None
+    check = load_ood(weights_dir, file_in_folder(weights_dir, card["models"]["teacher"]["file"])) if ood else None
     return ModelPair(card, models, weights_dir, check)
 
 

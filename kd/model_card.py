@@ -11,8 +11,8 @@ from pathlib import Path
 from kd import preprocess, statefile
 from kd.data import Sample
 from kd.models import ARCHITECTURES
-from kd.statefile import (NUMBER, OPTIONAL_DICT, OPTIONAL_NUMBER, OPTIONAL_STR, list_of, mapping_of, nullable,
-                          object_with)
+from kd.statefile import (NUMBER, OPTIONAL_DICT, OPTIONAL_NUMBER, ShapeError, expect, finite, list_of, mapping_of,
+                          nullable, object_with, one_of)
 
 CARD_FILE = "model_card.json"
 DISCLAIMER = ("Research tool, not a diagnostic device: not cleared for clinical use; every output must be "
@@ -53,17 +53,41 @@ def base_card(input_size: int, contrast: str = "none") -> dict:
     }
 
 
-_CI = mapping_of(nullable(list_of(OPTIONAL_NUMBER)))
+def _interval(value, what: str = "it") -> None:
+    """A confidence interval: [low, high] (null ends where a bootstrap had one class only)."""
+    list_of(OPTIONAL_NUMBER)(value, what)
+    if len(value) != 2:
+        raise ShapeError(f"{what} must be a [low, high] pair, not {len(value)} value(s)")
+
+
+def weights_file_name(value, what: str = "it") -> None:
+    """A weights file the card names: a plain .safetensors name inside the card's own folder (no '../', no
+    absolute path, no folder), so a card cannot make the app load a file from elsewhere."""
+    expect(value, str, what)
+    if value != Path(value).name or value in ("", ".", "..") or "\\" in value or not value.endswith(".safetensors"):
+        raise ShapeError(f"{what} must be a .safetensors file name in the weights folder, not {value!r}")
+
+
+def _input_size(value, what: str = "it") -> None:
+    expect(value, int, what)
+    if not 16 <= value <= 2048:
+        raise ShapeError(f"{what} must be between 16 and 2048 pixels, not {value}")
+
+
+_CI = mapping_of(nullable(_interval))
 # What the app, `kd predict` and `kd evaluate` use of a card; other keys pass unchecked.
 _REPORT = object_with(optional={
     **{m: OPTIONAL_NUMBER for m in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "threshold")},
     "n": int, "n_positive": int, "n_negative": int, "ci": _CI, "confusion_matrix": mapping_of(int),
     "roc": OPTIONAL_DICT, "calibration": OPTIONAL_DICT})
-_MODEL_FIELDS = {"threshold": NUMBER, "temperature": NUMBER, "calibration_temperature": NUMBER, "parameters": int,
-                 "cpu_ms_per_image": NUMBER,
+_POSITIVE = finite(0.0, low_open=True)
+# a NaN threshold makes every decision NORMAL, a NaN temperature every probability NaN: both refused on reading
+_MODEL_FIELDS = {"threshold": finite(0.0, 1.0), "temperature": _POSITIVE, "calibration_temperature": _POSITIVE,
+                 "parameters": int, "cpu_ms_per_image": NUMBER,
                  "validation": nullable(_REPORT)}
-_SERVED = object_with({"architecture": str, "file": str}, _MODEL_FIELDS)  # teacher, student: loaded by the app
-_EXTRA = object_with({"architecture": str}, {"file": OPTIONAL_STR, **_MODEL_FIELDS})  # student_baseline: not shipped
+_ARCHITECTURE = one_of(tuple(sorted(set(ARCHITECTURES.values()))))  # kd.models.build builds nothing else
+_SERVED = object_with({"architecture": _ARCHITECTURE, "file": weights_file_name}, _MODEL_FIELDS)  # teacher, student
+_EXTRA = object_with({"architecture": _ARCHITECTURE}, {"file": nullable(weights_file_name), **_MODEL_FIELDS})
 
 
 def _check_models(value, what: str = "it") -> None:
@@ -72,7 +96,8 @@ def _check_models(value, what: str = "it") -> None:
 
 
 CARD_SHAPE = object_with(
-    {"models": _check_models, "input": object_with({"size": int}, {"mean": NUMBER, "std": NUMBER})},
+    {"models": _check_models,
+     "input": object_with({"size": _input_size}, {"mean": finite(), "std": _POSITIVE, "contrast": one_of(preprocess.CONTRASTS)})},
     {"config": dict, "wall_time_s": mapping_of(NUMBER)})
 
 

@@ -17,7 +17,10 @@ NUM_CLASSES = 2  # logits for NORMAL, PNEUMONIA
 
 
 def build(arch: str) -> nn.Module:
-    """A torchvision ResNet with a 1-channel stem and a 2-way head."""
+    """A torchvision ResNet with a 1-channel stem and a 2-way head; only the architectures the product trains (a
+    model card names one, and must not make this call whatever torchvision attribute it likes)."""
+    if arch not in set(ARCHITECTURES.values()):
+        raise ValueError(f"unknown architecture {arch!r}: the models are {', '.join(sorted(set(ARCHITECTURES.values())))}")
     model = getattr(torchvision.models, arch)(weights=None, num_classes=NUM_CLASSES)
     model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")

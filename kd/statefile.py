@@ -12,6 +12,7 @@ raise `ShapeError(why)`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -124,6 +125,32 @@ def nullable(spec) -> Check:
     return check
 
 
+def finite(low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> Check:
+    """A check for a finite number in [low, high] ((low, high] with low_open): JSON from Python may hold NaN
+    and Infinity, and a NaN threshold or temperature turns every decision silently into one class."""
+
+    def check(value: Any, what: str = "it") -> None:
+        expect(value, NUMBER, what)
+        if not math.isfinite(value):
+            raise ShapeError(f"{what} must be a finite number, not {_show(value)}")
+        if value < low or value > high or (low_open and value == low):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise ShapeError(f"{what} must be in {bounds}, not {_show(value)}")
+
+    return check
+
+
+def one_of(choices) -> Check:
+    """A check for a string from an allow-list (an architecture, a contrast normalisation)."""
+
+    def check(value: Any, what: str = "it") -> None:
+        expect(value, str, what)
+        if value not in choices:
+            raise ShapeError(f"{what} must be one of {', '.join(map(repr, choices))}, not {_show(value)}")
+
+    return check
+
+
 def conform(value: Any, spec, what: str = "it") -> None:
     """Raise ShapeError unless `value` matches `spec`: a type, a tuple of types, or a check."""
     if isinstance(spec, (type, tuple)):
@@ -142,6 +169,8 @@ def _decode(data: bytes) -> Any:
         raise ShapeError("it is empty")
     try:
         return json.loads(text)
+    except RecursionError:  # [[[[...]]]] thousands deep: the decoder's stack, not the machine's, ran out
+        raise ShapeError("not usable JSON (nested too deeply)") from None
     except ValueError as e:
         where = f" at line {e.lineno} column {e.colno}" if hasattr(e, "lineno") else ""
         raise ShapeError(f"not valid JSON ({getattr(e, 'msg', e)}{where})") from None
@@ -167,6 +196,8 @@ def read_json(path: str | Path, check: Check | None = None, default: Any = _NO_D
             conform(value, check)
     except ShapeError as e:
         raise UnreadableState(path, str(e)) from None
+    except RecursionError:  # decodable, but too deep for the shape check's recursion
+        raise UnreadableState(path, "not usable JSON (nested too deeply)") from None
     return value
 
 
@@ -192,7 +223,10 @@ def read_json_lines(path: str | Path, check: Check | None = None) -> tuple[list,
         try:
             value = _decode(line)
             if check is not None:
-                conform(value, check)
+                try:
+                    conform(value, check)
+                except RecursionError:
+                    raise ShapeError("not usable JSON (nested too deeply)") from None
         except ShapeError as e:
             if complete:
                 seen += 1

@@ -168,3 +168,131 @@ def test_cli_resume_with_a_malformed_saved_config_exits_with_the_message(tmp_pat
                            str(tmp_path / "run"), "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "unreadable: " in done.stderr and "'pretrain' must be a JSON object, not 7" in done.stderr
+
+
+# ----------------------------------------------------------------------------- issue 21: no silent wrong answers
+
+def _card_with(tmp_path: Path, kd_tiny, change) -> Path:
+    """A copy of the tiny weights folder whose model card `change(card)` edited (written as Python's json writes
+    NaN and Infinity, which is how such a card comes about)."""
+    import shutil
+
+    folder = tmp_path / "w"
+    shutil.copytree(kd_tiny.weights, folder)
+    card = json.loads((folder / "model_card.json").read_text())
+    change(card)
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return folder
+
+
+def _set(path: str, value):
+    def change(card):
+        *parents, last = path.split(".")
+        node = card
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return change
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_CARD_FIELDS = {  # field: (value, words of the message)
+    "models.teacher.threshold NaN": ("models.teacher.threshold", NAN, "must be a finite number, not NaN"),
+    "models.student.threshold Infinity": ("models.student.threshold", INF, "must be a finite number"),
+    "models.student.threshold 1.5": ("models.student.threshold", 1.5, "must be in [0, 1]"),
+    "models.teacher.calibration_temperature NaN": ("models.teacher.calibration_temperature", NAN, "finite number"),
+    "models.student.calibration_temperature 0": ("models.student.calibration_temperature", 0.0, "must be in (0, inf]"),
+    "models.teacher.temperature -Infinity": ("models.teacher.temperature", -INF, "finite number"),
+    "input.mean NaN": ("input.mean", NAN, "finite number"),
+    "input.std 0": ("input.std", 0, "must be in (0, inf]"),
+    "input.size 0": ("input.size", 0, "between 16 and 2048"),
+    "input.contrast bogus": ("input.contrast", "bogus", "must be one of 'none', 'equalize', 'clahe'"),
+    "architecture resnet9000": ("models.teacher.architecture", "resnet9000", "must be one of 'resnet18', 'resnet50'"),
+    "architecture get_model_weights": ("models.student.architecture", "get_model_weights", "must be one of"),
+    "architecture __class__": ("models.student.architecture", "__class__", "must be one of"),
+    "file ../": ("models.teacher.file", "../teacher.safetensors", "must be a .safetensors file name in the weights"),
+    "file absolute": ("models.student.file", "/etc/passwd", "must be a .safetensors file name"),
+    "file a folder": ("models.student.file", "sub/student.safetensors", "must be a .safetensors file name"),
+    "file not safetensors": ("models.student.file", "student.pt", "must be a .safetensors file name"),
+    "a one-value CI": ("models.teacher.validation.ci.auc", [0.9], "must be a [low, high] pair, not 1 value"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CARD_FIELDS)
+def test_a_card_with_a_non_finite_or_hostile_field_is_refused_naming_it(tmp_path, kd_tiny, case):
+    field, value, why = BAD_CARD_FIELDS[case]
+    folder = _card_with(tmp_path, kd_tiny, _set(field, value))
+    message = _unreadable(lambda: read_card(folder))
+    assert message.startswith(f"unreadable: {folder / 'model_card.json'}, '{field}'") and why in message, message
+
+
+def test_kd_predict_refuses_a_nan_threshold_instead_of_saying_normal(tmp_path, kd_tiny, capsys):
+    from kd.cli import main
+    from kd.testing.xray_fixtures import xray_png
+
+    folder = _card_with(tmp_path, kd_tiny, _set("models.teacher.threshold", NAN))
+    (tmp_path / "x.png").write_bytes(xray_png())
+    assert main(["predict", str(tmp_path / "x.png"), "--weights", str(folder), "--json"]) != 0
+    out = capsys.readouterr()
+    assert "NORMAL" not in out.out and "'models.teacher.threshold' must be a finite number, not NaN" in out.err
+
+
+def test_weights_with_a_nan_tensor_are_refused(tmp_path, kd_tiny):
+    from safetensors.torch import load_file, save_file
+
+    from kd.checkpoint import CheckpointError
+    from kd.inference import load_pair
+
+    folder = _card_with(tmp_path, kd_tiny, lambda card: None)
+    tensors = load_file(str(folder / "student.safetensors"))
+    tensors["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, str(folder / "student.safetensors"))
+    with pytest.raises(CheckpointError, match=r"student.safetensors holds NaN or infinite values \(in layer1.0.conv1"):
+        load_pair(folder)
+
+
+def test_a_symlinked_weights_file_outside_the_folder_is_not_loaded(tmp_path, kd_tiny):
+    from kd.checkpoint import CheckpointError
+    from kd.inference import load_pair
+
+    folder = _card_with(tmp_path, kd_tiny, lambda card: None)
+    outside = tmp_path / "elsewhere.safetensors"
+    (folder / "student.safetensors").rename(outside)
+    (folder / "student.safetensors").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="outside the weights folder"):
+        load_pair(folder)
+    (folder / "student.safetensors").unlink()
+    (folder / "student.safetensors").symlink_to(folder / "student.safetensors")  # a loop
+    with pytest.raises(CheckpointError, match="student.safetensors"):
+        load_pair(folder)
+
+
+def test_build_makes_only_the_products_architectures():
+    from kd.models import build
+
+    for name in ("resnet9000", "get_model_weights", "__class__", "vgg16"):
+        with pytest.raises(ValueError, match="unknown architecture"):
+            build(name)
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+def test_deeply_nested_json_is_unreadable_not_a_recursion_error(tmp_path):
+    message = _unreadable(lambda: read_json(_write(tmp_path / "deep.json", DEEP), object_with({"pid": int})))
+    assert message == f"unreadable: {tmp_path / 'deep.json'}, not usable JSON (nested too deeply)"
+    shallow_enough = b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # decodes, but deeper than the shape check goes
+    message = _unreadable(lambda: read_json(_write(tmp_path / "d2.json", shallow_enough), object_with(
+        {"a": list_of(list_of(list_of(list_of(list_of(list_of(int))))))})))
+    assert "unreadable: " in message
+    records, problem = read_json_lines(_write(tmp_path / "deep.jsonl", b'{"pid": 1}\n' + DEEP + b"\n"),
+                                       object_with({"pid": int}))
+    assert records == [{"pid": 1}] and "nested too deeply" in str(problem)
+
+
+def test_cli_names_a_deeply_nested_config(tmp_path):
+    (tmp_path / "config.json").write_bytes(DEEP)
+    r = subprocess.run([sys.executable, "-m", "kd", "pipeline", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                        "--config", str(tmp_path / "config.json")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"unreadable: {tmp_path / 'config.json'}, not usable JSON (nested too deeply)" in r.stderr

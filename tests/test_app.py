@@ -486,6 +486,8 @@ BROKEN_RUN_FILES = {  # the issue's cases: (file in the run folder, content, wor
     "progress epoch metrics 5 with phase": ("progress.jsonl", b'{"kind":"epoch","phase":"finetune","epoch":1,'
                                             b'"metrics":5}\n', "'metrics' must be a JSON object, not 5"),
     "progress random bytes": ("progress.jsonl", RANDOM_BYTES + b"\n", "line 2: "),
+    "status nested 100,000 deep": ("status.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    "progress nested 100,000 deep": ("progress.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", "nested too deeply"),
 }
 
 
@@ -513,6 +515,18 @@ def test_train_page_says_which_state_file_is_unreadable_and_goes_on(app_env, cas
     assert "broken" in list(_runs_table(at)["run"])
     if name == "progress.jsonl":
         assert "train_loss_chart" in element_keys(at, "plotly_chart")  # the good line is still charted
+
+
+@pytest.mark.parametrize("where", [kruns.ACTIVE_FILE, jobs.LOCK_FILE + ".json"])
+def test_deeply_nested_active_json_or_job_lock_leaves_every_page_rendering(app_env, where):
+    (app_env.runs / where).write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    at = start_app()
+    for page in PAGES:
+        open_page(at, page)
+        assert not at.exception, (page, at.exception)
+    if where == kruns.ACTIVE_FILE:
+        assert any("nested too deeply" in w for w in alerts(at, "warning"))
+        assert state.active_weights() == app_env.weights
 
 
 def test_a_stray_job_lock_does_not_break_the_train_page(app_env):

@@ -24,6 +24,7 @@ from kd.models import (ARCHITECTURES, build, build_student, build_teacher, init_
 from kd.objectives import (DistillationObjective, SSLObjective, SupervisedObjective, ValContext, cache_teacher_logits,
                            class_weights)
 from kd.progress import Reporter
+from kd.runs import check_not_reserved
 from kd.train import fit, phase_seed
 
 PIPELINE = ("pretrain", "finetune", "distill", "baseline")  # the one list of the phases, in order
@@ -180,6 +181,7 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
     `command` is the command line that started the run, recorded in the model card."""
     cfg.validate()
     out = Path(cfg.out)
+    check_not_reserved(out)
     device = distributed.resolve_device(cfg.device)
     dist = distributed.setup(device)
     # one run per folder, whoever started it (CLI, app job, torchrun): a second is refused before it writes

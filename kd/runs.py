@@ -25,11 +25,24 @@ class RunError(RuntimeError):
     """A run cannot be named, found or used; the message says why."""
 
 
+_STATE_SUFFIXES = (".json", ".jsonl", ".lock", ".tmp")  # the runs folder's own files (active.json, the job lock)
+
+
+def check_not_reserved(run_dir: str | Path) -> None:
+    """RunError when a run folder would take the name of a state file of the runs folder: a run called
+    active.json is a folder where the weights choice is written, which then fails for every later run."""
+    name = Path(run_dir).name
+    if name.lower() == ACTIVE_FILE or name.lower().endswith(_STATE_SUFFIXES):
+        raise RunError(f"Run name {name!r} is reserved: names ending in {', '.join(_STATE_SUFFIXES)} are the runs "
+                       "folder's own files (active.json chooses the weights in use); choose another name.")
+
+
 def run_dir_for(name: str, runs_root: str | Path | None = None) -> Path:
     """A run folder inside runs_root; names are restricted so no path can escape it."""
     runs_root = Path(runs_root or default_runs_root())
     if not _RUN_NAME.fullmatch(name or ""):
         raise RunError(f"Run name {name!r} is not allowed: use letters, digits, '.', '_' or '-' (max 64).")
+    check_not_reserved(name)
     return runs_root / name
 
 

@@ -83,3 +83,17 @@ def test_run_names_are_whole_matches():
         with pytest.raises(runs.RunError, match="not allowed"):
             runs.run_dir_for(bad, "/tmp/runs")
     assert runs.run_dir_for("cpu-ref_2.b", "/tmp/runs") == Path("/tmp/runs/cpu-ref_2.b")
+
+
+def test_a_run_named_like_a_state_file_is_refused(tmp_path, capsys):
+    """A run called active.json would be a folder where the weights choice is written (issue 21, item 6)."""
+    from kd import runs
+    from kd.cli import main
+
+    for bad in ("active.json", "ACTIVE.JSON", "x.jsonl", "job.lock", "r.tmp"):
+        with pytest.raises(runs.RunError, match="is reserved"):
+            runs.run_dir_for(bad, tmp_path)
+    data = tmp_path / "data"  # refused before the dataset is even looked at
+    assert main(["pipeline", "--data", str(data), "--out", str(tmp_path / "runs" / "active.json"), "--preset", "tiny"]) == 1
+    assert "'active.json' is reserved" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -79,23 +79,43 @@ def build_cache(paths: list[str], size: int, cache_dir: str | Path | None, progr
     cache_dir = Path(cache_dir)
     key = cache_key(paths, size, contrast)
     data_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    cache = _open(data_path, meta_path, paths, size)
+    if cache is not None:
+        return cache
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (meta_path, data_path):  # derived data: a damaged cache is decoded again, never a stopped run
+        stale.unlink(missing_ok=True)
+    tmp = temporary_path(data_path)  # removes what builders killed mid-way left (as large as the cache)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+        valid, errors = _decode_into(out, paths, size, progress, workers, contrast)
+        out.flush()
+        del out
+        os.replace(tmp, data_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    write_json_atomic(meta_path, {"n": len(paths), "size": size, "valid": valid.tolist(), "errors": errors,
+                                  "preprocess_version": PREPROCESS_VERSION, "contrast": contrast})
+    return ImageCache(np.load(data_path, mmap_mode="r"), valid, list(paths), errors)
+
+
+def _open(data_path: Path, meta_path: Path, paths: list[str], size: int) -> ImageCache | None:
+    """The cache on disk, or None when it is missing or damaged (metadata that is not JSON or describes another
+    number of images, an array truncated or of another shape): then it is rebuilt."""
     if not (data_path.exists() and meta_path.exists()):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(data_path)  # removes what builders killed mid-way left (as large as the cache)
-        try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
-            valid, errors = _decode_into(out, paths, size, progress, workers, contrast)
-            out.flush()
-            del out
-            os.replace(tmp, data_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        write_json_atomic(meta_path, {"n": len(paths), "size": size, "valid": valid.tolist(), "errors": errors,
-                                      "preprocess_version": PREPROCESS_VERSION, "contrast": contrast})
-    meta = json.loads(meta_path.read_text())
-    images = np.load(data_path, mmap_mode="r")
-    return ImageCache(images, np.asarray(meta["valid"], dtype=bool), list(paths), meta["errors"])
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        images = np.load(data_path, mmap_mode="r")
+        valid = np.asarray(meta["valid"], dtype=bool)
+        errors = meta["errors"]
+        if images.shape != (len(paths), size, size) or images.dtype != np.uint8 or valid.shape != (len(paths),) \
+                or meta.get("n") != len(paths) or not isinstance(errors, dict):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return ImageCache(images, valid, list(paths), errors)
 
 
 def check_readable(cache: ImageCache, labels: np.ndarray, examples: int = 3) -> None:

@@ -79,17 +79,37 @@ def temporary_path(path: str | Path) -> Path:
     return Path(tmp)
 
 
-def _write_failure(path: Path, e: BaseException) -> CheckpointError:
-    """Name the file and the cause; torch.save reports a full disk as a RuntimeError without errno."""
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _write_failure(path: Path, e: BaseException, free_at_failure: int | None) -> CheckpointError:
+    """Name the file and the cause; torch.save reports a full disk as a RuntimeError without errno ("unexpected
+    pos ..."), so a disk found (nearly) full when the write failed is named as such."""
     if isinstance(e, OSError):
         reason = e.strerror or str(e)
     else:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        try:
-            reason += f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MB free on that disk)"
-        except OSError:
-            pass
+        if free_at_failure is not None and free_at_failure < 2**20:
+            reason = f"No space left on device ({reason})"
+    free = _free_bytes(path.parent)
+    if free is not None and not isinstance(e, OSError):
+        reason += f" ({free / 2**20:.0f} MB free on that disk once the failed write was removed)"
     return CheckpointError(f"Could not write {path}: {reason}. The previous file, if any, is intact.")
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a failed write's temporary and free its space now: truncation frees the blocks even while the
+    writer's file is still open (torch.save's, held by the exception's traceback), so that on a full disk the
+    failure itself can still be recorded (status.json)."""
+    try:
+        os.truncate(tmp, 0)
+    except OSError:
+        pass
+    tmp.unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -101,12 +121,13 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError, _SafetensorError) as e:
+        free = _free_bytes(path.parent)
         if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise _write_failure(path, e) from e
+            _discard(tmp)
+        raise _write_failure(path, e, free) from e
     except BaseException:
         if tmp is not None:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
         raise
 
 

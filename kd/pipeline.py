@@ -6,13 +6,12 @@ and continues an interrupted one from its last epoch.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from kd import distributed, locks
+from kd import distributed, locks, statefile
 from kd.augment import Augment
 from kd.cache import ImageSet, build_cache
 from kd.checkpoint import load_weights, save_weights, write_json_atomic
@@ -32,6 +31,46 @@ PIPELINE = ("pretrain", "finetune", "distill", "baseline")  # the one list of th
 
 class PhaseOrderError(RuntimeError):
     """A phase was asked for before the phase it builds on produced its weights."""
+
+
+PHASE_EXPORTS = {"pretrain": "teacher", "finetune": "teacher", "distill": "student", "baseline": "student"}
+# what export and --resume use of a finished phase's done.json: a hand-edited or foreign one is refused up front
+DONE_SHAPE = statefile.object_with({"seconds": statefile.NUMBER, "history": list, "epochs": int, "image_size": int},
+                                   {"metrics": dict, "prep_seconds": statefile.NUMBER, "train_images": int})
+
+
+def read_done(out: Path, name: str) -> dict | None:
+    """The finished phase's record, None when it has not finished; PhaseOrderError naming the file when the
+    record is unreadable, when the weights it vouches for are gone, or when it is not unusable otherwise."""
+    phase_dir = out / name
+    try:
+        done = statefile.read_json(phase_dir / "done.json", DONE_SHAPE, default=None)
+    except statefile.UnreadableState as e:
+        raise PhaseOrderError(f"{e}: delete {phase_dir} to train the {name} phase again.") from None
+    if done is not None and not (phase_dir / f"{PHASE_EXPORTS[name]}.safetensors").is_file():
+        raise PhaseOrderError(f"{phase_dir / 'done.json'} says {name} finished, but "
+                              f"{phase_dir / (PHASE_EXPORTS[name] + '.safetensors')} is missing: delete {phase_dir} "
+                              "to train that phase again.")
+    return done
+
+
+def check_fresh_folder(out: Path, phases: tuple[str, ...]) -> None:
+    """A run started without --resume must not find earlier output of the phases it runs: it would skip them and
+    export the old weights under a card naming the new settings. Phases that build on earlier ones in the same
+    folder (`kd distill` after `kd finetune`) still can."""
+    found = [name for name in phases if (out / name).is_dir() and any((out / name).iterdir())]
+    if found:
+        raise PhaseOrderError(f"{out} already holds {', '.join(found)} output of an earlier run: continue that run "
+                              "with --resume, or choose a new run folder (nothing was changed).")
+
+
+def check_matches(done: dict, cfg: Config, name: str, out: Path) -> None:
+    """A finished phase is reused only if it was trained with this run's budget for it."""
+    phase = cfg.phase(name)
+    if (done["epochs"], done["image_size"]) != (phase.epochs, phase.image_size):
+        raise PhaseOrderError(f"{out / name} was trained for {done['epochs']} epochs at {done['image_size']} px, "
+                              f"but this run's settings ask for {phase.epochs} at {phase.image_size} px: resume with "
+                              f"the run's own settings, or delete {out / name} to train it again.")
 
 
 class RunData:
@@ -99,8 +138,10 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
               dist: distributed.Dist, resume: bool) -> dict:
     phase_dir, phase = out / name, cfg.phase(name)
     done_path = phase_dir / "done.json"
-    if done_path.exists():
-        return json.loads(done_path.read_text())
+    done = read_done(out, name)
+    if done is not None:
+        check_matches(done, cfg, name, out)
+        return done
     # each phase draws from its own (seed, phase) stream: a resumed run that skips finished phases
     # initialises this one exactly as the uninterrupted run did
     torch.manual_seed(phase_seed(cfg.seed, name, "init"))
@@ -118,7 +159,7 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
     elif name == "finetune":
         teacher = build_teacher()
         pretrained = out / "pretrain" / "teacher.safetensors"
-        if pretrained.exists():
+        if read_done(out, "pretrain") is not None:  # refuses a finished pretraining whose weights are gone
             load_weights(teacher, pretrained)
         elif cfg.init:
             init_from_file(teacher, cfg.init)
@@ -170,9 +211,9 @@ def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: I
 
 
 def finished_phases(out: Path) -> dict[str, dict]:
-    """The done.json of each finished phase of the run in `out`, in pipeline order."""
-    return {name: json.loads((out / name / "done.json").read_text())
-            for name in PIPELINE if (out / name / "done.json").exists()}
+    """The done.json of each finished phase of the run in `out`, in pipeline order (PhaseOrderError naming an
+    unusable one)."""
+    return {name: done for name in PIPELINE if (done := read_done(out, name)) is not None}
 
 
 def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, progress: bool = True,
@@ -185,6 +226,10 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
     device = distributed.resolve_device(cfg.device)
     dist = distributed.setup(device)
     # one run per folder, whoever started it (CLI, app job, torchrun): a second is refused before it writes
+    if not resume:
+        check_fresh_folder(out, phases if cfg.baseline else tuple(p for p in phases if p != "baseline"))
+    elif dist.is_main:
+        finished_phases(out)  # an unusable done.json is said before any training, not after it
     run_lock = locks.run_folder(out) if dist.is_main else None
     reporter = Reporter(out, enabled=dist.is_main)
     try:

@@ -21,7 +21,7 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from kd import distributed
-from kd.checkpoint import load_state, save_state
+from kd.checkpoint import CheckpointError, load_state, save_state
 from kd.config import PhaseConfig
 from kd.objectives import Objective, ValContext
 from kd.progress import Reporter
@@ -114,9 +114,17 @@ def fit(objective: Objective, train_set, phase: PhaseConfig, ctx: ValContext, ou
     start_epoch, history = 0, []
     if resume and state_path.exists():
         state = load_state(state_path, map_location=device)
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        try:  # a state file of another phase or version, or one edited by hand: named, never a KeyError
+            if not isinstance(state, dict) or not isinstance(state.get("epoch"), int) or \
+                    not isinstance(state.get("history"), list) or len(state["history"]) != state["epoch"] + 1:
+                raise ValueError("its epoch and history are missing or disagree")
+            objective.load_state_dict(state["objective"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{state_path} is not a training state of the {name} phase ({why[:200]}): delete it "
+                                  "to train the phase from its first epoch.") from None
         start_epoch, history = state["epoch"] + 1, state["history"]
         reporter.log("resume", phase=name, epoch=start_epoch, epochs=phase.epochs)
 

@@ -282,6 +282,40 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
     assert state.active_weights() == app_env.weights
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 24 MB tmpfs: room for a tiny run's state files and image cache, not for a ResNet50 training state."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()})")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow(15)
+def test_a_job_that_fills_the_disk_says_so_in_status_and_panel(app_env, full_disk, monkeypatch):
+    """Disk full (issue 21, item 3): the failed checkpoint's temporary is freed first, so status.json records the
+    failure and its cause, train.log has the error line, and the Train page shows it; no temporary is left."""
+    monkeypatch.setenv("KD_RUNS_DIR", str(full_disk))
+    at = open_page(start_app(), "pages/train.py")
+    _fill_tiny_form(at, "full")
+    at.button(key="train_start").click().run()
+    assert any("Started pipeline" in s for s in alerts(at, "success")), alerts(at, "error")
+    deadline = time.time() + 180
+    while jobs.current_job(full_disk) is not None and time.time() < deadline:
+        time.sleep(1)
+    run = full_disk / "full"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "No space left on device" in status["error"], status
+    assert "No space left on device" in (run / "train.log").read_text()
+    assert not [p for p in run.rglob("*.tmp")]
+    at.run()
+    assert _state(at) == "failed"
+    assert any("No space left on device" in e for e in alerts(at, "error")), alerts(at, "error")
+
+
 def _live_sleeper_lock(runs: Path, run_dir: Path) -> subprocess.Popen:
     """A process that holds the real one-job lock (as a job's launcher does) until it is killed."""
     from kd import locks

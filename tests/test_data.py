@@ -1,5 +1,8 @@
 """Dataset layout checks and the patient-level split."""
+import json
 import shutil
+
+import numpy as np
 
 import pytest
 
@@ -175,3 +178,28 @@ def test_a_split_mostly_unreadable_is_refused_naming_files(tmp_path):
         ImageSet.from_cache(cache, labels)
     fine = build_cache(paths[:1] + paths[4:5], 16, None, progress=False)
     assert len(ImageSet.from_cache(fine, [labels[0], labels[4]])) == 2 and np.all(fine.valid)
+
+
+DAMAGES = {  # what a damaged image cache looks like (issue 21, item 7): each is rebuilt, not a stopped run
+    "garbage metadata": lambda data, meta: meta.write_text("{garbage"),
+    "metadata nested too deeply": lambda data, meta: meta.write_text("[" * 100_000 + "]" * 100_000),
+    "truncated array": lambda data, meta: data.write_bytes(data.read_bytes()[:200]),
+    "metadata for fewer images": lambda data, meta: meta.write_text(json.dumps(
+        {**json.loads(meta.read_text()), "n": 2, "valid": [True, True]})),
+    "an array of another shape": lambda data, meta: np.save(data, np.zeros((3, 8, 8), np.uint8)),
+    "metadata without errors": lambda data, meta: meta.write_text(json.dumps({"n": 4, "valid": [True] * 4})),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_image_cache_is_rebuilt(tmp_path, damage):
+    from kd.cache import build_cache
+
+    root = write_kermany_dataset(tmp_path / "d", n_per_class=(2, 2), size=40)
+    paths = sorted(str(p) for p in (root / "train").rglob("*.jpeg"))
+    good = np.array(build_cache(paths, 16, tmp_path / "c", progress=False).images)
+    [data] = (tmp_path / "c").glob("*.npy")
+    DAMAGES[damage](data, data.with_suffix(".json"))
+    again = build_cache(paths, 16, tmp_path / "c", progress=False)
+    assert np.array_equal(np.asarray(again.images), good) and again.valid.all() and again.errors == {}
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([data.name, data.with_suffix(".json").name])

@@ -400,3 +400,107 @@ def test_one_file_gives_one_probability_in_the_app_in_predict_and_in_evaluate(ti
         assert abs(app.views[role].probability - p) < 1e-4
         assert abs(report[role]["probabilities"][row] - p) < 1e-4
         assert pair.models[role].calibration_temperature != 1.0 or card["models"][role].get("calibration_temperature") == 1.0
+
+
+# ----------------------------------------------------------------------------- issue 21: reused and damaged run folders
+
+def _copy_run(ref: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(ref, to)
+    return to
+
+
+def _events(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()] \
+        if (out / "progress.jsonl").exists() else []
+
+
+def test_a_fresh_run_into_a_finished_runs_folder_is_refused(tiny_run, tmp_path, capsys):
+    """Without --resume, a finished run's folder would skip every phase and export the old weights under a card
+    naming the new settings: it is refused, and nothing in it changes."""
+    data, ref = tiny_run
+    out = _copy_run(ref, tmp_path / "r")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["pipeline", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
+                 "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out} already holds pretrain, finetune, distill, baseline output" in err and "--resume" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_a_finished_phase_whose_weights_are_gone(tiny_run, tmp_path, capsys):
+    """pretrain/done.json without pretrain/teacher.safetensors: fine-tuning must not start from random weights
+    under a card that lists pretraining."""
+    data, ref = tiny_run
+    out = _copy_run(ref, tmp_path / "r")
+    import shutil
+
+    for phase in ("finetune", "distill", "baseline"):
+        shutil.rmtree(out / phase)
+    (out / "model_card.json").unlink()
+    (out / "pretrain" / "teacher.safetensors").unlink()
+    assert main(["pipeline", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
+                 "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out / 'pretrain' / 'done.json'} says pretrain finished, but" in err and "teacher.safetensors is missing" in err
+    assert not (out / "finetune").exists()
+
+
+@pytest.mark.parametrize("content, why", [(b"{}", "has no 'seconds'"), (b"garbage", "not valid JSON"),
+                                          (b'{"seconds": 1, "history": [], "epochs": "1", "image_size": 32}',
+                                           "'epochs' must be an integer")])
+def test_resume_names_an_unusable_done_json_before_training(tiny_run, tmp_path, capsys, content, why):
+    data, ref = tiny_run
+    out = _copy_run(ref, tmp_path / "r")
+    (out / "distill" / "done.json").write_bytes(content)
+    steps_before = len(_events(out))
+    assert main(["pipeline", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
+                 "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"unreadable: {out / 'distill' / 'done.json'}, " in err and why in err and f"delete {out / 'distill'}" in err
+    assert len(_events(out)) == steps_before  # refused up front: nothing trained
+
+
+def test_resume_refuses_a_finished_phase_of_another_budget(tiny_run, tmp_path, capsys):
+    data, ref = tiny_run
+    out = _copy_run(ref, tmp_path / "r")
+    (out / "model_card.json").unlink()
+    import shutil
+
+    shutil.rmtree(out / "baseline")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["finetune"]["epochs"] = 3
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert main(["pipeline", "--data", str(data), "--out", str(out), "--device", "cpu", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out / 'finetune'} was trained for 1 epochs at 32 px, but this run's settings ask for 3" in err
+
+
+@pytest.mark.parametrize("tamper", ["no history", "another phase", "not a dict"])
+def test_a_tampered_training_state_is_named_not_a_key_error(tmp_path, tamper):
+    from kd.config import preset
+    from kd.models import build_student, build_teacher
+    from kd.objectives import SupervisedObjective, ValContext, class_weights
+    from kd.progress import Reporter
+    from kd.train import STATE_FILE, fit
+
+    import numpy as np
+
+    from kd.cache import ImageSet
+
+    images = ImageSet(np.zeros((8, 32, 32), np.uint8), np.array([0, 1] * 4), np.arange(8))
+    phase = preset("tiny").finetune
+    student = SupervisedObjective(build_student(), "student", 32, class_weights([4, 4]))
+    if tamper == "no history":
+        state = {"objective": student.state_dict(), "epoch": 0}
+    elif tamper == "another phase":  # the teacher's state where the student's belongs
+        teacher = SupervisedObjective(build_teacher(), "teacher", 32, class_weights([4, 4]))
+        state = {"objective": teacher.state_dict(), "optimizer": {}, "scheduler": {}, "epoch": 0, "history": [{}]}
+    else:
+        state = [1, 2, 3]
+    save_state(state, tmp_path / STATE_FILE)
+    ctx = ValContext(None, images, torch.device("cpu"))
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / STATE_FILE} is not a training state of the baseline "
+                                              r"phase .*delete it"):
+        fit(student, images, phase, ctx, tmp_path, Reporter(tmp_path, enabled=False), "baseline", resume=True)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from kd.checkpoint import temporary_path, write_json_atomic
 from kd.data import CLASSES, DatasetError
-from kd.preprocess import PREPROCESS_VERSION, ImageError, prepare_file
+from kd.preprocess import FORMAT_NAMES, PREPROCESS_VERSION, ImageError, prepare_file
 
 
 @dataclass
@@ -135,7 +135,7 @@ def check_readable(cache: ImageCache, labels: np.ndarray, examples: int = 3) -> 
         bad = [p for p, ok in zip(cache.paths, cache.valid) if not ok][:examples]
         shown = "; ".join(f"{p}: {cache.errors.get(p, 'unreadable')}" for p in bad)
         raise DatasetError(f"The dataset cannot be used: {', '.join(problems)}. For example {shown}. "
-                           "Replace or remove the unreadable files (JPEG or PNG X-rays).")
+                           f"Replace or remove the unreadable files ({FORMAT_NAMES} X-rays).")
 
 
 @dataclass

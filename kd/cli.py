@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kd.config import PRESETS, SSL_METHODS, STUDENT_INITS, TEACHER_TARGETS, Config, preset
+from kd.preprocess import FORMAT_NAMES
 
 PHASE_COMMANDS = {"pipeline": ("pretrain", "finetune", "distill", "baseline"), "pretrain": ("pretrain",),
                   "finetune": ("finetune",), "distill": ("distill",)}
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p = sub.add_parser("predict", help="probability of pneumonia for X-ray files (JPEG, PNG, DICOM)")
-    p.add_argument("files", nargs="+", help="JPEG, PNG or DICOM files")
+    p.add_argument("files", nargs="+", help=f"chest X-rays: {FORMAT_NAMES} files")
     p.add_argument("--weights", help=WEIGHTS_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     o = sub.add_parser("fit-ood", help="fit the check that refuses what is not a chest radiograph (kd/ood.py) on a "

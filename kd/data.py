@@ -15,8 +15,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from kd.preprocess import FILE_SUFFIXES, FORMAT_NAMES
+
 CLASSES = ("NORMAL", "PNEUMONIA")
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+IMAGE_EXTENSIONS = FILE_SUFFIXES  # one list with the uploader and `kd predict` (kd.preprocess.FORMATS)
 
 LAYOUT_HELP = """Expected layout (Kermany et al. 2018, "chest_xray"; class folders are case-insensitive):
   DATA/
@@ -135,7 +137,7 @@ def list_split(root: str | Path, split: str) -> list[Sample]:
         if not files:
             sub = [d for d in class_dir.iterdir() if _is(d, Path.is_dir)]
             hint = f" (it holds only sub-folders such as {sub[0].name}/: nested one level too deep?)" if sub else ""
-            raise DatasetError(f"{class_dir} has no JPEG or PNG images{hint}.\n\n{LAYOUT_HELP}")
+            raise DatasetError(f"{class_dir} has no images ({FORMAT_NAMES}){hint}.\n\n{LAYOUT_HELP}")
         samples += [Sample(str(p), label, patient_id(p.name)) for p in files]
     return samples
 

@@ -36,7 +36,16 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 # Formats Pillow may try; fewer decoders means less attack surface (no EPS/ghostscript).
 PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # JPEG includes MPO
-SUPPORTED = "supported formats are JPEG, PNG and DICOM"
+# The one list of what is read, by name and file suffix: the uploader, `kd predict`, dataset folders and the
+# refusal sentence all take it from here (Pillow's formats above, and DICOM through pydicom)
+FORMATS = {"JPEG": (".jpeg", ".jpg"), "PNG": (".png",), "DICOM": (".dcm", ".dicom"), "TIFF": (".tif", ".tiff"),
+           "BMP": (".bmp",), "WebP": (".webp",)}
+FORMAT_NAMES = ", ".join(list(FORMATS)[:-1]) + f" or {list(FORMATS)[-1]}"
+FILE_SUFFIXES = tuple(suffix for suffixes in FORMATS.values() for suffix in suffixes)
+SUPPORTED = f"supported formats are {', '.join(list(FORMATS)[:-1])} and {list(FORMATS)[-1]}"
+# larger decoded pictures are reduced (by an integer box filter, never below the model's size) before any
+# conversion: a 7700 x 7700 RGBA PNG otherwise costs ~2 GB in float copies for a 160 px model input
+REDUCE_ABOVE = 2048
 # Mean absolute difference between colour channels (0..255) above which an
 # image is a colour photograph rather than a grayscale X-ray saved as RGB.
 COLOURFULNESS_LIMIT = 12.0
@@ -184,6 +193,7 @@ def _load_with_pillow(data: bytes, target_size: int | None) -> XRay:
     _decode(image)
     notes: list[str] = []
     orientation = _exif_orientation(image, notes)  # after decoding: PNG reads EXIF by loading
+    image = _reduced(image, target_size)
     if orientation in (5, 6, 7, 8):  # stored sideways: report the size as displayed
         width, height = height, width
     if image.format != "MPO" and getattr(image, "n_frames", 1) > 1:  # MPO: phone extras
@@ -193,6 +203,22 @@ def _load_with_pillow(data: bytes, target_size: int | None) -> XRay:
         image = ImageOps.exif_transpose(image)
     pixels = _to_gray(image, notes)
     return XRay(pixels, (width, height), source, tuple(notes))
+
+
+def _reduced(image: Image.Image, target_size: int | None) -> Image.Image:
+    """A large decoded picture shrunk by the largest integer factor that keeps both sides >= max(target_size,
+    REDUCE_ABOVE / 2) (what libjpeg's draft does for JPEG), so later conversions work on a small copy."""
+    if not target_size or max(image.size) <= REDUCE_ABOVE:
+        return image
+    factor = min(image.size) // max(target_size, REDUCE_ABOVE // 2)
+    if factor < 2:
+        return image
+    try:
+        small = image.reduce(factor)
+    except (ValueError, NotImplementedError):  # a mode reduce() does not do (e.g. 16-bit "I;16"): keep it
+        return image
+    small.info, small.format = image.info, image.format
+    return small
 
 
 def _open_with_pillow(data: bytes) -> Image.Image:

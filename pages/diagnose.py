@@ -19,7 +19,7 @@ opacity = right.slider("Heat map opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacity
 upload_tab, dataset_tab = st.tabs(["Upload X-rays", "Pick a dataset case"])
 
 with upload_tab:
-    files = st.file_uploader("Chest X-rays (JPEG, PNG or DICOM); several at once are fine", type=None,
+    files = st.file_uploader(diagnose.UPLOAD_LABEL, type=None,
                              accept_multiple_files=True, key="uploads", help=diagnose.UPLOAD_HELP)
     if not files:
         st.caption(diagnose.UPLOAD_HELP)

@@ -408,7 +408,7 @@ def test_build_config_is_the_cli_config_and_validates(app_env, tmp_path):
                                 distill_unlabeled=True)
     assert cfg.unlabeled == [str(corpus.parent.resolve())] and cfg.distill_unlabeled
     (tmp_path / "empty").mkdir()
-    for folders, problem in ((str(tmp_path / "empty"), "holds no JPEG or PNG"), (str(tmp_path / "nope"), "does not exist")):
+    for folders, problem in ((str(tmp_path / "empty"), "holds no pictures"), (str(tmp_path / "nope"), "does not exist")):
         with pytest.raises(DatasetError, match=problem):
             ui_train.build_config(str(app_env.data), "r7", "tiny", unlabeled=folders)
     with pytest.raises(ValueError, match="needs unlabeled folders"):

@@ -71,7 +71,7 @@ def test_class_folders_are_case_insensitive(tmp_path):
 
 
 @pytest.mark.parametrize("breakage, words", [
-    ("missing_class", "no PNEUMONIA/ folder"), ("empty_class", "no JPEG or PNG"),
+    ("missing_class", "no PNEUMONIA/ folder"), ("empty_class", "has no images"),
     ("nested", "nested one level too deep"), ("missing_root", "does not exist"), ("class_dirs_at_root", "class folders"),
 ])
 def test_wrong_layouts_explain_the_expected_layout(tmp_path, breakage, words):

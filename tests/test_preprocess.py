@@ -58,7 +58,7 @@ def test_bad_upload_is_refused_with_a_human_message(case):
 
 
 def test_non_image_message_names_supported_formats():
-    with pytest.raises(ImageError, match="JPEG, PNG and DICOM"):
+    with pytest.raises(ImageError, match="JPEG, PNG, DICOM, TIFF, BMP and WebP"):
         load_case(fx.BAD_UPLOADS, "text_as_jpg")
 
 
@@ -366,3 +366,46 @@ def test_write_kermany_dataset_layout(tmp_path):
     normal_mean = np.mean([load_xray_file(p).pixels[lungs].mean() for p in (root / "train" / "NORMAL").iterdir()])
     sick_mean = np.mean([load_xray_file(p).pixels[lungs].mean() for p in (root / "train" / "PNEUMONIA").iterdir()])
     assert sick_mean > normal_mean + 10
+
+
+def test_one_list_of_formats_reads_each_and_names_each(tmp_path):
+    """Every format the refusal sentence names is read, by the uploader, `kd predict` and dataset folders alike
+    (issue 21, item 9): one list, kd.preprocess.FORMATS."""
+    import io
+
+    from PIL import Image
+
+    from kd import preprocess
+    from kd.cli import build_parser
+    from kd.data import is_image_file
+    from kd.ui.diagnose import UPLOAD_HELP, UPLOAD_LABEL
+
+    pixels = fx.xray_like_array(64, 64)
+    for name, suffixes in preprocess.FORMATS.items():
+        if name == "DICOM":
+            data = fx.dicom_bytes(pixels.astype(np.uint16) * 256)
+        else:
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, {"WebP": "WEBP"}.get(name, name))
+            data = buf.getvalue()
+        assert load_xray(data, f"x{suffixes[0]}").pixels.shape == (64, 64), name
+        assert name in preprocess.SUPPORTED and name in UPLOAD_LABEL and name in UPLOAD_HELP
+        assert all(s in preprocess.FILE_SUFFIXES for s in suffixes)
+    predict = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions
+                   if a.dest == "files")
+    assert all(name in predict.help for name in preprocess.FORMATS)
+    for suffix in preprocess.FILE_SUFFIXES:  # dataset and unlabeled folders list the same files
+        (tmp_path / f"a{suffix}").write_bytes(b"x")
+        assert is_image_file(tmp_path / f"a{suffix}")
+    assert not is_image_file(tmp_path / "notes.txt")
+
+
+def test_a_large_picture_is_reduced_before_conversion_never_below_the_model_size():
+    from kd.preprocess import REDUCE_ABOVE
+
+    big = np.kron(fx.xray_like_array(300, 300), np.ones((14, 14), np.uint8))  # 4200 x 4200
+    rgba = np.dstack([big, big, big, np.full_like(big, 255)])
+    xray = load_xray(fx.png_bytes(rgba), "big.png", target_size=160)
+    assert xray.original_size == (4200, 4200)
+    assert REDUCE_ABOVE // 2 <= xray.pixels.shape[0] < 4200 and xray.pixels.shape[0] == xray.pixels.shape[1]
+    assert load_xray(fx.png_bytes(rgba), "big.png").pixels.shape == (4200, 4200)  # no model size: kept whole

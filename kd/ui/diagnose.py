@@ -27,7 +27,8 @@ CAM_HELP = ("Where the heat map comes from: a Grad-CAM-family method on one or s
             "(bench/cam_grid.py, README).")
 MEMO_KEY = "_kd_diagnoses"
 MEMO_SIZE = 32  # diagnoses remembered per session (bytes digests -> results, memory only)
-UPLOAD_HELP = ("JPEG, PNG or DICOM (.dcm). Files are processed in memory only: never written to disk, never "
+UPLOAD_LABEL = f"Chest X-rays ({preprocess.FORMAT_NAMES}); several at once are fine"
+UPLOAD_HELP = (f"{preprocess.FORMAT_NAMES} ({', '.join(preprocess.FILE_SUFFIXES)}). Files are processed in memory only: never written to disk, never "
                "logged, forgotten when the session ends.")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from kd import data as kdata
-from kd import jobs
+from kd import jobs, preprocess
 from kd import runs as kruns
 from kd.config import DESCRIPTION, PRESETS, Config, preset
 from kd.ui import figures
@@ -76,7 +76,7 @@ def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs
     folders = [line.strip() for line in (unlabeled or "").splitlines() if line.strip()]
     for folder in folders:
         if not kdata.list_unlabeled([folder]):
-            raise kdata.DatasetError(f"Unlabeled folder {folder} holds no JPEG or PNG pictures.")
+            raise kdata.DatasetError(f"Unlabeled folder {folder} holds no pictures ({preprocess.FORMAT_NAMES}).")
     run_dir = kruns.run_dir_for(run_name, runs_root())
     if device not in DEVICES.values():
         raise ValueError(f"Unknown device {device!r}")

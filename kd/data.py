@@ -6,6 +6,7 @@ same child never appears on both sides, otherwise validation scores are inflated
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
@@ -107,6 +108,14 @@ def find_split(root: str | Path, split: str) -> Path | None:
 def check_root(root: str | Path) -> Path:
     """The dataset root, or a DatasetError that says what is wrong and shows the layout."""
     root = Path(root).expanduser()
+    if str(root).strip() and root.is_symlink() and not root.exists():
+        try:
+            root.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13 says so for a loop; OSError(ELOOP) on newer ones
+            raise DatasetError(f"{root} is a symbolic link that loops back on itself.\n\n{LAYOUT_HELP}") from None
+        except OSError as e:
+            why = "loops back on itself" if e.errno == errno.ELOOP else f"points to {os.readlink(root)}, which does not exist"
+            raise DatasetError(f"{root} is a symbolic link that {why}.\n\n{LAYOUT_HELP}") from None
     if not str(root).strip() or not root.exists():
         raise DatasetError(f"The folder {root} does not exist.\n\n{LAYOUT_HELP}")
     if not root.is_dir():
@@ -138,13 +147,16 @@ def list_split(root: str | Path, split: str) -> list[Sample]:
             sub = [d for d in class_dir.iterdir() if _is(d, Path.is_dir)]
             hint = f" (it holds only sub-folders such as {sub[0].name}/: nested one level too deep?)" if sub else ""
             raise DatasetError(f"{class_dir} has no images ({FORMAT_NAMES}){hint}.\n\n{LAYOUT_HELP}")
+        if not any(_is(p, lambda q: q.stat().st_size > 0) for p in files):
+            raise DatasetError(f"All {len(files)} files in {class_dir} are empty (0 bytes): the copy of the dataset is "
+                               f"incomplete.\n\n{LAYOUT_HELP}")
         samples += [Sample(str(p), label, patient_id(p.name)) for p in files]
     return samples
 
 
 @_listing_errors
 def list_unlabeled(folders: list[str | Path]) -> list[str]:
-    """Every JPEG/PNG under the given folders (any layout, searched recursively), sorted."""
+    """Every image file (kd.preprocess.FORMATS) under the given folders (any layout, searched recursively), sorted."""
     paths: list[str] = []
     for folder in folders:
         folder = Path(folder).expanduser()

@@ -203,3 +203,22 @@ def test_a_damaged_image_cache_is_rebuilt(tmp_path, damage):
     again = build_cache(paths, 16, tmp_path / "c", progress=False)
     assert np.array_equal(np.asarray(again.images), good) and again.valid.all() and again.errors == {}
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([data.name, data.with_suffix(".json").name])
+
+
+def test_a_symlink_loop_or_dangling_link_is_named_as_such(tmp_path):
+    from kd.data import check_root
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(DatasetError, match="is a symbolic link that loops back on itself"):
+        check_root(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(DatasetError, match=f"points to {tmp_path / 'gone'}, which does not exist"):
+        check_root(tmp_path / "dangling")
+
+
+def test_a_dataset_of_empty_files_is_not_found(tmp_path):
+    root = write_kermany_dataset(tmp_path / "d", n_per_class=(3, 3), size=40)
+    for p in (root / "train" / "NORMAL").iterdir():
+        p.write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"All 3 files in .*NORMAL are empty \(0 bytes\)"):
+        list_split(root, "train")

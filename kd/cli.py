@@ -116,28 +116,31 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from kd.inference import predict_bytes, load_pair
-    from kd.preprocess import ImageError
+    from tqdm.auto import tqdm
 
+    from kd.inference import load_pair, predict_files
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1 (got {args.batch_size})")
     pair = load_pair(args.weights)
     refused = 0
-    for path in args.files:
-        try:
-            data = Path(path).read_bytes()
-            r = predict_bytes(pair, data, Path(path).name)
-        except (OSError, ImageError) as e:
-            refused += 1
-            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            print(json.dumps({"file": path, "error": msg}) if args.json else f"{path}: refused: {msg}")
-            continue
-        r["file"] = path
-        if args.json:
-            print(json.dumps(r))
-        else:
-            t, s = r["teacher"], r["student"]
-            note = f"  [{'; '.join(r['warnings'])}]" if r["warnings"] else ""
-            print(f"{path}: teacher p(pneumonia)={t['probability']:.3f} {t['decision']}, "
-                  f"student p(pneumonia)={s['probability']:.3f} {s['decision']}{note}")
+    # one line per file on stdout as each batch finishes; the bar is on stderr (off when it is not a terminal)
+    with tqdm(total=len(args.files), desc="predict", unit="file", disable=None, file=sys.stderr) as bar:
+        for path, r, error in predict_files(pair, args.files, batch_size=args.batch_size):
+            bar.update(1)
+            if error is not None:
+                refused += 1
+                print(json.dumps({"file": path, "error": error}) if args.json else f"{path}: refused: {error}",
+                      flush=True)
+                continue
+            r["file"] = path
+            if args.json:
+                print(json.dumps(r, allow_nan=False), flush=True)
+            else:
+                t, s = r["teacher"], r["student"]
+                note = f"  [{'; '.join(r['warnings'])}]" if r["warnings"] else ""
+                print(f"{path}: teacher p(pneumonia)={t['probability']:.3f} {t['decision']}, "
+                      f"student p(pneumonia)={s['probability']:.3f} {s['decision']}{note}", flush=True)
     return 2 if refused else 0
 
 
@@ -191,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p = sub.add_parser("predict", help="probability of pneumonia for X-ray files (JPEG, PNG, DICOM)")
     p.add_argument("files", nargs="+", help=f"chest X-rays: {FORMAT_NAMES} files")
+    p.add_argument("--batch-size", type=int, default=16, help="files decoded ahead and predicted together")
     p.add_argument("--weights", help=WEIGHTS_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     o = sub.add_parser("fit-ood", help="fit the check that refuses what is not a chest radiograph (kd/ood.py) on a "

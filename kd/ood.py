@@ -168,14 +168,18 @@ class OODCheck:
 
     def reason(self, teacher: nn.Module, square: np.ndarray) -> str | None:
         """Why this square is refused, or None when it looks like the training X-rays."""
-        why = image_reason(square)
-        if why:
-            return why
-        d = float(self.distances(teacher, square[None])[0])
-        if d > self.threshold:
-            return (f"{NOT_CXR}: the teacher's features for it are {d / self.threshold:.1f}x farther from the "
-                    f"training X-rays' than the refusal threshold ({threshold_words()}){REASON_END}")
-        return None
+        return self.reasons(teacher, square[None])[0]
+
+    def reasons(self, teacher: nn.Module, squares: np.ndarray) -> list[str | None]:
+        """`reason` for each square of [N, S, S], with one batched teacher pass for those the grey levels let by."""
+        why = [image_reason(square) for square in squares]
+        left = [i for i, w in enumerate(why) if w is None]
+        if left:
+            for i, d in zip(left, self.distances(teacher, squares[left]).tolist()):
+                if d > self.threshold:
+                    why[i] = (f"{NOT_CXR}: the teacher's features for it are {d / self.threshold:.1f}x farther from "
+                              f"the training X-rays' than the refusal threshold ({threshold_words()}){REASON_END}")
+        return why
 
 
 def load(weights_dir: str | Path, teacher_file: str | Path) -> OODCheck | None:

@@ -178,3 +178,12 @@ def test_kd_transfer_compares_students_and_a_teacher_ensemble(tiny_run, tmp_path
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",
                              "--ensemble", str(member)]) == 1
     assert "not one recipe" in capsys.readouterr().out
+
+
+def test_predict_bulk_bench_times_both_paths(kd_tiny, capsys, monkeypatch):
+    import predict_bulk
+
+    monkeypatch.setattr(predict_bulk, "SHARED", Path("/nonexistent"))  # generated files, with or without data
+    assert predict_bulk.main(["--files", "5", "--pairs", "1", "--batch-size", "2", "--weights", str(kd_tiny.weights)]) == []
+    out = capsys.readouterr().out
+    assert "5 files" in out and "one_by_one" in out and "batched" in out and "no verdict" in out

@@ -210,3 +210,35 @@ def test_the_app_shows_the_reason_in_place_of_a_probability(fitted, app_env, mon
     assert len(metric_values(at, "Probability of pneumonia")) == 2  # teacher and student, for the X-ray only
     assert "the uploaded picture" in [c for i in at.image for c in i.captions]
     assert "Before any probability" in all_text(at)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_bulk_predict_gives_each_file_what_predict_bytes_gives_in_order(fitted, tmp_path, batch_size):
+    """kd.inference.predict_files (kd predict's batched, threaded path; issue 21 item 10) against the one-file
+    path: the same probabilities (to float rounding of a batched forward), decisions, refusals and warnings,
+    in the order given, with unreadable files, junk refused by the check and a repeated file among them."""
+    from kd.inference import predict_files
+
+    weights, _ = fitted
+    pair = load_pair(weights)
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"x{i}.jpeg")
+        paths[-1].write_bytes(jpeg_bytes(xray_like_array(200 + 8 * i, 240, seed=600 + i)))
+    (tmp_path / "black.png").write_bytes(JUNK["black.png"])
+    (tmp_path / "broken.jpeg").write_bytes(b"not a picture")
+    order = [paths[0], tmp_path / "black.png", *paths[1:4], tmp_path / "broken.jpeg", tmp_path / "gone.png",
+             *paths[4:], paths[0]]
+    got = list(predict_files(pair, [str(p) for p in order], batch_size=batch_size))
+    assert [g[0] for g in got] == [str(p) for p in order]
+    for path, result, error in got:
+        try:
+            expected = predict_bytes(pair, open(path, "rb").read(), path.rsplit("/", 1)[-1])
+        except (OSError, ImageError) as e:
+            assert result is None and error == (e.strerror if isinstance(e, OSError) else str(e))
+            continue
+        assert error is None and result["warnings"] == expected["warnings"]
+        for role in ("teacher", "student"):
+            assert result[role]["probability"] == pytest.approx(expected[role]["probability"], abs=1e-5)
+            assert result[role]["decision"] == expected[role]["decision"]
+    assert sum(error is not None for _, _, error in got) == 3

@@ -98,7 +98,9 @@ def _check_models(value, what: str = "it") -> None:
 CARD_SHAPE = object_with(
     {"models": _check_models,
      "input": object_with({"size": _input_size}, {"mean": finite(), "std": _POSITIVE, "contrast": one_of(preprocess.CONTRASTS)})},
-    {"config": dict, "wall_time_s": mapping_of(NUMBER)})
+    # the run's settings that readers use: the validation split's fraction and seeds (Data, Evaluate, kd evaluate)
+    {"config": object_with(optional={"val_fraction": finite(0.0, 0.9, low_open=True), "split_seed": int, "seed": int}),
+     "wall_time_s": mapping_of(NUMBER)})
 
 
 def read_card(weights_dir: str | Path) -> dict:

@@ -22,14 +22,16 @@ STATUS_FILE = "status.json"
 _COUNTERS = ("epoch", "epochs", "step", "steps", "global_step", "total_steps", "images_per_s", "eta_s", "loss", "lr",
              "started", "finished", "stopped", "updated", "elapsed_before")
 _PHASE_COUNTERS = ("epoch", "epochs", "step", "steps", "global_step", "total_steps", "images_per_s", "eta_s", "loss")
+_FINITE = statefile.finite(or_null=True)  # counters feed ETAs, int() and charts: Infinity or NaN crash them
 # What the readers of status.json use (the app's live panel, kd.jobs); other keys pass unchecked.
 STATUS_SHAPE = object_with(optional={
     "state": str, "phases": list_of(str), "phase": OPTIONAL_STR, "last_event": str, "error": OPTIONAL_STR,
-    "pid": int, "model": str, **{key: OPTIONAL_NUMBER for key in _COUNTERS}})
+    "pid": int, "model": str, **{key: _FINITE for key in _COUNTERS}})
 # One progress event; steps and epochs need what the charts are drawn from.
 _EVENT_FIELDS = {"time": NUMBER, "phase": OPTIONAL_STR, "metrics": statefile.mapping_of(OPTIONAL_NUMBER),
-                 "seconds": OPTIONAL_NUMBER, **{key: OPTIONAL_NUMBER for key in _COUNTERS}}
-_EVENT_REQUIRED = {"step": {"phase": str, "global_step": NUMBER}, "epoch": {"phase": str, "epoch": NUMBER}}
+                 "seconds": _FINITE, **{key: _FINITE for key in _COUNTERS}}
+_EVENT_REQUIRED = {"step": {"phase": str, "global_step": statefile.finite()},
+                   "epoch": {"phase": str, "epoch": statefile.finite()}}
 
 
 def check_event(value, what: str = "it") -> None:

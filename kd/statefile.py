@@ -125,12 +125,14 @@ def nullable(spec) -> Check:
     return check
 
 
-def finite(low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> Check:
-    """A check for a finite number in [low, high] ((low, high] with low_open): JSON from Python may hold NaN
-    and Infinity, and a NaN threshold or temperature turns every decision silently into one class."""
+def finite(low: float = -math.inf, high: float = math.inf, low_open: bool = False, or_null: bool = False) -> Check:
+    """A check for a finite number in [low, high] ((low, high] with low_open; null too with or_null): JSON from
+    Python may hold NaN and Infinity, and a NaN threshold or temperature turns every decision into one class."""
 
     def check(value: Any, what: str = "it") -> None:
-        expect(value, NUMBER, what)
+        expect(value, OPTIONAL_NUMBER if or_null else NUMBER, what)
+        if value is None:
+            return
         if not math.isfinite(value):
             raise ShapeError(f"{what} must be a finite number, not {_show(value)}")
         if value < low or value > high or (low_open and value == low):

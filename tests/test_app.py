@@ -520,6 +520,10 @@ BROKEN_RUN_FILES = {  # the issue's cases: (file in the run folder, content, wor
     "progress epoch metrics 5 with phase": ("progress.jsonl", b'{"kind":"epoch","phase":"finetune","epoch":1,'
                                             b'"metrics":5}\n', "'metrics' must be a JSON object, not 5"),
     "progress random bytes": ("progress.jsonl", RANDOM_BYTES + b"\n", "line 2: "),
+    "progress total_steps Infinity": ("progress.jsonl", b'{"kind":"step","phase":"finetune","global_step":2,'
+                                      b'"total_steps":Infinity}\n', "'total_steps' must be a finite number"),
+    "status elapsed_before NaN": ("status.json", b'{"state": "stopped", "elapsed_before": NaN}',
+                                  "'elapsed_before' must be a finite number, not NaN"),
     "status nested 100,000 deep": ("status.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     "progress nested 100,000 deep": ("progress.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", "nested too deeply"),
 }

@@ -88,6 +88,9 @@ def test_status_of_the_wrong_shape(tmp_path, content, why):
     (b'{"kind": "epoch", "phase": "finetune", "epoch": 1, "metrics": 5}', "'metrics' must be a JSON object, not 5"),
     (b'{"kind": "epoch", "phase": "finetune", "epoch": 1, "metrics": {"auc": "high"}}', "'metrics.auc' must be"),
     (b"\x93\x00\xffrandom", "not UTF-8 text"),
+    (b'{"kind": "step", "phase": "finetune", "global_step": 1, "total_steps": Infinity}',
+     "'total_steps' must be a finite number, not Infinity"),
+    (b'{"kind": "step", "phase": "finetune", "global_step": NaN}', "'global_step' must be a finite number, not NaN"),
 ])
 def test_progress_lines_of_the_wrong_shape_are_left_out_and_said(tmp_path, line, why):
     good = {"kind": "step", "phase": "finetune", "epoch": 1, "step": 1, "global_step": 1, "total_steps": 2,
@@ -215,6 +218,8 @@ BAD_CARD_FIELDS = {  # field: (value, words of the message)
     "file a folder": ("models.student.file", "sub/student.safetensors", "must be a .safetensors file name"),
     "file not safetensors": ("models.student.file", "student.pt", "must be a .safetensors file name"),
     "a one-value CI": ("models.teacher.validation.ci.auc", [0.9], "must be a [low, high] pair, not 1 value"),
+    "config.val_fraction null": ("config.val_fraction", None, "must be a number, not null"),
+    "config.val_fraction NaN": ("config.val_fraction", NAN, "finite number"),
 }
 
 

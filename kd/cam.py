@@ -24,7 +24,7 @@ from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 from kd import preprocess
-from kd.inference import LoadedModel, ModelPair, refuse_out_of_distribution
+from kd.inference import LoadedModel, ModelPair, screen
 from kd.metrics import softmax_pneumonia
 
 METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}  # on layer4, the names the app has always passed
@@ -226,7 +226,7 @@ def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = D
     inference.NotChestXray (before any probability is computed) for what the weights' kd.ood check refuses."""
     size = pair.input_size
     square, xray = pair.prepare(data, name)  # the model's pixels: the same path as training and `kd predict`
-    refuse_out_of_distribution(pair, square)
+    xray = screen(pair, square, xray)  # refusal (kd.ood) and framing warnings (kd.framing) first
     shown = preprocess.load_xray(data, name=name, target_size=max(size, DISPLAY_SIZE))  # sharper, for the eye only
     return diagnose_square(pair, square, xray, method, display_picture(shown.pixels, size))
 

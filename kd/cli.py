@@ -153,6 +153,12 @@ def cmd_fit_ood(args) -> int:
               f"{r['by_image_statistics']} by image statistics, {r['by_embedding_distance']} by embedding distance")
     print(f"threshold {info['threshold']:.1f} ({info['threshold_rule']}); wrote {args.weights}/{info['file']} "
           f"and the card's {CARD_KEY!r} section")
+    from kd import framing
+
+    framed = framing.fit_weights(args.weights, args.data, command="python -m kd " + shlex.join(args.argv))
+    for what, r in framed["warned"].items():
+        print(f"framing: {what:34} warned {r['warned']:4d} of {r['n']:5d} ({r['fraction']:.1%})")
+    print(f"wrote {args.weights}/{framed['file']} and the card's {framing.CARD_KEY!r} section")
     return 0
 
 
@@ -197,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="files decoded ahead and predicted together")
     p.add_argument("--weights", help=WEIGHTS_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    o = sub.add_parser("fit-ood", help="fit the check that refuses what is not a chest radiograph (kd/ood.py) on a "
-                       "weights folder; re-run it whenever the weights change")
+    o = sub.add_parser("fit-ood", help="fit the check that refuses what is not a chest radiograph (kd/ood.py), and "
+                       "the framing warnings for crops, zooms and mirror images (kd/framing.py), on a weights folder; "
+                       "re-run it whenever the weights change")
     o.add_argument("--weights", required=True, help="weights folder to fit it for; ood.safetensors and the model "
                    "card's 'ood' section are written there")
     o.add_argument("--data", required=True, help="dataset root in the Kermany layout: fitted on the patient-level "

@@ -2,6 +2,7 @@
 whole image sets (what validation, export and `kd evaluate` share)."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,9 @@ from kd.checkpoint import CheckpointError, file_in_folder, load_weights
 from kd.metrics import softmax_pneumonia
 from kd.model_card import CARD_FILE, read_card
 from kd.models import build
-from kd.ood import OODCheck
+from kd.framing import FramingCheck
+from kd.framing import load as load_framing
+from kd.ood import OODCheck, file_sha256
 from kd.ood import load as load_ood
 from kd.paths import default_weights
 
@@ -44,6 +47,7 @@ class ModelPair:
     models: dict[str, LoadedModel]
     weights_dir: Path
     ood: "OODCheck | None" = None  # kd.ood: refuses what is not a chest radiograph; None when not fitted
+    framing: "FramingCheck | None" = None  # kd.framing: warns of crops, zooms and mirror images; None when not fitted
 
     @property
     def input_size(self) -> int:
@@ -74,8 +78,10 @@ def load_pair(weights_dir: str | Path | None = None, ood: bool = True) -> ModelP
         model = model.to(memory_format=torch.channels_last)
         threshold = float(info.get("threshold", 0.5))
         models[role] = LoadedModel(role, model, threshold, float(info.get("calibration_temperature", 1.0)))
-    check = load_ood(weights_dir, file_in_folder(weights_dir, card["models"]["teacher"]["file"])) if ood else None
-    return ModelPair(card, models, weights_dir, check)
+    teacher_file = file_in_folder(weights_dir, card["models"]["teacher"]["file"])
+    check = load_ood(weights_dir, teacher_file) if ood else None
+    framing = load_framing(weights_dir, file_sha256(teacher_file)) if ood else None
+    return ModelPair(card, models, weights_dir, check, framing)
 
 
 def check_in_distribution(pair: ModelPair, square: np.ndarray) -> str | None:
@@ -98,6 +104,23 @@ def refuse_out_of_distribution(pair: ModelPair, square: np.ndarray) -> None:
     reason = check_in_distribution(pair, square)
     if reason:
         raise NotChestXray(reason)
+
+
+def framing_warnings(pair: ModelPair, squares: np.ndarray) -> list[tuple[str, ...]]:
+    """kd.framing's warnings for each square of [N, S, S] (crop, zoom, mirror image); none without a fitted check."""
+    if pair.framing is None or not len(squares):
+        return [() for _ in range(len(squares))]
+    teacher = pair.models["teacher"]
+    with teacher.lock:
+        return pair.framing.warnings(teacher.model, squares)
+
+
+def screen(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay) -> preprocess.XRay:
+    """Before any probability: refuse what is not a chest radiograph (NotChestXray), and add the framing
+    warnings to the X-ray's own (the uploader's notes on decoding)."""
+    refuse_out_of_distribution(pair, square)
+    extra = framing_warnings(pair, square[None])[0]
+    return dataclasses.replace(xray, warnings=tuple(xray.warnings) + extra) if extra else xray
 
 
 def decide(probability: float, threshold: float) -> str:
@@ -133,7 +156,7 @@ def predict_bytes(pair: ModelPair, data: bytes, name: str = "upload") -> dict:
     """Decode, preprocess, check it is a chest radiograph (check_in_distribution) and predict; raises
     preprocess.ImageError with a human message."""
     square, xray = pair.prepare(data, name)
-    refuse_out_of_distribution(pair, square)
+    xray = screen(pair, square, xray)
     return {"file": name, **predict_square(pair, square), "warnings": list(xray.warnings)}
 
 
@@ -164,6 +187,7 @@ def predict_files(pair: ModelPair, paths: list[str], batch_size: int = 16, worke
                     refusals = pair.ood.reasons(teacher.model, squares)
             kept = [i for i, why in enumerate(refusals) if why is None]
             results = dict(zip(kept, predict_squares(pair, squares[kept]))) if kept else {}
+            framing = dict(zip(kept, framing_warnings(pair, squares[kept]))) if kept else {}
             i = -1  # position among the readable files of this batch
             for path, square, xray, error in decoded:
                 if error is not None:
@@ -173,7 +197,8 @@ def predict_files(pair: ModelPair, paths: list[str], batch_size: int = 16, worke
                 if refusals[i] is not None:
                     yield path, None, refusals[i]
                 else:
-                    yield path, {"file": Path(path).name, **results[i], "warnings": list(xray.warnings)}, None
+                    yield path, {"file": Path(path).name, **results[i],
+                                 "warnings": list(xray.warnings) + list(framing[i])}, None
 
 
 @torch.inference_mode()

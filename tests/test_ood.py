@@ -242,3 +242,60 @@ def test_bulk_predict_gives_each_file_what_predict_bytes_gives_in_order(fitted, 
             assert result[role]["probability"] == pytest.approx(expected[role]["probability"], abs=1e-5)
             assert result[role]["decision"] == expected[role]["decision"]
     assert sum(error is not None for _, _, error in got) == 3
+
+
+# ----------------------------------------------------------------------------- kd.framing (issue 21, item 8)
+
+def test_fit_ood_also_fits_the_framing_warnings_with_no_validation_xray_warned(fitted):
+    from kd import framing
+
+    weights, _ = fitted
+    info = read_card(weights)[framing.CARD_KEY]
+    assert (weights / framing.FRAMING_FILE).exists() and info["command"].startswith("python -m kd fit-ood")
+    assert info["warned"]["validation whole X-rays"]["warned"] == 0  # the threshold rule
+    assert {"validation, upper half", "validation, zoom 60%", "validation, mirrored"} <= set(info["warned"])
+    assert info["warned"]["test whole X-rays (counted only)"]["n"] == 200
+    assert load_pair(weights).framing.thresholds == pytest.approx(info["thresholds"])
+
+
+def test_variants_are_crops_zooms_and_the_mirror_image():
+    from kd.framing import variants
+
+    pixels = np.arange(40 * 60, dtype=np.uint16).reshape(40, 60).astype(np.uint8)
+    made = variants(pixels)
+    assert made["upper half"][1].shape == (20, 60) and made["left half"][1].shape == (40, 30)
+    assert made["zoom 60%"][1].shape == (24, 36) and np.array_equal(made["mirrored"][1], pixels[:, ::-1])
+    assert {probe for probe, _ in made.values()} == {"partial", "mirrored"}
+
+
+def test_framing_warnings_reach_predict_bulk_predict_and_diagnose(fitted):
+    """A score above a threshold becomes the warning beside the probabilities everywhere a file is diagnosed."""
+    from kd import cam, framing
+    from kd.inference import predict_files
+
+    weights, _ = fitted
+    pair = load_pair(weights)
+    data = jpeg_bytes(xray_like_array(256, 256, seed=501))
+    pair.framing.thresholds = {"partial": -1.0, "mirrored": 2.0}  # every score is above -1, none above 2
+    assert predict_bytes(pair, data, "x.jpeg")["warnings"] == [framing.WARNINGS["partial"]]
+    assert cam.diagnose(pair, data, "x.jpeg").xray.warnings == (framing.WARNINGS["partial"],)
+    path = weights.parent / "x.jpeg"
+    path.write_bytes(data)
+    [(_, result, _)] = list(predict_files(pair, [str(path)]))
+    assert result["warnings"] == [framing.WARNINGS["partial"]]
+    pair.framing.thresholds = {"partial": 2.0, "mirrored": 2.0}
+    assert predict_bytes(pair, data, "x.jpeg")["warnings"] == []
+
+
+def test_a_framing_check_fitted_on_another_teacher_is_not_used(fitted, tmp_path):
+    from kd import framing
+
+    weights = tmp_path / "weights"
+    shutil.copytree(fitted[0], weights)
+    (weights / ood.OOD_FILE).unlink()
+    teacher = str(weights / "teacher.safetensors")
+    tensors = load_file(teacher)
+    tensors["fc.bias"] = tensors["fc.bias"] + 1
+    save_file(tensors, teacher)
+    with pytest.raises(CheckpointError, match=f"{framing.FRAMING_FILE} was fitted on another teacher"):
+        load_pair(weights)

@@ -1,0 +1,219 @@
+"""Framing check: does this upload show a whole frontal chest X-ray the right way round?
+
+The models learnt from whole radiographs stretched to a square; a crop (the upper half of a chest, one side),
+a zoom into the middle, or a picture mirrored left-to-right (the heart on the image's left, the "R" marker
+reversed) passes the out-of-distribution check (kd.ood) often enough, and then gets a confident probability
+that means little: a healthy child's upper half was called PNEUMONIA at 92.7 % by the teacher.
+
+Two linear probes (logistic regression, scikit-learn) on the teacher's layer3 feature map pooled to 2 x 2 (the
+layout kept, so that left and right differ): "partial" (crops and zooms of training X-rays against the whole
+ones) and "mirrored" (flipped against the originals). Each warns above a threshold set at the highest score of
+the validation split's whole X-rays, so no validation X-ray is warned about. It is a warning shown beside the
+probabilities (the picture may still be an X-ray), not a refusal. `python -m kd fit-ood` fits it after the
+out-of-distribution check and writes FRAMING_FILE and the card's "framing" section, with the rates measured on
+validation crops, zooms and mirrored images; like kd.ood's file it records the teacher it was fitted on.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd import preprocess
+from kd.checkpoint import CheckpointError, save_weights
+
+FRAMING_FILE = "framing.safetensors"
+CARD_KEY = "framing"
+STAGE = "layer3"
+MAX_TRAIN = 1000  # training X-rays the probes see (each with its six variants)
+WARNINGS = {
+    "partial": ("This looks like part of a chest X-ray (cropped or zoomed in), not the whole chest: the models "
+                "learnt from whole frontal X-rays, so the probability may mean little; upload the whole image."),
+    "mirrored": ("This looks mirrored left-to-right (the heart on the image's left side, the 'R' marker reversed?): "
+                 "the models learnt from X-rays in the standard orientation; check the picture before reading the "
+                 "probability."),
+}
+
+
+def variants(pixels: np.ndarray) -> dict[str, tuple[str, np.ndarray]]:
+    """The crops, zooms and mirror image of a decoded X-ray (2-D uint8) that the probes learn to tell apart:
+    name -> (probe, pixels)."""
+    h, w = pixels.shape
+    zoom = lambda f: pixels[int(h * (1 - f) / 2):int(h * (1 + f) / 2), int(w * (1 - f) / 2):int(w * (1 + f) / 2)]
+    return {"upper half": ("partial", pixels[:h // 2]), "lower half": ("partial", pixels[h // 2:]),
+            "left half": ("partial", pixels[:, :w // 2]), "right half": ("partial", pixels[:, w // 2:]),
+            "zoom 60%": ("partial", zoom(0.6)), "mirrored": ("mirrored", pixels[:, ::-1])}
+
+
+@torch.inference_mode()
+def features(teacher: nn.Module, squares: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The teacher's STAGE map of uint8 squares [N, S, S], pooled to 2 x 2 and flattened: [N, 4 C]."""
+    from kd.models import feature_map
+
+    out = []
+    for i in range(0, len(squares), batch_size):
+        x = preprocess.normalize(torch.from_numpy(np.array(squares[i:i + batch_size])))[:, None]
+        fmap = feature_map(teacher, x.contiguous(memory_format=torch.channels_last), STAGE).float()
+        out.append(F.adaptive_avg_pool2d(fmap, 2).flatten(1))
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+class LinearProbe(nn.Module):
+    """score = sigmoid(w . (x - mean) / std + b): a fitted logistic regression as tensors (safetensors)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        for name, value in (("mean", mean), ("std", std), ("weight", weight), ("bias", bias.reshape(1))):
+            self.register_buffer(name, value.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(((x - self.mean) / self.std) @ self.weight + self.bias)
+
+
+class FramingProbes(nn.Module):
+    def __init__(self, probes: dict[str, LinearProbe]):
+        super().__init__()
+        self.probes = nn.ModuleDict(probes)
+
+
+@dataclass
+class FramingCheck:
+    probes: FramingProbes
+    thresholds: dict[str, float]
+    info: dict
+
+    def scores(self, feats: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.asarray(feats, dtype=np.float32))
+        with torch.inference_mode():
+            return {name: probe(x).numpy() for name, probe in self.probes.probes.items()}
+
+    def warnings(self, teacher: nn.Module, squares: np.ndarray) -> list[tuple[str, ...]]:
+        """The framing warnings of each square of [N, S, S] (an empty tuple for a whole, upright X-ray)."""
+        scores = self.scores(features(teacher, squares))
+        return [tuple(WARNINGS[name] for name in WARNINGS if scores[name][i] > self.thresholds[name])
+                for i in range(len(squares))]
+
+
+def _fit_probe(whole: np.ndarray, other: np.ndarray) -> LinearProbe:
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.concatenate([whole, other]).astype(np.float64)
+    y = np.r_[np.zeros(len(whole)), np.ones(len(other))]
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    model = LogisticRegression(C=0.05, class_weight="balanced", max_iter=2000).fit((x - mean) / std, y)
+    return LinearProbe(*(torch.from_numpy(np.asarray(a)) for a in (mean, std, model.coef_[0], model.intercept_)))
+
+
+def variant_squares(samples, size: int, contrast: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Whole squares of the readable samples, and each variant's squares, prepared as the models see them."""
+    whole, made = [], {name: [] for name in variants(np.zeros((4, 4), np.uint8))}
+    for s in samples:
+        try:
+            pixels = preprocess.load_xray_file(s.path, target_size=size).pixels
+        except preprocess.ImageError:
+            continue
+        whole.append(preprocess.apply_contrast(preprocess.to_square(pixels, size), contrast))
+        for name, (_, part) in variants(pixels).items():
+            made[name].append(preprocess.apply_contrast(preprocess.to_square(np.ascontiguousarray(part), size),
+                                                        contrast))
+    return np.asarray(whole), {name: np.asarray(v) for name, v in made.items()}
+
+
+def fit(teacher: nn.Module, splits: dict, size: int, contrast: str, seed: int = 0,
+        max_train: int = MAX_TRAIN) -> tuple[FramingCheck, dict]:
+    """Fit both probes on (a seeded subset of) the training split, set each threshold at the highest score of
+    validation's whole X-rays, and measure on validation's variants (and, counted only, the test split's whole
+    X-rays): (the check, the card's "framing" section without the file and teacher fields)."""
+    train = splits["train"]
+    if len(train) > max_train:
+        keep = np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False))
+        train = [train[i] for i in keep]
+    whole, made = variant_squares(train, size, contrast)
+    whole_f = features(teacher, whole)
+    made_f = {name: features(teacher, sq) for name, sq in made.items()}
+    probe_of = {name: probe for name, (probe, _) in variants(np.zeros((4, 4), np.uint8)).items()}
+    probes = {probe: _fit_probe(whole_f, np.concatenate([f for name, f in made_f.items() if probe_of[name] == probe]))
+              for probe in WARNINGS}
+    check = FramingCheck(FramingProbes(probes).eval(), {}, {})
+    val_whole, val_made = variant_squares(splits["val"], size, contrast)
+    val_scores = check.scores(features(teacher, val_whole))
+    check.thresholds = {name: float(val_scores[name].max()) for name in WARNINGS}
+    flagged = lambda squares: [bool(w) for w in check.warnings(teacher, squares)] if len(squares) else []
+    rates = {"validation whole X-rays": _rate(flagged(val_whole))}
+    for name, squares in val_made.items():
+        rates[f"validation, {name}"] = _rate(flagged(squares))
+    if "test" in splits:
+        test_whole, _ = variant_squares(splits["test"], size, contrast)
+        rates["test whole X-rays (counted only)"] = _rate(flagged(test_whole))
+    info = {"method": ("logistic regression on the teacher's layer3 map pooled to 2 x 2: 'partial' (upper, lower, "
+                       "left and right halves, a 60 % zoom) and 'mirrored' against whole upright X-rays; a warning, "
+                       "not a refusal"),
+            "thresholds": check.thresholds,
+            "threshold_rule": "the highest score among the validation split's whole X-rays (none of them is warned)",
+            "train_images": int(len(whole)), "warned": rates}
+    check.info = info
+    return check, info
+
+
+def _rate(flags: list[bool]) -> dict:
+    return {"n": len(flags), "warned": int(sum(flags)), "fraction": float(np.mean(flags)) if flags else 0.0}
+
+
+def fit_weights(weights_dir: str | Path, data_root: str | Path, command: str = "") -> dict:
+    """`fit` for a weights folder on the card's patient-level splits; writes FRAMING_FILE and the card's section."""
+    import datetime
+    import time
+
+    from kd.checkpoint import write_json_atomic
+    from kd.data import load_splits, split_settings
+    from kd.inference import load_pair
+    from kd.model_card import CARD_FILE, git_commit
+    from kd.ood import file_sha256
+
+    t0 = time.time()
+    weights_dir = Path(weights_dir)
+    pair = load_pair(weights_dir, ood=False)
+    val_fraction, seed = split_settings(pair.card.get("config", {}))
+    splits = load_splits(data_root, val_fraction, seed)
+    check, info = fit(pair.models["teacher"].model, splits, pair.input_size, pair.contrast, seed)
+    info.update(file=FRAMING_FILE, teacher_sha256=file_sha256(weights_dir / pair.card["models"]["teacher"]["file"]),
+                command=command or f"python -m kd fit-ood --weights {weights_dir} --data {data_root}",
+                git_commit=git_commit(), seconds=round(time.time() - t0, 1),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    save_weights(check.probes, weights_dir / FRAMING_FILE, metadata={"info": json.dumps(info)})
+    card = json.loads((weights_dir / CARD_FILE).read_text())
+    card[CARD_KEY] = info
+    write_json_atomic(weights_dir / CARD_FILE, card)
+    return info
+
+
+def load(weights_dir: str | Path, teacher_sha256: str) -> FramingCheck | None:
+    """The fitted check of a weights folder, None when it has none; CheckpointError for a damaged file or one
+    fitted on another teacher."""
+    from safetensors import safe_open
+
+    path = Path(weights_dir) / FRAMING_FILE
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            info = json.loads((f.metadata() or {})["info"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        probes = FramingProbes({name: LinearProbe(*(tensors[f"probes.{name}.{k}"] for k in ("mean", "std", "weight",
+                                                                                             "bias")))
+                                for name in WARNINGS})
+        thresholds = {name: float(info["thresholds"][name]) for name in WARNINGS}
+        if not all(np.isfinite(list(thresholds.values()))):
+            raise ValueError("a threshold is not finite")
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable framing check ({type(e).__name__}: {e}); re-create it with "
+                              f"`python -m kd fit-ood --weights {weights_dir} --data DATA`.") from e
+    if info.get("teacher_sha256") != teacher_sha256:
+        raise CheckpointError(f"{path} was fitted on another teacher: re-fit it with `python -m kd fit-ood --weights "
+                              f"{weights_dir} --data DATA`.")
+    return FramingCheck(probes.eval(), thresholds, info)

@@ -179,8 +179,13 @@ def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter
                     **{split: describe(samples) for split, samples in data.splits.items()},
                     "unlabeled_images": len(data.unlabeled), "skipped_unreadable": len(data.skipped)}
     if data.unlabeled:
+        labelled = len(data.splits["train"])  # done.json written before it counted unlabeled images: the excess
+
+        def unlabeled_used(done: dict) -> int:
+            return done.get("unlabeled_images", max(0, done.get("train_images", 0) - labelled))
+
         uses = [what for what, phase in (("SSL pretraining", "pretrain"), ("distillation's transfer set", "distill"))
-                if phases.get(phase, {}).get("unlabeled_images", 0) > 0 and phases[phase].get("epochs", 0) > 0]
+                if phase in phases and unlabeled_used(phases[phase]) > 0 and phases[phase].get("epochs", 0) > 0]
         card["data"]["unlabeled"] = {
             "used_for": uses, "folders": unlabeled_provenance(cfg.unlabeled, data.unlabeled),
             "kept_apart": "no file byte-identical to a validation, official-val or test image (checked before "

@@ -252,7 +252,7 @@ def test_distillation_on_unlabeled_images_too(tiny_run, tmp_path):
     corpus = _mixed_unlabeled_folder(tmp_path / "corpus")
     out = tmp_path / "run"
     for phase in ("pretrain", "finetune"):
-        shutil.copytree(ref / phase, out / phase)
+        shutil.copytree(ref / phase, out / phase, ignore=shutil.ignore_patterns("state.pt"))
     seen_labels = []
     import kd.objectives as objectives
     real = objectives.distillation_loss
@@ -407,7 +407,7 @@ def test_one_file_gives_one_probability_in_the_app_in_predict_and_in_evaluate(ti
 def _copy_run(ref: Path, to: Path) -> Path:
     import shutil
 
-    shutil.copytree(ref, to)
+    shutil.copytree(ref, to, ignore=shutil.ignore_patterns("state.pt"))  # finished phases: states not needed
     return to
 
 

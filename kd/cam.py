@@ -24,7 +24,7 @@ from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 from kd import preprocess
-from kd.inference import LoadedModel, ModelPair, screen
+from kd.inference import LoadedModel, ModelPair, decide, screen
 from kd.metrics import softmax_pneumonia
 
 METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}  # on layer4, the names the app has always passed
@@ -217,7 +217,7 @@ def diagnose_square(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay |
         t0 = time.perf_counter()
         p, cam = explain(loaded, x, method)
         seconds = time.perf_counter() - t0
-        views[role] = ModelView(p, "PNEUMONIA" if p >= loaded.threshold else "NORMAL", loaded.threshold, cam, seconds)
+        views[role] = ModelView(p, decide(p, loaded.threshold), loaded.threshold, cam, seconds)
     return Diagnosis(square, xray, views, agreement(views["teacher"].cam, views["student"].cam), picture)
 
 

@@ -51,16 +51,15 @@ def variants(pixels: np.ndarray) -> dict[str, tuple[str, np.ndarray]]:
 
 
 @torch.inference_mode()
-def features(teacher: nn.Module, squares: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The teacher's STAGE map of uint8 squares [N, S, S], pooled to 2 x 2 and flattened: [N, 4 C]."""
-    from kd.models import feature_map
+def features(teacher: nn.Module, squares: np.ndarray, batch_size: int = 64,
+             maps: torch.Tensor | None = None) -> np.ndarray:
+    """The teacher's STAGE map of uint8 squares [N, S, S] (kd.ood.stage_maps, or `maps` when given), pooled to
+    2 x 2 and flattened: [N, 4 C]."""
+    from kd.ood import stage_maps
 
-    out = []
-    for i in range(0, len(squares), batch_size):
-        x = preprocess.normalize(torch.from_numpy(np.array(squares[i:i + batch_size])))[:, None]
-        fmap = feature_map(teacher, x.contiguous(memory_format=torch.channels_last), STAGE).float()
-        out.append(F.adaptive_avg_pool2d(fmap, 2).flatten(1))
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    out = [F.adaptive_avg_pool2d(m, 2).flatten(1)
+           for m in ([maps] if maps is not None else stage_maps(teacher, squares, STAGE, batch_size))]
+    return torch.cat(out).numpy() if out and len(out[0]) else np.zeros((0, 0), np.float32)
 
 
 class LinearProbe(nn.Module):
@@ -92,9 +91,10 @@ class FramingCheck:
         with torch.inference_mode():
             return {name: probe(x).numpy() for name, probe in self.probes.probes.items()}
 
-    def warnings(self, teacher: nn.Module, squares: np.ndarray) -> list[tuple[str, ...]]:
-        """The framing warnings of each square of [N, S, S] (an empty tuple for a whole, upright X-ray)."""
-        scores = self.scores(features(teacher, squares))
+    def warnings(self, teacher: nn.Module, squares: np.ndarray, maps: torch.Tensor | None = None) -> list[tuple[str, ...]]:
+        """The framing warnings of each square of [N, S, S] (an empty tuple for a whole, upright X-ray); `maps`:
+        their STAGE maps when the caller has them already."""
+        scores = self.scores(features(teacher, squares, maps=maps))
         return [tuple(WARNINGS[name] for name in WARNINGS if scores[name][i] > self.thresholds[name])
                 for i in range(len(squares))]
 

@@ -99,27 +99,37 @@ class NotChestXray(preprocess.ImageError):
     """A readable picture refused by the out-of-distribution check (kd.ood): no probability is given."""
 
 
-def refuse_out_of_distribution(pair: ModelPair, square: np.ndarray) -> None:
-    """Raise NotChestXray with check_in_distribution's reason when the square is refused."""
-    reason = check_in_distribution(pair, square)
-    if reason:
-        raise NotChestXray(reason)
+@torch.inference_mode()
+def screen_squares(pair: ModelPair, squares: np.ndarray) -> tuple[list[str | None], list[tuple[str, ...]]]:
+    """Before any probability, for each square of [N, S, S]: why it is refused (kd.ood; None when it is not) and
+    the framing warnings of those not refused (kd.framing). Both checks read the teacher's layer3 map: it is
+    computed once for the two."""
+    from kd.framing import STAGE
+    from kd.ood import stage_maps
 
-
-def framing_warnings(pair: ModelPair, squares: np.ndarray) -> list[tuple[str, ...]]:
-    """kd.framing's warnings for each square of [N, S, S] (crop, zoom, mirror image); none without a fitted check."""
-    if pair.framing is None or not len(squares):
-        return [() for _ in range(len(squares))]
+    refusals, warnings = [None] * len(squares), [()] * len(squares)
+    if not len(squares) or (pair.ood is None and pair.framing is None):
+        return refusals, warnings
     teacher = pair.models["teacher"]
     with teacher.lock:
-        return pair.framing.warnings(teacher.model, squares)
+        shared = pair.ood is not None and pair.framing is not None and pair.ood.stage == STAGE
+        maps = torch.cat(list(stage_maps(teacher.model, squares, STAGE))) if shared else None
+        if pair.ood is not None:
+            refusals = pair.ood.reasons(teacher.model, squares, maps)
+        kept = [i for i, why in enumerate(refusals) if why is None]
+        if pair.framing is not None and kept:
+            found = pair.framing.warnings(teacher.model, squares[kept], maps[kept] if maps is not None else None)
+            for i, w in zip(kept, found):
+                warnings[i] = w
+    return refusals, warnings
 
 
 def screen(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay) -> preprocess.XRay:
-    """Before any probability: refuse what is not a chest radiograph (NotChestXray), and add the framing
-    warnings to the X-ray's own (the uploader's notes on decoding)."""
-    refuse_out_of_distribution(pair, square)
-    extra = framing_warnings(pair, square[None])[0]
+    """screen_squares for one square: NotChestXray when it is refused, else the X-ray with the framing warnings
+    added to its own (the decoder's notes)."""
+    [refusal], [extra] = screen_squares(pair, square[None])
+    if refusal:
+        raise NotChestXray(refusal)
     return dataclasses.replace(xray, warnings=tuple(xray.warnings) + extra) if extra else xray
 
 
@@ -180,14 +190,9 @@ def predict_files(pair: ModelPair, paths: list[str], batch_size: int = 16, worke
             pending = [pool.submit(read, p) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
             readable = [d for d in decoded if d[1] is not None]
             squares = np.stack([d[1] for d in readable]) if readable else None
-            refusals = [None] * len(readable)
-            if readable and pair.ood is not None:
-                teacher = pair.models["teacher"]
-                with teacher.lock:
-                    refusals = pair.ood.reasons(teacher.model, squares)
+            refusals, framing = screen_squares(pair, squares) if readable else ([], [])
             kept = [i for i, why in enumerate(refusals) if why is None]
             results = dict(zip(kept, predict_squares(pair, squares[kept]))) if kept else {}
-            framing = dict(zip(kept, framing_warnings(pair, squares[kept]))) if kept else {}
             i = -1  # position among the readable files of this batch
             for path, square, xray, error in decoded:
                 if error is not None:

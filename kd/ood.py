@@ -130,15 +130,22 @@ class EmbeddingDistance(nn.Module):
 
 
 @torch.inference_mode()
-def embeddings(teacher: nn.Module, squares: np.ndarray, stage: str = FEATURE_STAGE, batch_size: int = 64) -> torch.Tensor:
-    """The teacher's pooled `stage` features [N, D] of uint8 squares [N, S, S], normalised as for prediction."""
+def stage_maps(teacher: nn.Module, squares: np.ndarray, stage: str = FEATURE_STAGE, batch_size: int = 64):
+    """The teacher's `stage` feature maps of uint8 squares [N, S, S], normalised as for prediction, a batch at a
+    time: what this check and kd.framing both read, so an upload's map is computed once for the two."""
     from kd.models import feature_map
 
-    out = []
     for i in range(0, len(squares), batch_size):
         x = preprocess.normalize(torch.from_numpy(np.array(squares[i:i + batch_size])))[:, None]
-        out.append(feature_map(teacher, x.contiguous(memory_format=torch.channels_last), stage).float().mean((2, 3)))
-    return torch.cat(out) if out else torch.zeros(0, 0)
+        yield feature_map(teacher, x.contiguous(memory_format=torch.channels_last), stage).float()
+
+
+def embeddings(teacher: nn.Module, squares: np.ndarray, stage: str = FEATURE_STAGE, batch_size: int = 64,
+               maps: torch.Tensor | None = None) -> torch.Tensor:
+    """The teacher's pooled `stage` features [N, D] of uint8 squares [N, S, S] (from `maps` when given)."""
+    out = [maps.mean((2, 3))] if maps is not None else \
+        [m.mean((2, 3)) for m in stage_maps(teacher, squares, stage, batch_size)]
+    return torch.cat(out) if out and len(out[0]) else torch.zeros(0, 0)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -161,21 +168,23 @@ class OODCheck:
     def stage(self) -> str:
         return str(self.info.get("stage", "layer4"))  # checks fitted before the stage was recorded used layer4
 
-    def distances(self, teacher: nn.Module, squares: np.ndarray) -> np.ndarray:
-        """Distance of each uint8 square [N, S, S] (prepared as the models see them)."""
+    def distances(self, teacher: nn.Module, squares: np.ndarray, maps: torch.Tensor | None = None) -> np.ndarray:
+        """Distance of each uint8 square [N, S, S] (prepared as the models see them; `maps`: their stage maps)."""
         with torch.inference_mode():
-            return self.distance(embeddings(teacher, squares, self.stage)).numpy()
+            return self.distance(embeddings(teacher, squares, self.stage, maps=maps)).numpy()
 
     def reason(self, teacher: nn.Module, square: np.ndarray) -> str | None:
         """Why this square is refused, or None when it looks like the training X-rays."""
         return self.reasons(teacher, square[None])[0]
 
-    def reasons(self, teacher: nn.Module, squares: np.ndarray) -> list[str | None]:
-        """`reason` for each square of [N, S, S], with one batched teacher pass for those the grey levels let by."""
+    def reasons(self, teacher: nn.Module, squares: np.ndarray, maps: torch.Tensor | None = None) -> list[str | None]:
+        """`reason` for each square of [N, S, S], with one batched teacher pass for those the grey levels let by
+        (none when their stage `maps` [N, C, h, w] are given)."""
         why = [image_reason(square) for square in squares]
         left = [i for i, w in enumerate(why) if w is None]
         if left:
-            for i, d in zip(left, self.distances(teacher, squares[left]).tolist()):
+            chosen = maps[left] if maps is not None else None
+            for i, d in zip(left, self.distances(teacher, squares[left], chosen).tolist()):
                 if d > self.threshold:
                     why[i] = (f"{NOT_CXR}: the teacher's features for it are {d / self.threshold:.1f}x farther from "
                               f"the training X-rays' than the refusal threshold ({threshold_words()}){REASON_END}")

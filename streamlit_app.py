@@ -5,7 +5,7 @@ The pages only lay out widgets; their logic lives in kd/ui/ (one module per page
 """
 import streamlit as st
 
-from kd.model_card import DISCLAIMER
+from kd.model_card import DISCLAIMER, INTENDED_USE
 from kd.ui import state
 
 st.set_page_config(page_title="Pneumonia KD · research tool", page_icon=":material/pulmonology:", layout="wide",
@@ -19,7 +19,7 @@ navigation = st.navigation([
     st.Page("pages/data.py", title="Data", icon=":material/folder_open:"),
 ])
 
-st.warning(DISCLAIMER, icon=":material/gpp_maybe:")
+st.warning(f"{DISCLAIMER} {INTENDED_USE}", icon=":material/gpp_maybe:")  # once per page: not again in the sidebar
 
 with st.sidebar:
     st.text_input("Dataset folder", key=state.DATA_KEY, placeholder="/path/to/chest_xray",
@@ -33,7 +33,5 @@ with st.sidebar:
     else:
         st.caption("No dataset set: Diagnose works with uploads; the other pages explain how to get the data.")
     st.caption(f"Weights in use: {state.active_label()} (`{state.active_weights()}`)")
-    st.divider()
-    st.caption(DISCLAIMER)
 
 navigation.run()

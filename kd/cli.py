@@ -73,7 +73,8 @@ def cmd_train(args) -> int:
     cfg = config_from_args(args)  # a bad setting or saved config.json is reported before torch is imported
     from kd.pipeline import run
 
-    command = "python -m kd " + shlex.join(args.argv)  # recorded in the model card: how to make these weights
+    # recorded in the model card: how to make these weights from scratch (a resumed session's --resume is not)
+    command = "python -m kd " + shlex.join(a for a in args.argv if a != "--resume")
     card = run(cfg, PHASE_COMMANDS[args.command], resume=args.resume, command=command)
     if card:
         print(summary(card))
@@ -118,11 +119,13 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from tqdm.auto import tqdm
 
-    from kd.inference import load_pair, predict_files
+    from kd.inference import load_pair, no_check_reason, predict_files
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1 (got {args.batch_size})")
     pair = load_pair(args.weights)
+    if pair.ood is None:  # one sentence, not the same refusal for every file
+        raise ValueError(no_check_reason(pair.weights_dir))
     refused = 0
     # one line per file on stdout as each batch finishes; the bar is on stderr (off when it is not a terminal)
     with tqdm(total=len(args.files), desc="predict", unit="file", disable=None, file=sys.stderr) as bar:
@@ -145,17 +148,18 @@ def cmd_predict(args) -> int:
 
 
 def cmd_fit_ood(args) -> int:
-    from kd.ood import CARD_KEY, fit
+    from kd import framing
+    from kd.ood import CARD_KEY
+    from kd.refusal_fit import fit_checks
 
-    info = fit(args.weights, args.data, max_train=args.max_train, command="python -m kd " + shlex.join(args.argv))
+    fitted = fit_checks(args.weights, args.data, command="python -m kd " + shlex.join(args.argv),
+                        max_train=args.max_train)
+    info, framed = fitted[CARD_KEY], fitted[framing.CARD_KEY]
     for split, r in info["refused"].items():
         print(f"{split:10} refused {r['refused']:4d} of {r['n']:5d} ({r['fraction']:.2%}): "
               f"{r['by_image_statistics']} by image statistics, {r['by_embedding_distance']} by embedding distance")
     print(f"threshold {info['threshold']:.1f} ({info['threshold_rule']}); wrote {args.weights}/{info['file']} "
           f"and the card's {CARD_KEY!r} section")
-    from kd import framing
-
-    framed = framing.fit_weights(args.weights, args.data, command="python -m kd " + shlex.join(args.argv))
     for what, r in framed["warned"].items():
         print(f"framing: {what:34} warned {r['warned']:4d} of {r['n']:5d} ({r['fraction']:.1%})")
     print(f"wrote {args.weights}/{framed['file']} and the card's {framing.CARD_KEY!r} section")

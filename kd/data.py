@@ -154,6 +154,30 @@ def list_split(root: str | Path, split: str) -> list[Sample]:
     return samples
 
 
+MIN_TRAIN_PER_CLASS = 2  # a patient-level validation split needs at least one image of each class on each side
+
+
+@_listing_errors
+def check_layout(root: str | Path) -> dict[str, dict[str, int]]:
+    """The whole layout checked before any job starts: train/ and every optional split folder present must hold
+    both class folders with images, and train/ enough of each class to carve validation from it. Returns the
+    image count per split and class; a DatasetError naming the folder otherwise (what a run would fail on)."""
+    root = check_root(root)
+    counts = {}
+    for split in ("train", "val", "test"):
+        if split == "train" or find_split(root, split) is not None:
+            samples = list_split(root, split)
+            counts[split] = {name: sum(s.label == label for s in samples) for label, name in enumerate(CLASSES)}
+    few = [name for name, n in counts["train"].items() if n < MIN_TRAIN_PER_CLASS]
+    if few:
+        folder = find_split(root, "train")
+        have = " and ".join(f"{counts['train'][name]} {name}" for name in few)
+        raise DatasetError(f"{folder} has {have} image(s): training "
+                           f"needs at least {MIN_TRAIN_PER_CLASS} of each class to carve a validation split from it."
+                           f"\n\n{LAYOUT_HELP}")
+    return counts
+
+
 @_listing_errors
 def list_unlabeled(folders: list[str | Path]) -> list[str]:
     """Every image file (kd.preprocess.FORMATS) under the given folders (any layout, searched recursively), sorted."""

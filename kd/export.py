@@ -175,6 +175,8 @@ def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter
         "test": ("the dataset's test/ folder (for Kermany: the official test split, other children and acquisition "
                  "period than train/): never trained on, never used for any choice; the external check"),
     }
+    if "test" not in data.splits:  # said, not described: a dataset without test/ has no external check
+        card["metrics_split"]["test"] = "none: the dataset has no test/ folder, so these weights have no external check"
     card["data"] = {"fingerprint": data_fingerprint(data.splits["train"] + data.splits["val"]),
                     **{split: describe(samples) for split, samples in data.splits.items()},
                     "unlabeled_images": len(data.unlabeled), "skipped_unreadable": len(data.skipped)}

@@ -164,7 +164,7 @@ def _rate(flags: list[bool]) -> dict:
     return {"n": len(flags), "warned": int(sum(flags)), "fraction": float(np.mean(flags)) if flags else 0.0}
 
 
-def fit_weights(weights_dir: str | Path, data_root: str | Path, command: str = "") -> dict:
+def fit_weights(weights_dir: str | Path, data_root: str | Path, command: str = "", max_train: int | None = None) -> dict:
     """`fit` for a weights folder on the card's patient-level splits; writes FRAMING_FILE and the card's section."""
     import datetime
     import time
@@ -180,7 +180,8 @@ def fit_weights(weights_dir: str | Path, data_root: str | Path, command: str = "
     pair = load_pair(weights_dir, ood=False)
     val_fraction, seed = split_settings(pair.card.get("config", {}))
     splits = load_splits(data_root, val_fraction, seed)
-    check, info = fit(pair.models["teacher"].model, splits, pair.input_size, pair.contrast, seed)
+    check, info = fit(pair.models["teacher"].model, splits, pair.input_size, pair.contrast, seed,
+                      min(MAX_TRAIN, max_train or MAX_TRAIN))
     info.update(file=FRAMING_FILE, teacher_sha256=file_sha256(weights_dir / pair.card["models"]["teacher"]["file"]),
                 command=command or f"python -m kd fit-ood --weights {weights_dir} --data {data_root}",
                 git_commit=git_commit(), seconds=round(time.time() - t0, 1),

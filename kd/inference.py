@@ -84,12 +84,22 @@ def load_pair(weights_dir: str | Path | None = None, ood: bool = True) -> ModelP
     return ModelPair(card, models, weights_dir, check, framing)
 
 
+def no_check_reason(weights_dir: str | Path) -> str:
+    """Why nothing is predicted with weights that have no fitted out-of-distribution check (kd.ood)."""
+    from kd.ood import REASON_END
+
+    return (f"The weights in {weights_dir} have no fitted out-of-distribution check, so nothing tells a chest X-ray "
+            f"from any other picture (a photograph gets a confident probability too){REASON_END[:-1]} until it is "
+            f"fitted: `python -m kd fit-ood --weights {weights_dir} --data DATA` (every run exported by this "
+            "version fits it itself).")
+
+
 def check_in_distribution(pair: ModelPair, square: np.ndarray) -> str | None:
     """Why this prepared square is not a chest radiograph like the training ones (a sentence for a person),
-    or None when it is, or when the weights have no fitted check (kd.ood). Call it before showing a
-    probability."""
+    or None when it is (kd.ood); weights without a fitted check refuse everything (no_check_reason). Call it
+    before showing a probability."""
     if pair.ood is None:
-        return None
+        return no_check_reason(pair.weights_dir)
     teacher = pair.models["teacher"]
     with teacher.lock:
         return pair.ood.reason(teacher.model, square)
@@ -108,14 +118,15 @@ def screen_squares(pair: ModelPair, squares: np.ndarray) -> tuple[list[str | Non
     from kd.ood import stage_maps
 
     refusals, warnings = [None] * len(squares), [()] * len(squares)
-    if not len(squares) or (pair.ood is None and pair.framing is None):
+    if pair.ood is None:  # without the check no picture is known to be an X-ray: no bare probability
+        return [no_check_reason(pair.weights_dir)] * len(squares), warnings
+    if not len(squares):
         return refusals, warnings
     teacher = pair.models["teacher"]
     with teacher.lock:
-        shared = pair.ood is not None and pair.framing is not None and pair.ood.stage == STAGE
+        shared = pair.framing is not None and pair.ood.stage == STAGE
         maps = torch.cat(list(stage_maps(teacher.model, squares, STAGE))) if shared else None
-        if pair.ood is not None:
-            refusals = pair.ood.reasons(teacher.model, squares, maps)
+        refusals = pair.ood.reasons(teacher.model, squares, maps)
         kept = [i for i, why in enumerate(refusals) if why is None]
         if pair.framing is not None and kept:
             found = pair.framing.warnings(teacher.model, squares[kept], maps[kept] if maps is not None else None)

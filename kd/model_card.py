@@ -17,6 +17,9 @@ from kd.statefile import (NUMBER, OPTIONAL_DICT, OPTIONAL_NUMBER, ShapeError, ex
 CARD_FILE = "model_card.json"
 DISCLAIMER = ("Research tool, not a diagnostic device: not cleared for clinical use; every output must be "
               "reviewed by a qualified clinician.")
+INTENDED_USE = ("Made for frontal (anterior-posterior) chest X-rays of children aged one to five, the kind it learnt "
+                "from (Kermany et al. 2018: Guangzhou Women and Children's Medical Center); adults, lateral views and "
+                "other body parts were never tested.")
 
 
 def data_fingerprint(samples: list[Sample]) -> str:
@@ -41,6 +44,7 @@ def git_commit() -> str:
 def base_card(input_size: int, contrast: str = "none") -> dict:
     return {
         "disclaimer": DISCLAIMER,
+        "intended_use": INTENDED_USE,
         "task": "pneumonia vs normal on pediatric chest X-rays (Kermany et al. 2018)",
         "classes": ["NORMAL", "PNEUMONIA"],
         "positive_class": "PNEUMONIA",

@@ -184,11 +184,29 @@ class OODCheck:
         left = [i for i, w in enumerate(why) if w is None]
         if left:
             chosen = maps[left] if maps is not None else None
-            for i, d in zip(left, self.distances(teacher, squares[left], chosen).tolist()):
-                if d > self.threshold:
-                    why[i] = (f"{NOT_CXR}: the teacher's features for it are {d / self.threshold:.1f}x farther from "
-                              f"the training X-rays' than the refusal threshold ({threshold_words()}){REASON_END}")
+            far = {i: d for i, d in zip(left, self.distances(teacher, squares[left], chosen).tolist())
+                   if d > self.threshold}
+            turns = self.upright_turns(teacher, squares[list(far)]) if far else []
+            for (i, d), turn in zip(far.items(), turns):
+                why[i] = (f"{NOT_CXR}: it is less like the training X-rays than any X-ray of the validation split "
+                          f"({d / self.threshold:.1f} times the limit){REASON_END}")
+                if turn:
+                    why[i] += (f" It would pass turned {turn}: if it is an X-ray on its side or upside down, turn "
+                               "it upright and upload it again.")
         return why
+
+    TURNS = {1: "90° anticlockwise", 2: "180°", 3: "90° clockwise"}  # np.rot90's k: anticlockwise quarter turns
+
+    def upright_turns(self, teacher: nn.Module, squares: np.ndarray) -> list[str | None]:
+        """For each refused square, the turn (of TURNS, the nearest first) under which it would pass the check, or
+        None: a radiograph uploaded on its side or upside down is refused, and the person is told how to fix it."""
+        turned = np.concatenate([np.rot90(squares, k, axes=(1, 2)) for k in self.TURNS])
+        d = self.distances(teacher, np.ascontiguousarray(turned)).reshape(len(self.TURNS), len(squares))
+        out = []
+        for j in range(len(squares)):
+            k = int(np.argmin(d[:, j]))
+            out.append(self.TURNS[k + 1] if d[k, j] <= self.threshold else None)
+        return out
 
 
 def load(weights_dir: str | Path, teacher_file: str | Path) -> OODCheck | None:

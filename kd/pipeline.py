@@ -6,6 +6,7 @@ and continues an interrupted one from its last epoch.
 """
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from kd.models import (ARCHITECTURES, build, build_student, build_teacher, init_
 from kd.objectives import (DistillationObjective, SSLObjective, SupervisedObjective, ValContext, cache_teacher_logits,
                            class_weights)
 from kd.progress import Reporter
+from kd.refusal_fit import fit_checks
 from kd.runs import check_not_reserved
 from kd.train import fit, phase_seed
 
@@ -79,6 +81,10 @@ class RunData:
     def __init__(self, cfg: Config, dist: distributed.Dist, progress: bool = True):
         self.cfg, self.dist, self.progress = cfg, dist, progress
         self.splits = load_splits(cfg.data, cfg.val_fraction, cfg.split_seed)
+        train = self.splits["train"]
+        if cfg.max_train_images is not None and cfg.max_train_images < len(train):
+            keep = sorted(random.Random(f"subset-{cfg.split_seed}").sample(range(len(train)), cfg.max_train_images))
+            self.splits["train"] = [train[i] for i in keep]
         self.unlabeled = list_unlabeled(cfg.unlabeled) if cfg.unlabeled else []
         self.skipped: dict[str, str] = {}
         check_held_out(self.splits, self.unlabeled)
@@ -250,6 +256,10 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
         card = None
         if dist.is_main and any((out / p / "done.json").exists() for p in ("finetune", "distill")):
             card = export(cfg, data, out, device, reporter, finished_phases(out), command)
+            if all("threshold" in card["models"].get(r, {}) for r in ("teacher", "student")):  # servable: guard it
+                reporter.update(phase="export", model="refusal check")
+                reporter.log("export", phase="export", model="refusal check")
+                card.update(fit_checks(out, cfg.data, command=command or "", max_train=cfg.max_train_images))
         reporter.update(state="finished", finished=time.time())
         reporter.log("finished", phase="done")
         return card

@@ -18,7 +18,7 @@ if problem:
     st.stop()
 
 st.subheader("Classes and patients per split")
-st.dataframe(data.split_counts(splits), hide_index=True)
+st.dataframe(figures.table(data.split_counts(splits)), hide_index=True)
 st.markdown(data.split_descriptions(splits))
 st.caption("`val` is carved from train/ by patient (no child on both sides, byte-identical images kept together); "
            "it is the split thresholds and model selection use. `official-val` is the dataset's own val/ folder.")

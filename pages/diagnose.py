@@ -9,6 +9,7 @@ st.title("Diagnose")
 state.show_state_problems()
 pair = models.require_models()
 st.caption(models.weights_caption(pair))
+models.require_refusal_check(pair)
 
 left, right = st.columns(2)
 method = left.selectbox("Heat map method", diagnose.CAM_METHODS, key="cam_method",

@@ -39,7 +39,7 @@ if result is None and len(evaluate.card_splits(card)) > 1:
     card_split = st.radio("Model card figures on", evaluate.card_splits(card), horizontal=True, key="eval_card_split",
                           format_func=evaluate.CARD_SPLITS.get)
 reports = {r: result[r] for r in models.ROLES} if result else evaluate.reports_from_card(card, card_split)
-st.dataframe(evaluate.metrics_table(reports, card))
+st.dataframe(figures.table(evaluate.metrics_table(reports, card)))
 st.caption(evaluate.result_caption(result) if result else evaluate.card_caption(card, card_split))
 
 curves, threshold_tab, disagreements_tab, faithfulness_tab = st.tabs(
@@ -63,7 +63,7 @@ with threshold_tab:
         threshold = st.slider("Decision threshold (both models)", 0.0, 1.0, 0.5, 0.01, key="eval_threshold")
         at = evaluate.at_threshold(result, threshold)
         left, right = st.columns([2, 3])
-        left.dataframe(evaluate.threshold_table(at))
+        left.dataframe(figures.table(evaluate.threshold_table(at)))
         left.caption("The model card thresholds: " + ", ".join(
             f"{models.ROLE_LABEL[r].lower()} {result[r]['threshold']:.3f}" for r in models.ROLES))
         right.plotly_chart(figures.roc_figure(reports, evaluate.operating_points(at)), key="eval_roc_threshold")
@@ -76,7 +76,7 @@ with disagreements_tab:
         if frame.empty:
             st.success("Both models are right on every image of this split.")
         else:
-            st.dataframe(frame.drop(columns=["path"]), hide_index=True)
+            st.dataframe(figures.table(frame.drop(columns=["path"])), hide_index=True)
             c1, c2, c3, c4 = st.columns(4)
             method = c1.selectbox("Heat map method", diagnose.CAM_METHODS, key="eval_cam_method")
             opacity = c2.slider("Heat map opacity", 0.0, 1.0, 0.4, 0.05, key="eval_opacity")
@@ -107,7 +107,7 @@ with faithfulness_tab:
         elif not res["n"]:
             st.warning("None of the sampled images could be read.")
         else:
-            st.dataframe(evaluate.faithfulness_frame(res))
+            st.dataframe(figures.table(evaluate.faithfulness_frame(res)))
             st.caption(cam.ROAD_HELP)
             a, b = st.columns(2)
             a.metric("Mean CAM correlation (teacher vs student)",

@@ -16,13 +16,13 @@ if root is None:
 # ----------------------------------------------------------------------------- start a run
 train.prepare_train_form()
 defaults = train.preset_defaults("cpu")
-with st.form("train_form", border=True):
+with st.container(border=True):  # no st.form: the plan below follows every field as it changes
     st.markdown("##### New run")
     c1, c2, c3 = st.columns(3)
     command_label = c1.selectbox("What to run", list(train.COMMANDS), key="train_command",
                                  help="Single phases build on the previous ones in the same run folder.")
     preset_name = c2.selectbox("Preset", list(PRESETS), index=list(PRESETS).index("cpu"), key="train_preset",
-                               help="; ".join(f"{name}: {cost}" for name, cost in DESCRIPTION.items()) + ".")
+                               help="\n".join(f"- **{name}**: {cost}" for name, cost in DESCRIPTION.items()))
     run_name = c3.text_input("Run name", key=train.RUN_NAME_KEY,
                              help="Letters, digits, '.', '_' or '-'; the run folder inside the runs folder.")
     c1, c2, c3 = st.columns(3)
@@ -58,8 +58,10 @@ with st.form("train_form", border=True):
     gpus = c2.number_input("GPUs", min_value=1, max_value=n_gpus, value=n_gpus, key="train_gpus",
                            help="More than one runs torchrun (DDP).") if n_gpus > 1 else 1
     baseline = c3.checkbox("Also train the labels-only student (ablation)", value=True, key="train_baseline")
-    st.caption("Empty fields keep the preset's value for each phase. " + train.preset_summary(preset_name))
-    submitted = st.form_submit_button("Start training", type="primary", icon=":material/play_arrow:", key="train_start")
+    st.markdown(train.plan_summary(preset_name, command_label, epochs=epochs, image_size=image_size,
+                                   batch_size=batch_size, ssl_method=ssl_method, baseline=baseline,
+                                   unlabeled=unlabeled, distill_unlabeled=distill_unlabeled))
+    submitted = st.button("Start training", type="primary", icon=":material/play_arrow:", key="train_start")
 
 if submitted:
     train.submit(dict(data_root=state.data_root_value(), run_name=run_name, preset_name=preset_name, epochs=epochs,

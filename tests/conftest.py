@@ -74,34 +74,59 @@ def built_once(tmp_path_factory):
 def tiny_run(tmp_path_factory):
     """(data, out): a tiny dataset (train/val/test, 12 + 12 images each, one unreadable file in train/)
     and a finished `tiny` pipeline run on it (teacher, student and labels-only baseline student)."""
-    from kd.config import preset
-    from kd.pipeline import run
     from kd.testing.xray_fixtures import write_kermany_dataset
 
     def build(root: Path) -> None:
         data = write_kermany_dataset(root / "data", n_per_class=(12, 12), size=64, splits=("train", "val", "test"))
         (data / "train" / "PNEUMONIA" / "person900_bacteria_1.jpeg").write_bytes(b"not a jpeg at all")
-        cfg = preset("tiny")
-        cfg.data, cfg.out, cfg.device = str(data), str(root / "run"), "cpu"
-        run(cfg, progress=False)
+        from kd.cli import main  # the command a user types, so that the card records it as `reproduce`
+
+        assert main(["pipeline", "--preset", "tiny", "--data", str(data), "--out", str(root / "run"),
+                     "--device", "cpu"]) == 0
 
     root = _built_once(tmp_path_factory, "tiny_run", build)
     return root / "data", root / "run"
 
 
 @pytest.fixture(scope="session")
-def tiny_weights(tiny_run):
-    """The weights folder of `tiny_run` (teacher.safetensors, student.safetensors, model_card.json)."""
-    return tiny_run[1]
+def served_tiny(tiny_run, tmp_path_factory):
+    """(weights, data): the served files of `tiny_run` (teacher, students, card; not the phases' states) with
+    the refusal check re-fitted on a generated dataset of 100 + 100 X-ray-like pictures. The run fitted its own
+    at export, but on a validation split of a few images its threshold refuses many new X-ray-like pictures;
+    with ~30 validation images about 1 in 30 (tests/test_ood.py)."""
+    import shutil
+
+    from kd.cli import main
+    from kd.testing.xray_fixtures import dicom_bytes, write_kermany_dataset, xray16_array
+
+    def build(root: Path) -> None:
+        (root / "weights").mkdir()
+        for f in tiny_run[1].iterdir():  # the served files only: the run's phase folders hold ~1 GB of states
+            if f.is_file() and f.name not in ("train.log", "progress.jsonl", "status.json"):
+                shutil.copy2(f, root / "weights" / f.name)
+        data = write_kermany_dataset(root / "data", n_per_class=(100, 100), size=64, seed=3, splits=("train", "test"))
+        for i in range(30):  # the tests' DICOMs too: 12-bit detector values, windowed when decoded
+            for label, name in (("NORMAL", f"IM-{7000 + i}-0001.dcm"), ("PNEUMONIA", f"person{7000 + i}_virus_1.dcm")):
+                (data / "train" / label / name).write_bytes(dicom_bytes(xray16_array(128, 128, seed=500 + i)))
+        assert main(["fit-ood", "--weights", str(root / "weights"), "--data", str(root / "data")]) == 0
+
+    root = _built_once(tmp_path_factory, "served_tiny", build)
+    return root / "weights", root / "data"
 
 
 @pytest.fixture(scope="session")
-def kd_tiny(tiny_run, tmp_path_factory):
+def tiny_weights(served_tiny):
+    """The weights the app and CLI tests serve: `served_tiny`'s (teacher.safetensors, student.safetensors,
+    model_card.json, ood.safetensors, framing.safetensors)."""
+    return served_tiny[0]
+
+
+@pytest.fixture(scope="session")
+def kd_tiny(tiny_run, tiny_weights, tmp_path_factory):
     """The app's tiny world: `tiny_run`'s dataset (with its one unreadable training file, which every page must
     take in its stride) and its weights (teacher, student, labels-only student), trained once per session.
     Nothing in os.environ is changed here: use `app_env` for that."""
-    data, weights = tiny_run
-    return SimpleNamespace(root=tmp_path_factory.mktemp("kd_app"), data=data, weights=weights)
+    return SimpleNamespace(root=tmp_path_factory.mktemp("kd_app"), data=tiny_run[0], weights=tiny_weights)
 
 
 @pytest.fixture

@@ -174,8 +174,11 @@ def test_bad_uploads_show_their_message_and_the_page_keeps_working(app_env):
 
     at.file_uploader(key="uploads").set_value([("holiday.jpg", colour_photo(), "image/jpeg")]).run()
     assert not at.exception and not at.error
-    assert any("colour photograph" in w for w in alerts(at, "warning"))
-    assert len(metric_values(at, "Probability of pneumonia")) == 2 and len(at.image) == 2
+    assert any("Refused: no probability is shown." in w for w in alerts(at, "warning"))
+    assert not metric_values(at, "Probability of pneumonia") and len(at.image) == 1  # the refused picture, small
+    assert at.get("progress")[-1].proto.text == "1 file: 1 refused (no probability: see each)."
+    thumb = ui_diagnose._thumbnail(colour_photo(), "holiday.jpg")  # shown in its own colours, not grey
+    assert thumb.ndim == 3 and thumb.shape[2] == 3 and np.abs(thumb[..., 0].astype(int) - thumb[..., 2]).mean() > 20
 
 
 def test_dataset_case_shows_its_ground_truth(app_env):
@@ -245,7 +248,7 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
 
     _fill_tiny_form(at, "second")  # one job at a time
     at.button(key="train_start").click().run()
-    assert any("already running" in e for e in alerts(at, "error"))
+    assert any("already running" in e for e in alerts(at, "error")), (alerts(at, "error"), alerts(at, "success"), alerts(at, "info"))
 
     saw_progress = saw_chart = saw_running_row = False
     deadline = time.time() + 240
@@ -663,7 +666,7 @@ def test_models_are_warmed_when_loaded_and_each_upload_shows_progress(app_env, m
         [("a.png", xray_png(), "image/png"), ("b.dcm", xray_dicom(), "application/dicom")]).run()
     assert not at.exception and not at.error
     bars = at.get("progress")
-    assert bars and "2 of 2" in bars[-1].proto.text
+    assert bars and bars[-1].proto.text == "2 files: 2 diagnosed."
 
 
 # ----------------------------------------------------------------------------- issue 12: Train
@@ -692,8 +695,8 @@ def test_a_bad_dataset_path_shows_its_error_and_the_layout_once(app_env, tmp_pat
     errors = "\n".join(alerts(at, "error"))
     assert errors.count("does not exist") == 1 and "Not started" in errors, errors
     assert all_text(at).count("Expected layout") == 1
-    summary = [m for m in alerts(at, "caption") if "Empty fields keep the preset" in m][0]
-    assert "\n    " not in summary  # the preset's docstring as one paragraph, not an indented (code) block
+    plan = [m.value for m in at.markdown if "**This run**" in m.value][0]
+    assert "\n    " not in plan and "DESCRIPTION" not in plan  # one paragraph for a person, no code names
 
 
 # ----------------------------------------------------------------------------- issue 12: Data
@@ -707,3 +710,64 @@ def test_image_sizes_all_alike_show_both_classes_side_by_side(app_env):
     assert fig.layout.barmode == "group" and fig.layout.xaxis.type == "category"
     assert {tuple(trace.x) for trace in fig.data} == {("224 px",) * 3, ("224 px",) * 5} or \
         {len(trace.x) for trace in fig.data} == {3, 5}
+
+
+# ----------------------------------------------------------------------------- issue 20: the walkthrough's rough edges
+
+def test_every_page_says_who_the_models_are_for_and_the_disclaimer_once(app_env):
+    at = start_app()
+    for page in PAGES:
+        open_page(at, page)
+        assert all_text(at).count(DISCLAIMER) == 1, page  # the banner; not again in the sidebar
+        assert "children aged one to five" in all_text(at)
+
+
+def test_a_train_folder_without_both_classes_is_not_found_and_nothing_starts(app_env, tmp_path):
+    from kd.testing.xray_fixtures import write_kermany_dataset
+
+    data = write_kermany_dataset(tmp_path / "one_class", n_per_class=(4, 4), size=32)
+    import shutil
+
+    shutil.rmtree(data / "train" / "PNEUMONIA")
+    at = open_page(start_app(), "pages/train.py")
+    at.text_input(key=state.DATA_KEY).set_value(str(data)).run()
+    assert not any("dataset found" in c for c in alerts(at, "caption"))
+    assert any("has no PNEUMONIA/ folder" in c for c in alerts(at, "caption"))  # the sidebar says why
+    _fill_tiny_form(at, "broken")
+    at.button(key="train_start").click().run()
+    assert not at.exception and any("Not started" in e for e in alerts(at, "error"))
+    assert not (app_env.runs / "broken").exists() and jobs.current_job(app_env.runs) is None
+
+
+def test_the_plan_under_the_form_follows_the_fields_and_names_what_will_not_run(app_env):
+    at = open_page(start_app(), "pages/train.py")
+    plan = lambda: [m.value for m in at.markdown if "**This run**" in m.value][0]  # noqa: E731
+    assert "Not run: SSL-pretrain the teacher (0 epochs in the cpu preset" in plan()
+    assert "fine-tune the teacher: 6 ep @ 128 px" in plan()
+    at.number_input(key="train_epochs").set_value(5).run()  # every phase, pretraining included
+    assert "SSL-pretrain the teacher (simclr): 5 ep" in plan() and "Not run" not in plan()
+    at.selectbox(key="train_preset").set_value("tiny").run()
+    assert "(tiny preset: about a minute on a CPU" in plan() and "@ 32 px" in plan()
+    assert "Full pipeline" in at.selectbox(key="train_command").options
+
+
+def test_using_a_run_without_a_refusal_check_says_diagnose_will_not_predict(app_env):
+    import shutil
+
+    run = app_env.runs / "old-run"
+    shutil.copytree(app_env.weights, run)
+    (run / "ood.safetensors").unlink()
+    at = open_page(start_app(), "pages/train.py")
+    at.selectbox(key="train_use_choice").set_value("old-run")
+    at.button(key="train_use").click().run()
+    assert any("has no fitted out-of-distribution check" in w for w in alerts(at, "warning"))
+    open_page(at, "pages/diagnose.py")
+    assert any("No diagnosis with these weights" in e and "kd fit-ood" in e for e in alerts(at, "error"))
+    assert not at.get("file_uploader")
+
+
+def test_tables_show_an_empty_cell_as_a_dash_not_none():
+    import pandas as pd
+
+    shown = figures.table(pd.DataFrame({"run": ["a", "b"], "AUC": [None, 0.98765]})).to_string()
+    assert "None" not in shown and "nan" not in shown and figures.EMPTY_CELL in shown and "0.988" in shown

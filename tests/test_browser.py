@@ -2,9 +2,10 @@
 
 With the shipped weights: upload an X-ray they never saw (kd/testing/data/, from the official test split)
 beside a page of text; the X-ray gets both models and both heat maps at the default CAM's grid, the text
-page is refused with its reason. Then start a tiny training (fine-tuning) on the Train page, stop it
-(confirmed) after its first epoch, resume it, see the runs table say "running" and the loss chart grow, and
-follow it to the end with a positive elapsed time; visit Evaluate and Data. Screenshots of each page go to
+page is refused with its reason. Then start a tiny full pipeline on the Train page, stop it (confirmed) after
+its first epoch, resume it, see the runs table say "running" and the loss chart grow, and follow it to the end
+with a positive elapsed time; use its weights and see a photograph refused by the check its export fitted, with
+no probability; visit Evaluate and Data. Screenshots of each page go to
 the folder named by KD_SCREENSHOTS (else the test's tmp folder).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kd import cam, jobs
@@ -22,11 +24,12 @@ from kd.model_card import read_card
 from kd.paths import SHIPPED_WEIGHTS
 from kd.testing import app_server
 from kd.testing.app_server import CHROMIUM, CHROMIUM_ARGS
-from kd.testing.non_xrays import text_page
+from kd.testing.non_xrays import non_xrays, text_page
 from kd.testing.xray_fixtures import REAL_XRAY as UNSEEN_XRAY  # an official-test image: never trained on
 from kd.testing.xray_fixtures import jpeg_bytes
 
-EPOCHS = 6  # a tiny fine-tuning (about a second an epoch) long enough to be stopped, resumed and watched
+EPOCHS = 6  # tiny phases (about a second an epoch) long enough to be stopped, resumed and watched
+COLOUR_PHOTO = non_xrays(np.zeros((64, 64), np.uint8))["colour_photo.jpeg"]
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
@@ -99,7 +102,7 @@ def test_upload_and_training_in_a_browser(server, app_env):
             page.locator("input[type=file]").set_input_files(files=[
                 {"name": UNSEEN_XRAY.name, "mimeType": "image/jpeg", "buffer": UNSEEN_XRAY.read_bytes()},
                 {"name": "letter.jpeg", "mimeType": "image/jpeg", "buffer": jpeg_bytes(text_page())}])
-            expect(page.get_by_text("2 of 2 files diagnosed.")).to_be_visible(timeout=120_000)
+            expect(page.get_by_text("2 files: 1 diagnosed, 1 refused (no probability: see each).")).to_be_visible(timeout=120_000)
             probabilities = page.locator('[data-testid="stMetric"]').filter(has_text="Probability of pneumonia")
             expect(probabilities).to_have_count(2)  # teacher and student, for the X-ray only
             for value in probabilities.locator('[data-testid="stMetricValue"]').all_inner_texts():
@@ -112,17 +115,17 @@ def test_upload_and_training_in_a_browser(server, app_env):
             expect(refusal).to_contain_text("chest radiograph")
             _screenshot(page, shots / "diagnose.png")
 
-            # Train: a tiny fine-tuning run from the form, followed live, stopped, resumed, finished
+            # Train: a tiny full pipeline from the form, followed live, stopped, resumed, finished
             page.get_by_role("link", name="Train").click()
             expect(page.get_by_role("heading", name="Train")).to_be_visible()
             page.locator('[data-testid="stSelectbox"]').filter(has_text="What to run").click()
-            page.get_by_role("option", name="Fine-tune the teacher", exact=True).click()
+            page.get_by_role("option", name="Full pipeline", exact=True).click()
             page.locator('[data-testid="stSelectbox"]').filter(has_text="Preset").click()
             page.get_by_role("option", name="tiny", exact=True).click()
             page.get_by_label("Epochs (every phase)").fill(str(EPOCHS))
             page.get_by_label("Run name", exact=True).fill("browser")
             page.get_by_role("button", name="Start training").click()
-            expect(page.get_by_text("Started finetune")).to_be_visible()
+            expect(page.get_by_text("Started pipeline")).to_be_visible()
 
             # stop once the first epoch's checkpoint is on disk: the panel shows epoch 2 or later
             position = re.compile(rf"epoch ([2-9]|\d{{2,}})/{EPOCHS} · step")
@@ -158,8 +161,20 @@ def test_upload_and_training_in_a_browser(server, app_env):
             expect(page.get_by_text("Run to show")).to_be_visible()
             use = page.get_by_role("button", name="Use these weights")
             expect(use).to_have_count(1, timeout=60_000)  # a rerun may briefly show the stale element too
-            expect(use).to_be_disabled()  # no student in this run
             _screenshot(page, shots / "train.png")
+            use.click()
+            expect(page.get_by_text("Diagnose and Evaluate now use run browser.")).to_be_visible()
+
+            # Diagnose with the run's weights: its export fitted the refusal check, so a photograph gets none
+            page.get_by_role("link", name="Diagnose").click()
+            expect(page.get_by_role("heading", name="Diagnose")).to_be_visible()
+            expect(page.get_by_text("Models: run browser")).to_be_visible()
+            page.locator("input[type=file]").set_input_files(files=[
+                {"name": "photo.jpeg", "mimeType": "image/jpeg", "buffer": COLOUR_PHOTO}])
+            expect(page.get_by_text("1 file: 1 refused (no probability: see each).")).to_be_visible(timeout=120_000)
+            expect(page.locator('[data-testid="stMetric"]').filter(has_text="Probability of pneumonia")).to_have_count(0)
+            expect(page.locator('[data-testid="stAlert"]').filter(has_text="Refused: no probability is shown.")) \
+                .to_have_count(1)
 
             # Evaluate and Data render with the tiny dataset
             page.get_by_role("link", name="Evaluate").click()

@@ -222,3 +222,35 @@ def test_a_dataset_of_empty_files_is_not_found(tmp_path):
         p.write_bytes(b"")
     with pytest.raises(DatasetError, match=r"All 3 files in .*NORMAL are empty \(0 bytes\)"):
         list_split(root, "train")
+
+
+# ----------------------------------------------------------------------------- issue 20: the whole layout, up front
+
+@pytest.mark.parametrize("damage, words", [
+    ("no class folders", "has no NORMAL/ folder"),
+    ("one class", "has no PNEUMONIA/ folder"),
+    ("one image of a class", "training needs at least 2 of each class"),
+    ("test without a class", "test has no PNEUMONIA/ folder"),
+])
+def test_check_layout_refuses_what_a_run_would_fail_on(tmp_path, damage, words):
+    import shutil
+
+    from kd.data import DatasetError, check_layout
+    from kd.testing.xray_fixtures import write_kermany_dataset
+
+    root = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=32, splits=("train", "test"))
+    assert check_layout(root) == {"train": {"NORMAL": 4, "PNEUMONIA": 4}, "test": {"NORMAL": 4, "PNEUMONIA": 4}}
+    if damage == "no class folders":
+        for d in ("NORMAL", "PNEUMONIA"):
+            for f in (root / "train" / d).iterdir():
+                f.rename(root / "train" / f.name)
+            (root / "train" / d).rmdir()
+    elif damage == "one class":
+        shutil.rmtree(root / "train" / "PNEUMONIA")
+    elif damage == "one image of a class":
+        for f in sorted((root / "train" / "NORMAL").iterdir())[1:]:
+            f.unlink()
+    else:
+        shutil.rmtree(root / "test" / "PNEUMONIA")
+    with pytest.raises(DatasetError, match=words.replace("/", "/")):
+        check_layout(root)

@@ -27,19 +27,10 @@ JUNK = non_xrays(XRAY)
 
 
 @pytest.fixture(scope="module")
-def fitted(kd_tiny, built_once):
-    """A copy of the tiny weights with the check fitted on a generated dataset of X-ray-like pictures
-    (more images than the training set, so the validation split has some); built once per test run."""
-    def build(root):
-        (root / "weights").mkdir()
-        for f in kd_tiny.weights.iterdir():  # the served files only: the run's phase folders hold ~1 GB of states
-            if f.is_file():
-                shutil.copy2(f, root / "weights" / f.name)
-        write_kermany_dataset(root / "data", n_per_class=(100, 100), size=64, seed=3, splits=("train", "test"))
-        assert main(["fit-ood", "--weights", str(root / "weights"), "--data", str(root / "data")]) == 0
-
-    root = built_once("ood", build)
-    return root / "weights", root / "data"
+def fitted(served_tiny):
+    """The tiny weights with the check fitted on a generated dataset of X-ray-like pictures (more images than
+    the training set, so the validation split has some): conftest's `served_tiny`, built once per test run."""
+    return served_tiny
 
 
 def test_fit_writes_the_check_and_a_readable_card_section(fitted):
@@ -86,6 +77,18 @@ def test_predict_refuses_junk_with_exit_status_2_and_no_probability(fitted, tmp_
     assert "teacher" in lines[0] and set(lines[1]) == {"file", "error"} and "chest radiograph" in lines[1]["error"]
 
 
+def test_a_turned_x_ray_is_told_to_turn_it_upright(fitted):
+    """A radiograph on its side or upside down is refused, and when the turn back passes, the refusal says so
+    in words a person can act on (not a distance ratio alone)."""
+    pair = load_pair(fitted[0])
+    assert check_in_distribution(pair, pair.prepare(jpeg_bytes(XRAY), "x.jpeg")[0]) is None  # upright: passes
+    for name, turn in (("rotated_xray.jpeg", "90° clockwise"), ("upside_down_xray.jpeg", "180°")):
+        why = check_in_distribution(pair, pair.prepare(JUNK[name], name)[0])
+        assert why is not None and "less like the training X-rays than any X-ray of the validation split" in why
+        assert f"It would pass turned {turn}: if it is an X-ray on its side or upside down, turn it upright" in why
+    assert "turn it upright" not in check_in_distribution(pair, pair.prepare(JUNK["grey_photo.jpeg"], "p.jpeg")[0])
+
+
 def test_image_statistics_name_blank_and_flat_pictures():
     assert "only 1 grey level (blank)" in ood.image_reason(np.zeros((160, 160), np.uint8))
     checker = ((np.indices((160, 160)) // 20).sum(0) % 2 * 255).astype(np.uint8)
@@ -107,10 +110,34 @@ def test_a_check_fitted_on_another_teacher_is_not_used(fitted, tmp_path):
     assert load_pair(weights, ood=False).ood is None
 
 
-def test_weights_without_a_check_predict_as_before(kd_tiny):
-    pair = load_pair(kd_tiny.weights)
+def test_weights_without_a_check_give_no_probability(fitted, tmp_path, capsys):
+    """Weights exported before runs fitted their own check: every picture, X-ray or not, is refused with the
+    command that fits it, in the library and in `kd predict` (one message, exit 1), never a bare probability."""
+    weights = tmp_path / "weights"
+    shutil.copytree(fitted[0], weights)
+    (weights / ood.OOD_FILE).unlink()
+    pair = load_pair(weights)
     assert pair.ood is None
-    assert "teacher" in predict_bytes(pair, JUNK["black.png"], "black.png")
+    for name, data in (("xray.jpeg", jpeg_bytes(XRAY)), ("black.png", JUNK["black.png"])):
+        with pytest.raises(ImageError, match="no fitted out-of-distribution check.*kd fit-ood --weights"):
+            predict_bytes(pair, data, name)
+    (tmp_path / "x.jpeg").write_bytes(jpeg_bytes(XRAY))
+    assert main(["predict", "--weights", str(weights), str(tmp_path / "x.jpeg")]) == 1
+    out, err = capsys.readouterr()
+    assert "p(pneumonia)" not in out and "no fitted out-of-distribution check" in err
+
+
+def test_every_exported_run_carries_its_fitted_check(tiny_run):
+    """The pipeline fits the refusal check (and the framing warnings) on the weights it exports: a run's folder
+    served as it is refuses a non-X-ray."""
+    run = tiny_run[1]
+    assert (run / ood.OOD_FILE).exists()
+    card = read_card(run)
+    assert card[ood.CARD_KEY]["train_images"] > 0 and "framing" in card
+    pair = load_pair(run)
+    assert pair.ood is not None
+    with pytest.raises(ImageError, match="does not look like a chest radiograph"):
+        predict_bytes(pair, JUNK["black.png"], "black.png")
 
 
 def test_distance_is_the_mahalanobis_distance_of_the_shrunk_covariance():

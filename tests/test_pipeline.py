@@ -369,7 +369,7 @@ def test_unlabeled_images_that_are_validation_or_test_images_are_refused(tmp_pat
     assert "--unlabeled" in err and "(official-val)" in err
 
 
-def test_one_file_gives_one_probability_in_the_app_in_predict_and_in_evaluate(tiny_weights, tmp_path):
+def test_one_file_gives_one_probability_in_the_app_in_predict_and_in_evaluate(served_tiny, tmp_path):
     """Diagnose (kd.cam.diagnose), `kd predict` (kd.inference.predict_bytes) and `kd evaluate` decode and
     preprocess the same way, apply the same calibration: one full-resolution JPEG, one probability."""
     from kd.cam import diagnose
@@ -379,12 +379,15 @@ def test_one_file_gives_one_probability_in_the_app_in_predict_and_in_evaluate(ti
 
     weights = tmp_path / "weights"
     weights.mkdir()
-    for f in tiny_weights.iterdir():
+    for f in served_tiny[0].iterdir():
         if f.suffix in (".safetensors", ".json") and f.name != "config.json" and f.is_file():
             _copy_into(f, weights / f.name)
     card = json.loads((weights / "model_card.json").read_text())
     card["input"]["contrast"] = "equalize"  # exercise the contrast step on every path
     (weights / "model_card.json").write_text(json.dumps(card))
+    from kd.refusal_fit import fit_checks
+
+    fit_checks(weights, served_tiny[1])  # the refusal check sees the models' squares: re-fitted for the new contrast
     big = jpeg_bytes(xray_like_array(1700, 1800, seed=7))  # decoded with a JPEG draft on every path
     data = tmp_path / "data"
     _copy_into_bytes = lambda path, b: (path.parent.mkdir(parents=True, exist_ok=True), path.write_bytes(b))  # noqa
@@ -504,3 +507,28 @@ def test_a_tampered_training_state_is_named_not_a_key_error(tmp_path, tamper):
     with pytest.raises(CheckpointError, match=rf"{tmp_path / STATE_FILE} is not a training state of the baseline "
                                               r"phase .*delete it"):
         fit(student, images, phase, ctx, tmp_path, Reporter(tmp_path, enabled=False), "baseline", resume=True)
+
+
+# ----------------------------------------------------------------------------- issue 20: tiny preset, the card's words
+
+def test_a_capped_training_split_and_a_dataset_without_test_are_said_in_the_card(tmp_path):
+    """max_train_images (the tiny preset's 256) trains on a seeded subset, validation carved whole first; a dataset
+    without test/ gets a card that says there is no external check; `reproduce` is the command without --resume."""
+    from kd.cli import main
+    from kd.config import preset
+    from kd.testing.xray_fixtures import write_kermany_dataset
+
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(14, 14), size=32)
+    cfg = preset("tiny", epochs=1)
+    cfg.max_train_images, cfg.baseline = 8, False
+    cfg.pretrain.epochs = 0
+    cfg.save(tmp_path / "config.json")
+    out = tmp_path / "run"
+    assert main(["pipeline", "--config", str(tmp_path / "config.json"), "--data", str(data), "--out", str(out),
+                 "--device", "cpu", "--resume"]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert sum(v["images"] for v in card["data"]["train"].values()) == 8
+    assert sum(v["images"] for v in card["data"]["val"].values()) >= 4  # carved from all 28, not from the 8
+    assert card["metrics_split"]["test"].startswith("none: the dataset has no test/ folder")
+    assert "--resume" not in card["reproduce"] and card["reproduce"].startswith("python -m kd pipeline --config")
+    assert (out / "ood.safetensors").exists()

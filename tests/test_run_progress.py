@@ -82,7 +82,9 @@ def test_card_summary_has_validation_and_test_side_by_side(kd_tiny):
         ("Teacher", "validation"), ("Teacher", "test"), ("Student", "validation"), ("Student", "test")]
     assert frame["AUC (95% CI)"].str.match(r"^(n/a|\d\.\d{3}( \(\d\.\d{3}-\d\.\d{3}\))?)$").all()
     assert ui_evaluate.card_splits(card) == ["validation", "test"]
-    assert "Written " in ui_train.card_note(card)
+    note = ui_train.card_note(card)
+    assert "**Written:**" in note and "\n- **Reproduce** (into a new run folder): `python -m kd pipeline" in note
+    assert "--resume" not in note and "**test:**" in note
 
 
 @pytest.mark.parametrize("n, bins", [(16, 2), (60, 3), (312, 10), (786, 10)])
@@ -115,3 +117,37 @@ def test_a_card_without_bin_counts_gets_no_made_up_counts():
     reports = {role: {"calibration": {"curve": curve}} for role in ("teacher", "student")}
     teacher = figures.calibration_figure(reports).data[1]
     assert teacher.text is None and teacher.mode == "lines+markers"
+
+
+# ----------------------------------------------------------------------------- issue 20: a stopped or failed run's panel
+
+def test_a_stopped_run_shows_no_eta_and_no_images_per_second(tmp_path):
+    reporter = kprogress.Reporter(tmp_path)
+    reporter.start(state="running", phases=["finetune"])
+    reporter.log("phase_start", phase="finetune", epochs=3)
+    reporter.log("step", phase="finetune", epoch=1, epochs=3, step=2, steps=8, global_step=2, total_steps=24)
+    reporter.update(eta_s=120.0, images_per_s=33.0)
+    reporter.update(state="stopped", stopped=time.time())
+    view = ui_progress.run_view(tmp_path)
+    assert view.state == "stopped" and view.images_per_s is None and "ETA" not in view.progress_text
+
+
+def test_a_run_that_failed_on_its_data_is_offered_no_resume_until_the_data_is_fixed(tmp_path):
+    from kd.config import preset
+    from kd.testing.xray_fixtures import write_kermany_dataset
+
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=32)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = preset("tiny")
+    cfg.data = str(data)
+    cfg.save(run / "config.json")
+    kprogress.Reporter(run).start(state="failed", phases=["finetune"], error="... has no NORMAL/ folder")
+    normal = data / "train" / "NORMAL"
+    normal.rename(tmp_path / "moved")
+    view = ui_progress.run_view(run)
+    assert view.state == "failed" and not view.can_resume
+    assert "has no NORMAL/ folder" in view.resume_problem and "Expected layout" not in view.resume_problem
+    (tmp_path / "moved").rename(normal)  # fixed: Resume is offered again
+    view = ui_progress.run_view(run)
+    assert view.resume_problem is None and view.can_resume

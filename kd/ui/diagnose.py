@@ -82,6 +82,21 @@ def diagnose_bytes(pair: ModelPair, data: bytes, name: str, method: str = cam.DE
 
 
 def _thumbnail(data: bytes, name: str, size: int = 256) -> np.ndarray | None:
+    """What was refused, small and in its own colours (a colour photograph is shown in colour, not as the grey
+    square the models saw); DICOM and anything Pillow cannot draw go through the models' decoder in grey. Only
+    pictures that decoder already read within its size limits get here."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (size, size))  # JPEG: decode reduced
+            shown = ImageOps.exif_transpose(img).convert("RGB")
+            shown.thumbnail((size, size))
+            return np.asarray(shown)
+    except Exception:  # noqa: BLE001 - DICOM, or a format Pillow draws differently: the grey fallback below
+        pass
     try:
         return preprocess.load_xray(data, name=name, target_size=size).pixels
     except preprocess.ImageError:
@@ -125,10 +140,23 @@ def render_uploads(pair: ModelPair, files, method: str, opacity: float) -> None:
         return
     n = len(files)
     bar = st.progress(0.0)
+    results = []
     for i, upload in enumerate(files):
         bar.progress(i / n, text=f"Diagnosing {upload.name} ({i + 1} of {n})...")
-        render_case(diagnose_bytes(pair, upload.getvalue(), upload.name, method, memo=session_memo()), pair, opacity)
-    bar.progress(1.0, text=f"{n} of {n} file{'s' if n > 1 else ''} diagnosed.")
+        results.append(diagnose_bytes(pair, upload.getvalue(), upload.name, method, memo=session_memo()))
+        render_case(results[-1], pair, opacity)
+    bar.progress(1.0, text=outcome_summary(results))
+
+
+def outcome_summary(results: list[CaseResult]) -> str:
+    """What became of the files: "3 files: 1 diagnosed, 1 refused (not a chest X-ray like the training ones),
+    1 unreadable"; never "diagnosed" for a file that got no probability."""
+    n = len(results)
+    counts = {"diagnosed": sum(r.diagnosis is not None for r in results),
+              "refused (no probability: see each)": sum(r.refused for r in results),
+              "unreadable": sum(r.error is not None and not r.refused for r in results)}
+    parts = [f"{k} {what}" for what, k in counts.items() if k]
+    return f"{n} file{'s' if n != 1 else ''}: " + ", ".join(parts) + "."
 
 
 def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> None:
@@ -142,7 +170,8 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> No
             left, right = st.columns([1, 3])
             if result.picture is not None:
                 left.image(result.picture, width=160, caption="the uploaded picture")
-            reason = result.error.removesuffix(REASON_END) + "."  # the heading already says no probability
+            reason = result.error.replace(REASON_END, ".")  # the heading already says no probability
+            reason += "" if reason.endswith(".") else "."
             right.warning(f"**Refused: no probability is shown.** {reason}", icon=":material/block:")
             right.caption(REFUSAL_NOTE)
             return

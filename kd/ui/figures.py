@@ -11,6 +11,12 @@ import plotly.graph_objects as go
 from kd.ui.models import ROLE_LABEL, ROLES
 
 ROLE_COLOR = {"teacher": "#1f5f8b", "student": "#d1793b"}
+EMPTY_CELL = "–"  # what a table shows where there is no value (st.dataframe would print "None")
+
+
+def table(frame: pd.DataFrame):
+    """A frame as st.dataframe should show it: empty cells as EMPTY_CELL, numbers at 3 decimals."""
+    return frame.style.format(na_rep=EMPTY_CELL, precision=3)
 
 
 def _line(df: pd.DataFrame, y: str, title: str, log: bool = False) -> go.Figure:

@@ -7,7 +7,7 @@ import streamlit as st
 
 from kd.checkpoint import CheckpointError
 from kd.config import DESCRIPTION
-from kd.inference import ROLES, ModelPair, load_pair
+from kd.inference import ROLES, ModelPair, load_pair, no_check_reason
 from kd.model_card import CARD_FILE
 from kd.paths import REPO
 from kd.ui.state import active_weights, shipped_weights
@@ -66,6 +66,15 @@ def require_models() -> ModelPair:
         st.error(problem)
         st.stop()
     return pair
+
+
+def require_refusal_check(pair: ModelPair) -> None:
+    """Diagnosis needs the weights' fitted out-of-distribution check: without it the page says so and stops,
+    since every picture, X-ray or not, would get a confident probability (kd.inference.no_check_reason)."""
+    if pair.ood is None:
+        st.error(f"**No diagnosis with these weights.** {no_check_reason(pair.weights_dir)} Or choose other "
+                 "weights on the Train page.", icon=":material/block:")
+        st.stop()
 
 
 def clear_model_cache() -> None:

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kd import data as kdata
 from kd import progress as kprogress
 from kd import runs as kruns
 from kd.statefile import UnreadableState
 from kd.ui.models import ROLES
-from kd.ui.state import running_job, runs_root
+from kd.ui.state import dataset_state, running_job, runs_root
 
 
 def step_frame(events: list[dict]) -> pd.DataFrame:
@@ -77,10 +78,32 @@ class RunView:
     error: str | None
     running: bool
     problems: list[str]  # "unreadable: <file>, <why>" for status.json / progress.jsonl: shown, the rest goes on
+    resume_problem: str | None = None  # why Resume would fail again (resume_problem), so it is not offered
 
     @property
     def can_resume(self) -> bool:
-        return not self.running and self.state in ("stopped", "failed") and (self.path / "config.json").exists()
+        return (not self.running and self.state in ("stopped", "failed") and (self.path / "config.json").exists()
+                and self.resume_problem is None)
+
+
+def resume_problem(run_dir: Path) -> str | None:
+    """Why resuming a stopped or failed run cannot work as things are (its settings unreadable, its dataset
+    gone or not in the layout, an unlabeled folder gone), or None. Checked before Resume is offered, so a run
+    that failed on its data is not offered a resume that fails the same way until the data is fixed."""
+    from kd.config import Config
+
+    try:
+        cfg = Config.load(run_dir / "config.json")
+        if not cfg.data.strip():
+            return f"{run_dir / 'config.json'} names no dataset folder."
+        problem = dataset_state(cfg.data)[1]  # the check the sidebar shows, cached per folder state
+        if problem:
+            return problem.split("\n\nExpected layout")[0]
+        if cfg.unlabeled:
+            kdata.list_unlabeled(cfg.unlabeled)
+    except (ValueError, OSError) as e:  # DatasetError and UnreadableState are ValueErrors
+        return str(e).split("\n\nExpected layout")[0]
+    return None
 
 
 def live_state(status: dict, running: bool, job: dict | None) -> str | None:
@@ -124,15 +147,17 @@ def run_view(run_dir: str | Path) -> RunView:
             within = 0.0
         fraction = min(1.0, (i + within) / max(1, len(phases)))
         text = f"{phase} ({i + 1}/{len(phases)}) · {_phase_position(status)}"
-        if status.get("eta_s") is not None and status.get("last_event") == "step":
+        if running and status.get("eta_s") is not None and status.get("last_event") == "step":
             text += f" · ETA for this phase {_duration(status.get('eta_s'))}"
     elif phase == "export":
         fraction, text = 0.99, f"exporting weights and model card ({status.get('model', '')})"
     else:
         fraction, text = 0.0, "preparing data (decoding images into the cache)" if running else state
     elapsed = _duration(kprogress.elapsed_seconds(status, running))
+    blocked = resume_problem(run_dir) if not running and state in ("stopped", "failed") else None
     return RunView(run_dir.name, run_dir, state, status, steps, epoch_frame(events), float(fraction), text,
-                   status.get("images_per_s"), elapsed, None if running else status.get("error"), running, problems)
+                   status.get("images_per_s") if running else None, elapsed, None if running else status.get("error"),
+                   running, problems, blocked)
 
 
 def _phase_position(status: dict) -> str:

@@ -123,7 +123,32 @@ def dataset_state(path: str | None = None) -> tuple[Path | None, str | None]:
     path = data_root_value() if path is None else str(path).strip()
     if not path:
         return None, None
+    return _checked_dataset(path, _folder_times(path))
+
+
+def _folder_times(path: str) -> tuple:
+    """Modification times of the root, its split folders and their class folders: adding, removing or renaming
+    any of their entries changes one, so the cached check below is redone exactly when the layout may differ."""
+    root, times = Path(path).expanduser(), []
     try:
+        folders = [root, *root.glob("*"), *root.glob("*/*")]
+    except (OSError, RuntimeError):  # a loop or an unreadable root: the check itself says what is wrong
+        return ()
+    for folder in folders:
+        try:
+            if folder.is_dir():
+                times.append((str(folder), folder.stat().st_mtime_ns))
+        except OSError:
+            times.append((str(folder), None))
+    return tuple(times)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _checked_dataset(path: str, folder_times: tuple) -> tuple[Path | None, str | None]:
+    """The whole layout checked (kd.data.check_layout: every split folder with both classes), so a folder a
+    job would fail on is never shown as found; cached per state of its folders, as every page's rerun asks."""
+    try:
+        kdata.check_layout(path)
         return kdata.check_root(path), None
     except kdata.DatasetError as e:
         return None, str(e)

@@ -11,14 +11,16 @@ from kd import data as kdata
 from kd import jobs, preprocess
 from kd import runs as kruns
 from kd.config import DESCRIPTION, PRESETS, Config, preset
+from kd.inference import no_check_reason
+from kd.ood import OOD_FILE
 from kd.ui import figures
 from kd.ui.models import clear_model_cache
 from kd.ui.evaluate import card_summary_frame
 from kd.ui.progress import RunView, carded_runs, list_runs, log_tail, run_view, runs_frame
 from kd.ui.state import dataset_state, flash, running_job, runs_root, show_error
 
-COMMANDS = {
-    "Full pipeline (SSL-pretrain, fine-tune, distil)": "pipeline",
+COMMANDS = {  # the phases each runs, and which of them the preset skips, are said under the form (plan_summary)
+    "Full pipeline": "pipeline",
     "SSL-pretrain the teacher": "pretrain",
     "Fine-tune the teacher": "finetune",
     "Distil the student": "distill",
@@ -49,13 +51,43 @@ def prepare_train_form() -> None:
         st.session_state[RUN_NAME_KEY] = default_run_name()
 
 
-def preset_summary(name: str) -> str:
-    cfg = PRESETS[name]()
-    parts = [f"{ph} {cfg.phase(ph).epochs} ep @ {cfg.phase(ph).image_size} px, batch {cfg.phase(ph).batch_size}"
-             for ph in ("pretrain", "finetune", "distill")]
-    doc = " ".join((PRESETS[name].__doc__ or "").split())  # one paragraph: indented lines would be a code block
-    return (f"**{name}** ({DESCRIPTION[name]}): " + "; ".join(parts) + f"; evaluated at {cfg.eval_image_size} px. "
-            f"{doc}")
+PHASE_WORDS = {"pretrain": "SSL-pretrain the teacher", "finetune": "fine-tune the teacher",
+               "distill": "distil the student", "baseline": "labels-only student (ablation)"}
+
+
+def plan_summary(preset_name: str, command_label: str, epochs: int | None = None, image_size: int | None = None,
+                 batch_size: int | None = None, ssl_method: str | None = None, baseline: bool = True,
+                 unlabeled: str = "", distill_unlabeled: bool = False) -> str:
+    """What Start would run with the fields as they are now: each phase's budget (the preset's, or the fields'
+    when set: they apply to every phase), and the phases that will not run, said as such."""
+    from kd.cli import PHASE_COMMANDS
+
+    try:
+        cfg = preset(preset_name, image_size=image_size or None, epochs=epochs, batch_size=batch_size or None,
+                     ssl_method=ssl_method)
+    except ValueError as e:
+        return f"Not startable as set: {e}"
+    corpus = bool((unlabeled or "").strip())
+    steps, skipped = [], []
+    for name in PHASE_COMMANDS[COMMANDS[command_label]]:
+        ph = cfg.phase(name)
+        if name == "baseline" and not baseline:
+            continue
+        if ph.epochs == 0:
+            skipped.append(f"{PHASE_WORDS[name]} (0 epochs in the {preset_name} preset; set Epochs to run it)")
+            continue
+        what = PHASE_WORDS[name] + (f" ({cfg.ssl_method}{', with the unlabeled folders' if corpus else ''})"
+                                    if name == "pretrain" else "")
+        if name == "distill" and corpus and distill_unlabeled:
+            what += " (on the unlabeled folders too)"
+        steps.append(f"{what}: {ph.epochs} ep @ {ph.image_size} px, batch {ph.batch_size}")
+    text = (f"**This run** ({preset_name} preset: {DESCRIPTION[preset_name]}, at its own settings): "
+            + (" → ".join(steps) if steps else "nothing to train")
+            + (f"; then the weights are exported at {cfg.eval_image_size} px with their model card and refusal check."
+               if COMMANDS[command_label] != "pretrain" else "."))
+    if skipped:
+        text += " Not run: " + "; ".join(skipped) + "."
+    return text
 
 
 def preset_defaults(name: str) -> dict:
@@ -72,6 +104,7 @@ def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs
 
     None keeps the preset's value (epochs, image size and batch size then differ per phase). `unlabeled`: folders
     of X-rays without labels, one per line (the CLI's --unlabeled), each checked to hold pictures."""
+    kdata.check_layout(data_root)  # the whole layout, before any job starts
     root = kdata.check_root(data_root)
     folders = [line.strip() for line in (unlabeled or "").splitlines() if line.strip()]
     for folder in folders:
@@ -207,7 +240,13 @@ def submit(form: dict, command_label: str, gpus: int = 1) -> None:
 
 def use_run_and_rerun(name: str) -> None:
     error = use_run(name)
-    flash("error" if error else "success", error or f"Diagnose and Evaluate now use run {name}.")
+    if error:
+        flash("error", error)
+    elif not (kruns.run_dir_for(name, runs_root()) / OOD_FILE).exists():  # exported before runs fitted their own
+        flash("warning", f"Evaluate now uses run {name}, but Diagnose will not: it has no fitted out-of-distribution "
+                         f"check, so no probability is given. {no_check_reason(kruns.run_dir_for(name, runs_root()))}")
+    else:
+        flash("success", f"Diagnose and Evaluate now use run {name}.")
     st.rerun()
 
 
@@ -254,6 +293,9 @@ def _live_panel() -> None:
             confirm_stop(view)
     else:
         st.session_state.pop(_CONFIRM_STOP_KEY, None)
+    if view.resume_problem:
+        st.info(f"Resume is not offered: it would fail again. {view.resume_problem} Fix that, then Resume appears; "
+                "or start a new run.", icon=":material/info:")
     if view.can_resume and b2.button("Resume", icon=":material/replay:", key="train_resume"):
         _, error = resume_training(view.name)
         if error:
@@ -269,7 +311,7 @@ def _live_panel() -> None:
         figure = figures.metrics_figure(view.epochs)
         if figure is not None:
             left.plotly_chart(figure, key="train_metrics_chart")
-        right.dataframe(view.epochs.round(3), hide_index=True)
+        right.dataframe(figures.table(view.epochs), hide_index=True)
     with st.expander("train.log (last lines)", expanded=view.state == "failed"):
         st.code(log_tail(view.path) or "(empty)", language=None)
 
@@ -286,7 +328,8 @@ def _runs_panel() -> None:
         st.caption("No runs yet.")
         return
     job = running_job()
-    st.dataframe(runs_frame(runs, job), hide_index=True, key="train_runs_table")
+    st.dataframe(figures.table(runs_frame(runs, job)), hide_index=True, key="train_runs_table",
+                 column_config={"run": st.column_config.TextColumn(width="large")})  # names in full
     st.caption("AUC and accuracy on each run's patient-level validation split, at its own threshold. Elapsed: "
                "wall-clock time over every session of the run; training time: the phases' epochs alone.")
     carded = carded_runs(runs)
@@ -295,17 +338,17 @@ def _runs_panel() -> None:
     with st.expander("Model cards of finished runs", expanded=False):
         name = st.selectbox("Run", carded, key="train_card_run")
         card = next(r["card"] for r in runs if r["name"] == name)
-        st.dataframe(card_summary_frame(card), hide_index=True)
-        st.caption(card_note(card))
+        st.dataframe(figures.table(card_summary_frame(card)), hide_index=True)
+        st.markdown(card_note(card))
         st.json(card, expanded=False)
 
 
 def card_note(card: dict) -> str:
-    """The card's provenance in one line: when, from which command, what each split is."""
-    parts = [f"Written {card.get('date', '?')}"]
+    """The card's provenance as a list: when, the command that makes these weights, what each split is."""
+    lines = [f"- **Written:** {str(card.get('date', '?')).replace('T', ' ')}"]
     if card.get("reproduce"):
-        parts.append(f"by `{card['reproduce']}`")
+        lines.append(f"- **Reproduce** (into a new run folder): `{card['reproduce']}`")
     splits = card.get("metrics_split")
     if isinstance(splits, dict):
-        parts.append("; ".join(f"{k}: {v}" for k, v in splits.items()))
-    return ". ".join(parts) + "."
+        lines += [f"- **{k}:** {v}" for k, v in splits.items()]
+    return "\n".join(lines)

@@ -39,6 +39,8 @@ class CamOption:
 
     method: str  # GradCAM, GradCAM++ or LayerCAM (Jiang et al. 2021: meant for shallower stages)
     layers: tuple[str, ...]
+    smooth: str = ""  # "eigen": first principal component of the weighted activations; "aug": mean over 6 test-
+    # time augmentations (flips, brightness; 6x the time); pytorch_grad_cam's eigen_smooth / aug_smooth
 
     def grid(self, input_size: int) -> int:
         """Side of the finest native grid among its stages (each stride-2 step rounds up)."""
@@ -46,7 +48,8 @@ class CamOption:
 
     def source(self, input_size: int) -> str:
         g = self.grid(input_size)
-        return f"{self.method} on {'+'.join(self.layers)}, native grid {g}x{g} at {input_size} px"
+        smoothed = {"eigen": ", eigen-smoothed", "aug": ", averaged over 6 augmentations"}.get(self.smooth, "")
+        return f"{self.method} on {'+'.join(self.layers)}{smoothed}, native grid {g}x{g} at {input_size} px"
 
 
 def _halve(n: int, times: int) -> int:
@@ -62,6 +65,10 @@ CAM_OPTIONS = {  # measured by bench/cam_grid.py
     "layer2 GradCAM": CamOption("GradCAM", ("layer2",)),
     "layer2 LayerCAM": CamOption("LayerCAM", ("layer2",)),
     "layer2+3+4 LayerCAM": CamOption("LayerCAM", ("layer2", "layer3", "layer4")),
+    "layer3 GradCAM eigen": CamOption("GradCAM", ("layer3",), "eigen"),
+    "layer2 GradCAM eigen": CamOption("GradCAM", ("layer2",), "eigen"),
+    "layer3 GradCAM aug": CamOption("GradCAM", ("layer3",), "aug"),
+    "layer3 GradCAM++": CamOption("GradCAM++", ("layer3",)),
 }
 # bench/cam_grid.py on validation (shipped weights, 160 px; bench/cam_grid_shipped.json): the best ROAD of the
 # options with a native grid of at least 14x14 and less mass on the image border than a uniform map (ROAD
@@ -112,9 +119,15 @@ def explain(loaded: LoadedModel, x: torch.Tensor, method: str = DEFAULT_CAM) -> 
     model = loaded.model
     layers = [getattr(model, name)[-1] for name in option.layers]
     with loaded.lock, torch.enable_grad(), _CAM_CLASSES[option.method](model=model, target_layers=layers) as cam:
-        maps = cam(input_tensor=x.contiguous(memory_format=torch.channels_last),
-                   targets=[ClassifierOutputTarget(PNEUMONIA)] * x.shape[0])
-        logits = cam.outputs.detach().float().cpu().numpy()
+        x = x.contiguous(memory_format=torch.channels_last)
+        targets = [ClassifierOutputTarget(PNEUMONIA)] * x.shape[0]
+        maps = cam(input_tensor=x, targets=targets, eigen_smooth=option.smooth == "eigen",
+                   aug_smooth=option.smooth == "aug")
+        if option.smooth == "aug":  # cam.outputs holds the last augmented view's: the probability is the plain one's
+            with torch.no_grad():
+                logits = model(x).detach().float().cpu().numpy()
+        else:
+            logits = cam.outputs.detach().float().cpu().numpy()
     return float(softmax_pneumonia(logits, loaded.calibration_temperature)[0]), maps[0]
 
 

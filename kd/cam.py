@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -131,10 +131,11 @@ def explain(loaded: LoadedModel, x: torch.Tensor, method: str = DEFAULT_CAM) -> 
     return float(softmax_pneumonia(logits, loaded.calibration_temperature)[0]), maps[0]
 
 
-def overlay(picture: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> np.ndarray:
-    """RGB uint8 picture of the X-ray with the heat map (jet) blended per pixel at `opacity` x the map's
-    value: where the map is 0 the plain X-ray shows, where it is 1 the colour at `opacity`. A map of
-    another size than the picture is resized to it (bilinear)."""
+def overlay(picture: np.ndarray, cam: np.ndarray, opacity: float = 0.4, strength: float = 1.0) -> np.ndarray:
+    """RGB uint8 picture of the X-ray with the heat map (jet) blended per pixel at `opacity` x `strength` x the
+    map's value: where the map is 0 the plain X-ray shows, where it is 1 the colour at `opacity` x `strength`.
+    `strength` fades a whole map (fade_strength: by the model's probability). A map of another size than the
+    picture is resized to it (bilinear)."""
     if cam.shape != picture.shape:
         cam = np.asarray(Image.fromarray(cam.astype(np.float32)).resize(
             picture.shape[::-1], Image.Resampling.BILINEAR))
@@ -143,8 +144,23 @@ def overlay(picture: np.ndarray, cam: np.ndarray, opacity: float = 0.4) -> np.nd
     import cv2
 
     heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * cam), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    alpha = float(opacity) * cam[..., None]
+    alpha = float(opacity) * float(np.clip(strength, 0.0, 1.0)) * cam[..., None]
     return np.uint8(np.round(255 * ((1 - alpha) * rgb + alpha * heat.astype(np.float32) / 255)))
+
+
+# jet, the overlay's colour map, as a CSS gradient for the scale drawn beside the maps (matplotlib's jet stops)
+JET_STOPS = ("#00007f", "#0000ff", "#007fff", "#00ffff", "#7fff7f", "#ffff00", "#ff7f00", "#ff0000", "#7f0000")
+MAP_MEANING = ("Colour: where the model's evidence for PNEUMONIA lies in this image, relative to its own strongest "
+               "point (blue: little, red: the most). It is not a probability and not an outline of a lesion; each "
+               "map is scaled on its own image, so two maps' reds are not comparable.")
+FADE_MEANING = (" Faded by the model's probability: the map of a case at 0 % is drawn faint (15 % strength), one "
+                "at 100 % at full strength.")
+FADE_FLOOR = 0.15  # a faded map keeps this much of its strength, so the evidence behind a NORMAL stays findable
+
+
+def fade_strength(probability: float) -> float:
+    """How strongly a map is drawn when faded by its model's probability of pneumonia."""
+    return FADE_FLOOR + (1 - FADE_FLOOR) * float(np.clip(probability, 0.0, 1.0))
 
 
 EMPTY_MAP_NOTE = ("Empty heat map: no region raises this model's pneumonia score; the agreement figures then say "
@@ -196,12 +212,23 @@ class ModelView:
 
 
 @dataclass
+class Screened:
+    """An upload decoded once and let through the refusal check: what every heat map of it is drawn from."""
+
+    square: np.ndarray  # what the models see (uint8, size x size)
+    xray: preprocess.XRay  # with the decoder's and the framing check's warnings
+    picture: np.ndarray  # the same X-ray at display resolution, under the overlays
+    seconds: dict[str, float]  # "decoding", "refusal check"
+
+
+@dataclass
 class Diagnosis:
     square: np.ndarray  # what the models saw (uint8, size x size)
     xray: preprocess.XRay | None
     views: dict[str, ModelView]
     agreement: dict[str, float]
     picture: np.ndarray  # the same X-ray at display resolution, under the overlays
+    seconds: dict[str, float] = field(default_factory=dict)  # where the time went: decoding, check, each model
 
     @property
     def same_decision(self) -> bool:
@@ -222,26 +249,46 @@ def display_picture(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def diagnose_square(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay | None = None,
-                    method: str = DEFAULT_CAM, picture: np.ndarray | None = None) -> Diagnosis:
+                    method: str = DEFAULT_CAM, picture: np.ndarray | None = None,
+                    seconds: dict[str, float] | None = None) -> Diagnosis:
     picture = display_picture(square, pair.input_size) if picture is None else picture
     x = preprocess.to_tensor(square)
-    views = {}
+    views, spent = {}, dict(seconds or {})
     for role, loaded in pair.models.items():
         t0 = time.perf_counter()
         p, cam = explain(loaded, x, method)
-        seconds = time.perf_counter() - t0
-        views[role] = ModelView(p, decide(p, loaded.threshold), loaded.threshold, cam, seconds)
-    return Diagnosis(square, xray, views, agreement(views["teacher"].cam, views["student"].cam), picture)
+        spent[role] = time.perf_counter() - t0
+        views[role] = ModelView(p, decide(p, loaded.threshold), loaded.threshold, cam, spent[role])
+    return Diagnosis(square, xray, views, agreement(views["teacher"].cam, views["student"].cam), picture, spent)
+
+
+def screen_upload(pair: ModelPair, data: bytes, name: str = "upload") -> Screened:
+    """Bytes -> the model's square and the display picture, checked: raises preprocess.ImageError, and
+    inference.NotChestXray (before any probability is computed) for what the weights' kd.ood check refuses.
+    Everything a change of heat-map method does not change, so the app computes it once per upload."""
+    t0 = time.perf_counter()
+    square, xray = pair.prepare(data, name)  # the model's pixels: the same path as training and `kd predict`
+    shown = preprocess.load_xray(data, name=name, target_size=max(pair.input_size, DISPLAY_SIZE))  # for the eye
+    t1 = time.perf_counter()
+    xray = screen(pair, square, xray)  # refusal (kd.ood) and framing warnings (kd.framing) first
+    t2 = time.perf_counter()
+    return Screened(square, xray, display_picture(shown.pixels, pair.input_size),
+                    {"decoding": t1 - t0, "refusal check": t2 - t1})
+
+
+def diagnose_screened(pair: ModelPair, screened: Screened, method: str = DEFAULT_CAM) -> Diagnosis:
+    """Both predictions and both heat maps of a screened upload (one forward and backward pass per model)."""
+    return diagnose_square(pair, screened.square, screened.xray, method, screened.picture, screened.seconds)
 
 
 def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = DEFAULT_CAM) -> Diagnosis:
-    """Bytes of an upload -> both predictions and both heat maps; raises preprocess.ImageError, and
-    inference.NotChestXray (before any probability is computed) for what the weights' kd.ood check refuses."""
-    size = pair.input_size
-    square, xray = pair.prepare(data, name)  # the model's pixels: the same path as training and `kd predict`
-    xray = screen(pair, square, xray)  # refusal (kd.ood) and framing warnings (kd.framing) first
-    shown = preprocess.load_xray(data, name=name, target_size=max(size, DISPLAY_SIZE))  # sharper, for the eye only
-    return diagnose_square(pair, square, xray, method, display_picture(shown.pixels, size))
+    """Bytes of an upload -> both predictions and both heat maps (screen_upload, then diagnose_screened)."""
+    return diagnose_screened(pair, screen_upload(pair, data, name), method)
+
+
+def time_note(seconds: dict[str, float]) -> str:
+    """Where a diagnosis's time went, in the order it was spent."""
+    return "Time on this machine: " + " · ".join(f"{what} {s:.2f} s" for what, s in seconds.items())
 
 
 def road_scores(loaded: LoadedModel, squares: np.ndarray, method: str = "GradCAM",

@@ -30,6 +30,41 @@ def data_fingerprint(samples: list[Sample]) -> str:
     return h.hexdigest()[:16]
 
 
+SPLIT_HASHES_FILE = "split_hashes.json"  # content hashes of the images the weights were trained and selected on
+HASH_CHARS = 16  # of kd.data.content_hash's hex digest: 64 bits, no collision among a dataset's images
+
+
+def write_split_hashes(weights_dir: str | Path, splits: dict[str, list[Sample]]) -> Path:
+    """The weights' own training and validation images, by content, next to the weights: Evaluate warns when a
+    folder it is asked to judge holds them (figures on training images say nothing about new patients)."""
+    from kd.checkpoint import write_json_atomic
+    from kd.data import content_hash
+
+    hashes = {split: sorted({content_hash(s.path)[:HASH_CHARS] for s in splits[split]}) for split in ("train", "val")}
+    path = Path(weights_dir) / SPLIT_HASHES_FILE
+    write_json_atomic(path, {"hash": f"blake2b-128 of the file's bytes, first {HASH_CHARS} hex digits", **hashes})
+    return path
+
+
+def split_overlap(weights_dir: str | Path, paths: list[str]) -> dict | None:
+    """How many of `paths` are the weights' training and validation images (by content); None when the weights
+    do not list theirs (exported before SPLIT_HASHES_FILE existed) or the list cannot be read."""
+    from kd import statefile
+    from kd.data import content_hash
+
+    try:
+        known = statefile.read_json(Path(weights_dir) / SPLIT_HASHES_FILE,
+                                    statefile.object_with({"train": statefile.list_of(str), "val": statefile.list_of(str)}),
+                                    default=None)
+    except statefile.UnreadableState:
+        return None
+    if known is None:
+        return None
+    mine = [content_hash(p)[:HASH_CHARS] for p in paths]
+    sets = {split: set(known[split]) for split in ("train", "val")}
+    return {"n": len(mine), **{split: sum(h in sets[split] for h in mine) for split in ("train", "val")}}
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,

@@ -11,11 +11,14 @@ pair = models.require_models()
 st.caption(models.weights_caption(pair))
 models.require_refusal_check(pair)
 
-left, right = st.columns(2)
+left, middle, right = st.columns([2, 2, 1], vertical_alignment="bottom")
 method = left.selectbox("Heat map method", diagnose.CAM_METHODS, key="cam_method",
                         help=diagnose.CAM_HELP)
-opacity = right.slider("Heat map opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacity",
-                       help="0 shows the X-ray alone.")
+opacity = middle.slider("Heat map opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacity",
+                        help="0 shows the X-ray alone.")
+fade = right.checkbox("Fade by probability", value=True, key="cam_fade",
+                      help="Draw each map at a strength that follows its model's probability of pneumonia.")
+diagnose.render_colour_scale(fade)
 
 upload_tab, dataset_tab = st.tabs(["Upload X-rays", "Pick a dataset case"])
 
@@ -24,7 +27,7 @@ with upload_tab:
                              accept_multiple_files=True, key="uploads", help=diagnose.UPLOAD_HELP)
     if not files:
         st.caption(diagnose.UPLOAD_HELP)
-    diagnose.render_uploads(pair, files, method, opacity)
+    diagnose.render_uploads(pair, files, method, opacity, fade)
 
 with dataset_tab:
     root, data_problem = state.dataset_state()
@@ -41,4 +44,4 @@ with dataset_tab:
                             format_func=lambda p: data.case_label(samples[p]))
         if path:
             result = diagnose.diagnose_sample(pair, samples[path], method, memo=diagnose.session_memo())
-            diagnose.render_case(result, pair, opacity)
+            diagnose.render_case(result, pair, opacity, fade)

@@ -32,18 +32,23 @@ else:
         bar.empty()
         if error:
             state.show_error(error)
+    if "test" not in data.available_splits(root):
+        st.info(evaluate.NO_TEST_NOTE, icon=":material/info:")
 
 st.subheader("Teacher vs student")
 card_split = "validation"
 if result is None and len(evaluate.card_splits(card)) > 1:
     card_split = st.radio("Model card figures on", evaluate.card_splits(card), horizontal=True, key="eval_card_split",
-                          format_func=evaluate.CARD_SPLITS.get)
+                          format_func=evaluate.CARD_SPLITS.get, index=evaluate.default_card_split(card, split))
 reports = {r: result[r] for r in models.ROLES} if result else evaluate.reports_from_card(card, card_split)
 st.dataframe(figures.table(evaluate.metrics_table(reports, card)))
 st.caption(evaluate.result_caption(result) if result else evaluate.card_caption(card, card_split))
+for kind, note in evaluate.overlap_notes(result) if result else []:
+    getattr(st, kind)(note)
 
+# a key and on_change keep the open tab across the reruns its sliders and pagers cause
 curves, threshold_tab, disagreements_tab, faithfulness_tab = st.tabs(
-    ["Curves", "Threshold", "Disagreements", "Faithfulness"])
+    ["Curves", "Threshold", "Disagreements", "Faithfulness"], key="eval_tab", on_change="rerun")
 
 with curves:
     left, right = st.columns(2)
@@ -83,6 +88,7 @@ with disagreements_tab:
             per_page = c3.number_input("Images per page", 1, 10, 3, key="eval_per_page")
             pages = evaluate.page_count(len(frame), per_page)
             page = c4.number_input(f"Page (of {pages})", 1, pages, 1, key="eval_page")
+            diagnose.render_colour_scale(True)
             for _, row in evaluate.page_rows(frame, page, per_page).iterrows():
                 case = diagnose.diagnose_file(pair, row["path"], method, memo=diagnose.session_memo(),
                                               truth=row["truth"])

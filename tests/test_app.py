@@ -91,9 +91,11 @@ def test_every_page_renders_with_the_disclaimer(app_env):
     assert "From the model card" in all_text(at)
     charts = set(element_keys(at, "plotly_chart"))
     assert {"eval_roc", "eval_calibration", "eval_cm_teacher", "eval_cm_student"} <= charts
-    assert "Split: **validation**" in all_text(at) and figures.CALIBRATION_NOTE in all_text(at)
-    at.radio(key="eval_card_split").set_value("test").run()  # the card's test figures, labelled as such
-    assert not at.exception and "Split: **test**, the dataset's test/ folder" in all_text(at)
+    # the split box says test: the page opens on the card's test figures, labelled as such
+    assert at.selectbox(key="eval_split").value == "test"
+    assert "Split: **test**, the dataset's test/ folder" in all_text(at) and figures.CALIBRATION_NOTE in all_text(at)
+    at.radio(key="eval_card_split").set_value("validation").run()
+    assert not at.exception and "Split: **validation**" in all_text(at)
     at.selectbox(key="eval_split").set_value("test")
     at.button(key="eval_run").click().run()
     assert not at.exception and not at.error
@@ -473,7 +475,16 @@ def test_diagnose_bytes_memo_and_faithfulness(app_env):
     memo: dict = {}
     first = ui_diagnose.diagnose_bytes(pair, xray_png(), "a.png", "GradCAM", memo)
     again = ui_diagnose.diagnose_bytes(pair, xray_png(), "a.png", "GradCAM", memo)
-    assert again.diagnosis is first.diagnosis and len(memo) == 1
+    assert again.diagnosis is first.diagnosis and len(memo) == 2  # the decoded upload, and its maps by GradCAM
+    calls = []
+    real = cam.screen_upload
+    cam.screen_upload = lambda *a: calls.append(1) or real(*a)
+    try:
+        other = ui_diagnose.diagnose_bytes(pair, xray_png(), "a.png", "layer3 GradCAM", memo)
+    finally:
+        cam.screen_upload = real
+    assert not calls and len(memo) == 3 and other.diagnosis.picture is first.diagnosis.picture  # only the maps anew
+    assert list(first.diagnosis.seconds) == ["decoding", "refusal check", "teacher", "student"]
     for role in ui_models.ROLES:
         image = ui_diagnose.overlay_image(first, role, 0.5)
         side = max(pair.input_size, cam.DISPLAY_SIZE)  # drawn sharper than the tiny model input
@@ -654,6 +665,25 @@ def test_the_default_overlay_leaves_the_xray_plain_where_the_map_is_low():
     assert not (out[:4, :4] == 128).all()  # coloured where it is high
 
 
+def test_maps_fade_with_the_probability_and_the_colour_scale_says_what_colour_means(app_env, monkeypatch):
+    picture = np.full((32, 32), 100, np.uint8)
+    heat = np.ones((32, 32), np.float32)
+    assert (cam.overlay(picture, heat, 0.5, strength=0.0) == 100).all()  # a map at no strength: the X-ray alone
+    faint, full = cam.overlay(picture, heat, 0.5, cam.fade_strength(0.0)), cam.overlay(picture, heat, 0.5, 1.0)
+    assert np.abs(faint.astype(int) - 100).mean() < np.abs(full.astype(int) - 100).mean()
+    assert cam.fade_strength(0.0) == cam.FADE_FLOOR and cam.fade_strength(1.0) == 1.0
+    monkeypatch.setattr(cam, "explain", lambda loaded, x, method="GradCAM": (0.2, np.ones(x.shape[-2:], np.float32)))
+    at = start_app()
+    at.file_uploader(key="uploads").set_value([("case.png", xray_png(), "image/png")]).run()
+    assert cam.MAP_MEANING in all_text(at) and cam.FADE_MEANING.strip() in all_text(at)
+    assert any("linear-gradient" in m.value for m in at.markdown)  # the scale, in the overlay's colours
+    assert all("drawn at 32% strength" in c for i in at.image for c in i.captions)  # 0.15 + 0.85 x 0.2
+    assert any(t.startswith("Time on this machine: decoding") for t in alerts(at, "caption"))
+    at.checkbox(key="cam_fade").uncheck().run()
+    assert not any("strength" in c for i in at.image for c in i.captions)
+    assert cam.FADE_MEANING.strip() not in all_text(at)
+
+
 def test_models_are_warmed_when_loaded_and_each_upload_shows_progress(app_env, monkeypatch):
     """The first diagnosis does not pay for a cold model: the cached loader runs one forward + CAM per model."""
     calls = []
@@ -771,3 +801,28 @@ def test_tables_show_an_empty_cell_as_a_dash_not_none():
 
     shown = figures.table(pd.DataFrame({"run": ["a", "b"], "AUC": [None, 0.98765]})).to_string()
     assert "None" not in shown and "nan" not in shown and figures.EMPTY_CELL in shown and "0.988" in shown
+
+
+def test_evaluate_says_when_images_were_trained_on_and_when_no_external_check_is_possible(app_env, tmp_path):
+    at = open_page(start_app(), "pages/evaluate.py")
+    at.selectbox(key="eval_split").set_value("train")
+    at.button(key="eval_run").click().run()
+    assert not at.exception and not at.error
+    assert any("are among the images these weights were trained on" in w for w in alerts(at, "warning"))
+    at.selectbox(key="eval_split").set_value("test")
+    at.button(key="eval_run").click().run()
+    assert any("None of these" in m and "was used to train or select" in m for m in alerts(at, "success"))
+    assert evaluate_tab_key_kept(at)
+
+    import shutil
+
+    no_test = tmp_path / "no_test"
+    shutil.copytree(app_env.data, no_test, ignore=shutil.ignore_patterns("test"))
+    at.text_input(key=state.DATA_KEY).set_value(str(no_test)).run()
+    assert ui_evaluate.NO_TEST_NOTE in alerts(at, "info")
+
+
+def evaluate_tab_key_kept(at: AppTest) -> bool:
+    """The Evaluate tabs are a keyed widget (st.tabs key + on_change), so a slider's rerun keeps the open tab."""
+    at.slider(key="eval_threshold").set_value(0.3).run()
+    return not at.exception and "eval_tab" in at.session_state

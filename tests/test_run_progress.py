@@ -105,7 +105,8 @@ def test_calibration_points_show_their_counts_and_hollow_when_few():
                                                 "count": [3, 120]}}} for role in ("teacher", "student")}
     fig = figures.calibration_figure(reports)
     teacher = fig.data[1]
-    assert list(teacher.text) == ["n=3", "n=120"]
+    assert list(teacher.customdata) == [3, 120] and "n=%{customdata}" in teacher.hovertemplate
+    assert teacher.text is None and fig.layout.legend.y < 0  # no labels to overlap; the legend under the chart
     assert list(teacher.marker.symbol) == ["circle-open", "circle"]
     assert teacher.marker.size[0] < teacher.marker.size[1]
 

@@ -15,7 +15,8 @@ from kd.model_card import read_card
 from kd.ui.state import active_weights
 
 SPLIT_HELP = {
-    "val": "patient-level validation split carved from train/ (thresholds were chosen on it)",
+    "val": "patient-level validation split carved from train/ (for weights trained on this folder: what chose their "
+           "thresholds)",
     "official-val": "the official val/ folder (16 images in Kermany: too small to judge by)",
     "test": "the official test/ folder",
     "train": "train/ minus the validation patients (what the models learned from)",

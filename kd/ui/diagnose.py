@@ -26,7 +26,7 @@ CAM_HELP = ("Where the heat map comes from: a Grad-CAM-family method on one or s
             "layer4: / 32); the default was chosen by ROAD faithfulness and border mass on validation "
             "(bench/cam_grid.py, README).")
 MEMO_KEY = "_kd_diagnoses"
-MEMO_SIZE = 32  # diagnoses remembered per session (bytes digests -> results, memory only)
+MEMO_SIZE = 48  # decoded uploads and diagnoses remembered per session (by bytes digest; memory only)
 UPLOAD_LABEL = f"Chest X-rays ({preprocess.FORMAT_NAMES}); several at once are fine"
 UPLOAD_HELP = (f"{preprocess.FORMAT_NAMES} ({', '.join(preprocess.FILE_SUFFIXES)}). Files are processed in memory only: never written to disk, never "
                "logged, forgotten when the session ends.")
@@ -58,26 +58,42 @@ def session_memo() -> dict:
     return st.session_state.setdefault(MEMO_KEY, {})
 
 
+def _recall(memo: dict | None, key):
+    if memo is None or key not in memo:
+        return None
+    value = memo.pop(key)
+    memo[key] = value  # most recently used last
+    return value
+
+
+def _remember(memo: dict | None, key, value) -> None:
+    if memo is not None:
+        memo[key] = value
+        while len(memo) > MEMO_SIZE:
+            memo.pop(next(iter(memo)))
+
+
 def diagnose_bytes(pair: ModelPair, data: bytes, name: str, method: str = cam.DEFAULT_CAM, memo: dict | None = None,
                    truth: str | None = None) -> CaseResult:
     """Both predictions and heat maps of one file, or its refusal; never raises for a bad image.
 
-    `memo` (the session's dict) remembers results by content digest, so reruns (slider moves) are free."""
-    key = (hashlib.sha256(data).hexdigest(), name, str(pair.weights_dir), method)
-    if memo is not None and key in memo:
-        result = memo.pop(key)
-        memo[key] = result  # most recently used last
+    `memo` (the session's dict) remembers, by content digest, each upload's decoding and refusal check and, per
+    heat-map method, its maps: a slider move costs nothing, a change of method only the two maps."""
+    upload = (hashlib.sha256(data).hexdigest(), name, str(pair.weights_dir))
+    result = _recall(memo, (*upload, method))
+    if result is not None:
         return replace(result, truth=truth)
+    screened = _recall(memo, (*upload, "screened"))
     try:
-        result = CaseResult(name, method, diagnosis=cam.diagnose(pair, data, name, method))
+        if screened is None:
+            screened = cam.screen_upload(pair, data, name)
+            _remember(memo, (*upload, "screened"), screened)
+        result = CaseResult(name, method, diagnosis=cam.diagnose_screened(pair, screened, method))
     except NotChestXray as e:
         result = CaseResult(name, method, error=str(e), refused=True, picture=_thumbnail(data, name))
     except preprocess.ImageError as e:
         result = CaseResult(name, method, error=str(e))
-    if memo is not None:
-        memo[key] = result
-        while len(memo) > MEMO_SIZE:
-            memo.pop(next(iter(memo)))
+    _remember(memo, (*upload, method), result)
     return replace(result, truth=truth)
 
 
@@ -120,9 +136,21 @@ def diagnose_sample(pair: ModelPair, sample: kdata.Sample, method: str = cam.DEF
     return diagnose_file(pair, sample.path, method, memo, truth=kdata.CLASSES[sample.label])
 
 
-def overlay_image(result: CaseResult, role: str, opacity: float) -> np.ndarray:
+def overlay_image(result: CaseResult, role: str, opacity: float, fade: bool = True) -> np.ndarray:
+    """The X-ray with `role`'s map; `fade`: drawn at kd.cam.fade_strength of its probability."""
     d = result.diagnosis
-    return cam.overlay(d.picture, d.views[role].cam, opacity)
+    view = d.views[role]
+    return cam.overlay(d.picture, view.cam, opacity, cam.fade_strength(view.probability) if fade else 1.0)
+
+
+def render_colour_scale(fade: bool) -> None:
+    """The heat maps' colour scale (jet, as drawn) and what the colour means, once above the cases."""
+    stops = ", ".join(cam.JET_STOPS)
+    st.markdown(f'<div style="display:flex;align-items:center;gap:0.5em;font-size:0.85em">'
+                f'<span>little evidence</span><div style="flex:0 0 260px;height:12px;border-radius:3px;'
+                f'background:linear-gradient(to right, {stops})"></div><span>the most, in this image</span></div>',
+                unsafe_allow_html=True)
+    st.caption(cam.MAP_MEANING + (cam.FADE_MEANING if fade else ""))
 
 
 def agreement_text(value: float | None) -> str:
@@ -134,7 +162,7 @@ def decision_badge(decision: str) -> str:
     return f":red-badge[{decision}]" if decision == "PNEUMONIA" else f":green-badge[{decision}]"
 
 
-def render_uploads(pair: ModelPair, files, method: str, opacity: float) -> None:
+def render_uploads(pair: ModelPair, files, method: str, opacity: float, fade: bool = True) -> None:
     """Each uploaded file diagnosed and drawn in turn, under a progress bar that names the file at work."""
     if not files:
         return
@@ -144,7 +172,7 @@ def render_uploads(pair: ModelPair, files, method: str, opacity: float) -> None:
     for i, upload in enumerate(files):
         bar.progress(i / n, text=f"Diagnosing {upload.name} ({i + 1} of {n})...")
         results.append(diagnose_bytes(pair, upload.getvalue(), upload.name, method, memo=session_memo()))
-        render_case(results[-1], pair, opacity)
+        render_case(results[-1], pair, opacity, fade)
     bar.progress(1.0, text=outcome_summary(results))
 
 
@@ -159,7 +187,7 @@ def outcome_summary(results: list[CaseResult]) -> str:
     return f"{n} file{'s' if n != 1 else ''}: " + ", ".join(parts) + "."
 
 
-def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> None:
+def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4, fade: bool = True) -> None:
     """One image: teacher and student side by side, then how far they agree. Errors stay in this box."""
     with st.container(border=True):
         title = f"**{result.name}**"
@@ -191,9 +219,10 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> No
                 right.metric("Time", f"{view.seconds:.2f} s", help="prediction and heat map on this machine")
                 st.markdown(f"Decision: {decision_badge(view.decision)} &nbsp; rule: "
                             f"{cam.decision_rule(view.threshold)} (the model card's threshold)")
-                st.image(overlay_image(result, role, opacity), width=380,
+                st.image(overlay_image(result, role, opacity, fade), width=380,
                          caption=f"{ROLE_LABEL[role]} · heat map for PNEUMONIA: "
-                                 f"{cam.cam_option(result.method).source(pair.input_size)}")
+                                 f"{cam.cam_option(result.method).source(pair.input_size)}"
+                                 + (f" · drawn at {cam.fade_strength(view.probability):.0%} strength" if fade else ""))
                 if cam.is_empty(view.cam):
                     st.caption(cam.empty_map_note(view.probability, view.decision, view.threshold))
         a, b, c = st.columns(3)
@@ -201,3 +230,4 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4) -> No
         b.metric("CAM correlation", agreement_text(d.agreement["correlation"]), help=cam.AGREEMENT_HELP)
         c.metric("Top-20% overlap (IoU)", agreement_text(d.agreement["top20_iou"]), help=cam.AGREEMENT_HELP)
         st.caption(cam.AGREEMENT_HELP)
+        st.caption(cam.time_note(d.seconds) + " (a change of heat-map method recomputes only the two maps).")

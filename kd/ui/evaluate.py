@@ -12,7 +12,7 @@ from kd import cam, metrics
 from kd import data as kdata
 from kd.checkpoint import CheckpointError
 from kd.inference import ModelPair
-from kd.model_card import split_rows
+from kd.model_card import split_overlap, split_rows
 from kd.ui.data import SPLIT_HELP, split_samples
 from kd.ui.models import ROLE_LABEL, ROLES
 
@@ -98,6 +98,39 @@ def result_caption(result: dict) -> str:
             f"card: {thr}. {ci_note(result)}")
 
 
+def overlap_notes(result: dict) -> list[tuple[str, str]]:
+    """(kind, sentence) about what the evaluated images were to these weights, from the weights' own list of
+    training and validation images (kd.model_card.split_overlap): figures on images a model learnt from say
+    nothing about new patients, and validation chose its epochs and thresholds."""
+    overlap, n = result.get("overlap"), result.get("n", 0)
+    if overlap is None:
+        return [("info", "These weights do not list the images they were trained on (exported before they did), so "
+                         "whether these images were among them cannot be checked.")]
+    notes = []
+    if overlap["train"]:
+        notes.append(("warning", f"{overlap['train']} of {overlap['n']} of these images are among the images these "
+                                 "weights were trained on: their figures say nothing about new patients."))
+    if overlap["val"]:
+        notes.append(("info", f"{overlap['val']} of {overlap['n']} of these images are the weights' own validation "
+                              "split, which chose their epochs, calibration and thresholds: optimistic figures."))
+    if not notes and n:
+        notes.append(("success", f"None of these {overlap['n']} images was used to train or select these weights."))
+    return notes
+
+
+NO_TEST_NOTE = ("This dataset has no test/ folder: no external check is possible here. Validation chose the "
+                "thresholds, and the training split is what the models learnt from; only images of other children, "
+                "never used for any choice, say how the models do on new patients.")
+
+
+def default_card_split(card: dict, chosen_split: str | None) -> int:
+    """Index of the model card's split that matches the split box (test -> test, val -> validation), else 0, so
+    the page never opens on one split's figures under a box that names another."""
+    splits = card_splits(card)
+    wanted = {"test": "test", "val": "validation"}.get(chosen_split or "", "")
+    return splits.index(wanted) if wanted in splits else 0
+
+
 def evaluation_key(weights_dir: Path, root: Path, split: str) -> str:
     return f"{Path(weights_dir).resolve()}|{Path(root).resolve()}|{split}"
 
@@ -112,8 +145,10 @@ def evaluate_split(weights_dir: Path, root: Path, split: str, progress=None,
     key = evaluation_key(weights_dir, root, split)
     if key not in store:
         try:
-            store[key] = evaluate_weights(weights_dir, root, split, resolve_device("auto"), n_boot=n_boot,
-                                          progress=progress)
+            result = evaluate_weights(weights_dir, root, split, resolve_device("auto"), n_boot=n_boot,
+                                      progress=progress)
+            result["overlap"] = split_overlap(weights_dir, result["files"])
+            store[key] = result
         except (kdata.DatasetError, CheckpointError, ValueError, RuntimeError) as e:
             return None, f"Could not evaluate on {split}: {e}"
     return store[key], None

@@ -97,25 +97,25 @@ def calibration_figure(reports: dict[str, dict]) -> go.Figure:
         name = (f"{ROLE_LABEL[role]} (T={cal.get('temperature', 1):.2f}, ECE {cal.get('ece_raw', float('nan')):.3f}"
                 f" -> {cal.get('ece_scaled', float('nan')):.3f})")
         counts = curve.get("count")  # older cards have none: plain markers, no made-up counts
+        # counts in the hover and in the marker's size, not as text: labels of neighbouring bins overlapped
         counted = dict(
-            mode="lines+markers+text", customdata=counts, text=[f"n={c}" for c in counts],
-            textposition="top center" if role == ROLES[0] else "bottom center",
-            textfont=dict(size=10, color=ROLE_COLOR[role]),
+            mode="lines+markers", customdata=counts,
             marker=dict(size=[7 + 13 * (c / max(max(counts), 1)) ** 0.5 for c in counts],
                         symbol=["circle-open" if c < FEW_IMAGES else "circle" for c in counts]),
-            hovertemplate="predicted %{x:.2f}, observed %{y:.2f}, %{customdata} images") if counts else dict(
+            hovertemplate="predicted %{x:.2f}, observed %{y:.2f}, n=%{customdata} images") if counts else dict(
             mode="lines+markers", hovertemplate="predicted %{x:.2f}, observed %{y:.2f}")
-        fig.add_trace(go.Scatter(x=curve["mean_predicted"], y=curve["fraction_positive"],
+        fig.add_trace(go.Scatter(x=curve["mean_predicted"], y=curve["fraction_positive"], cliponaxis=False,
                                  line=dict(color=ROLE_COLOR[role]), name=name, **counted))
     fig.update_layout(title="Calibration (after temperature scaling)", xaxis_title="mean predicted probability",
-                      yaxis_title="fraction with pneumonia", height=380, margin=dict(l=10, r=10, t=40, b=10),
-                      xaxis=dict(range=[0, 1]), yaxis=dict(range=[-0.05, 1.08]), legend=dict(x=0.02, y=0.98))
+                      yaxis_title="fraction with pneumonia", height=420, margin=dict(l=10, r=10, t=40, b=10),
+                      xaxis=dict(range=[-0.03, 1.03]), yaxis=dict(range=[-0.05, 1.08]),
+                      legend=dict(orientation="h", x=0, y=-0.2, xanchor="left", yanchor="top"))  # below, off the points
     return fig
 
 
-CALIBRATION_NOTE = (f"Each point is one bin of predicted probability (empty bins are left out); n = its images. "
-                    f"Hollow points hold fewer than {FEW_IMAGES} images: too few to judge calibration by. Small "
-                    "splits get fewer, wider bins.")
+CALIBRATION_NOTE = (f"Each point is one bin of predicted probability (empty bins are left out), sized by its "
+                    f"images; hover it for n. Hollow points hold fewer than {FEW_IMAGES} images: too few to judge "
+                    "calibration by. Small splits get fewer, wider bins.")
 
 
 def size_histogram(sizes: pd.DataFrame) -> go.Figure:

@@ -165,6 +165,8 @@ def main(argv=None) -> dict:
     p.add_argument("--data", default=str(common.SHARED / "chest_xray"))
     p.add_argument("--weights", default=str(common.REPO / "weights"))
     p.add_argument("--json", help="write every score here")
+    p.add_argument("--merge", help="a --json of an earlier run on the same images (same --limit, --road-limit, "
+                   "percentiles and weights): its options not measured now join the table and the choice")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads (1 on a busy machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -200,6 +202,12 @@ def main(argv=None) -> dict:
                 if any(c is not None for c in pairs) else None
         for role in args.roles:
             results[option][role].pop("maps")
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        same = (earlier["n"], earlier["input_size"], earlier["percentiles"]) == (len(squares), size, args.percentiles)
+        if not same:
+            raise SystemExit(f"{args.merge} measured other images or settings: cannot be merged")
+        results = {**{k: v for k, v in earlier["results"].items() if k not in results}, **results}
     n_road = min(args.road_limit, len(squares))
     roles = "/".join(args.roles)
     print(f"\n| option | native grid at {size} px | in-lung share ({roles}, {len(squares)} images; uniform "

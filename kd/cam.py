@@ -68,6 +68,8 @@ CAM_OPTIONS = {  # measured by bench/cam_grid.py
     "layer3 GradCAM eigen": CamOption("GradCAM", ("layer3",), "eigen"),
     "layer2 GradCAM eigen": CamOption("GradCAM", ("layer2",), "eigen"),
     "layer3 GradCAM aug": CamOption("GradCAM", ("layer3",), "aug"),
+    "layer2 GradCAM aug": CamOption("GradCAM", ("layer2",), "aug"),
+    "layer2 GradCAM++": CamOption("GradCAM++", ("layer2",)),
     "layer3 GradCAM++": CamOption("GradCAM++", ("layer3",)),
 }
 # bench/cam_grid.py on validation (shipped weights, 160 px; bench/cam_grid_shipped.json): the best ROAD of the

@@ -7,9 +7,7 @@ state.ensure_navigation()
 
 st.title("Diagnose")
 state.show_state_problems()
-pair = models.require_models()
-st.caption(models.weights_caption(pair))
-models.require_refusal_check(pair)
+weights_status = st.container()  # filled below, once the uploader is on screen: loading the models takes seconds
 
 left, middle, right = st.columns([2, 2, 1], vertical_alignment="bottom")
 method = left.selectbox("Heat map method", diagnose.CAM_METHODS, key="cam_method",
@@ -27,6 +25,13 @@ with upload_tab:
                              accept_multiple_files=True, key="uploads", help=diagnose.UPLOAD_HELP)
     if not files:
         st.caption(diagnose.UPLOAD_HELP)
+
+with weights_status:
+    pair = models.require_models()
+    st.caption(models.weights_caption(pair))
+    models.require_refusal_check(pair)
+
+with upload_tab:
     diagnose.render_uploads(pair, files, method, opacity, fade)
 
 with dataset_tab:

@@ -198,6 +198,7 @@ def test_without_weights_or_dataset_the_pages_say_what_to_do(app_env, tmp_path, 
     at = start_app()
     assert not at.exception
     assert "python -m kd pipeline" in " ".join(alerts(at, "error"))
+    assert at.get("file_uploader")  # drawn before the models are loaded (seconds on a cold start), so it shows at once
     for page in ("pages/train.py", "pages/data.py"):
         open_page(at, page)
         text = all_text(at)
@@ -793,7 +794,8 @@ def test_using_a_run_without_a_refusal_check_says_diagnose_will_not_predict(app_
     assert any("has no fitted out-of-distribution check" in w for w in alerts(at, "warning"))
     open_page(at, "pages/diagnose.py")
     assert any("No diagnosis with these weights" in e and "kd fit-ood" in e for e in alerts(at, "error"))
-    assert not at.get("file_uploader")
+    at.file_uploader(key="uploads").set_value([("chest.png", xray_png(), "image/png")]).run()
+    assert not at.exception and not metric_values(at, "Probability of pneumonia")
 
 
 def test_tables_show_an_empty_cell_as_a_dash_not_none():

@@ -63,7 +63,7 @@ def metrics_table(reports: dict[str, dict], card: dict) -> pd.DataFrame:
     rows["Cases (pneumonia / normal)"] = {ROLE_LABEL[r]: f"{reports[r].get('n_positive', '?')} / "
                                           f"{reports[r].get('n_negative', '?')}" for r in ROLES}
     rows["Parameters"] = {ROLE_LABEL[r]: f"{card['models'][r].get('parameters', 0) / 1e6:.1f} M" for r in ROLES}
-    rows["CPU ms / image"] = {ROLE_LABEL[r]: f"{card['models'][r].get('cpu_ms_per_image', float('nan')):.1f}"
+    rows["CPU ms / image, forward pass only"] = {ROLE_LABEL[r]: f"{card['models'][r].get('cpu_ms_per_image', float('nan')):.1f}"
                               for r in ROLES}
     rows["Architecture"] = {ROLE_LABEL[r]: str(card["models"][r].get("architecture", "")) for r in ROLES}
     return pd.DataFrame(rows).T
@@ -86,8 +86,9 @@ def card_caption(card: dict, split: str = "validation") -> str:
         described = described.get(split, split)
     rule = card["models"]["teacher"].get("threshold_rule", "Youden's J on validation")
     return (f"From the model card. Split: **{split}**, {described}. Thresholds ({rule}): {thr}. "
-            f"{ci_note(reports_from_card(card, split))} CPU ms/image measured at batch 1, "
-            f"{card.get('input', {}).get('size', '?')} px.")
+            f"{ci_note(reports_from_card(card, split))} CPU ms/image: one forward pass at batch 1, "
+            f"{card.get('input', {}).get('size', '?')} px, when the weights were exported; a diagnosis also decodes "
+            "the file, runs the refusal check and a backward pass for the heat map (Diagnose shows each step's time).")
 
 
 def result_caption(result: dict) -> str:

@@ -1,6 +1,6 @@
 """The 24 full-resolution samples as Diagnose draws them, with the lung fields outlined: where the maps fall.
 
-    python bench/cam_montage.py [--method "layer2 GradCAM"] [--role teacher] [--out bench/figures/fullres_maps.png]
+    python bench/cam_montage.py [--method "layer2 GradCAM"] [--role teacher] [--out bench/figures/fullres_maps.jpg]
 
 Each tile is one sample through the app's path (kd.cam.diagnose: the refusal check, then both models), its
 map drawn faded by the model's probability (the Diagnose default), the kd.lungs mask outlined in white, and
@@ -37,14 +37,40 @@ def tile(d: cam.Diagnosis, role: str, mask: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def lung_mask_grid(data: str, n: int, out: str, seed: int = 11) -> None:
+    """`n` seeded training images with their kd.lungs masks in red: how the estimate looks on real X-rays."""
+    import random
+
+    files = sorted(str(f) for f in Path(data, "train").glob("*/*.jpeg"))
+    random.Random(seed).shuffle(files)
+    tiles = []
+    for f in files[:n]:
+        px = preprocess.load_xray_file(f, target_size=256).pixels
+        mask = lung_mask(px)
+        square = np.asarray(Image.fromarray(px).resize(mask.shape[::-1]))
+        rgb = np.repeat(square[..., None], 3, axis=2).astype(np.float32)
+        rgb[mask] = 0.5 * rgb[mask] + 0.5 * np.array([255.0, 0.0, 0.0])
+        tiles.append(rgb.astype(np.uint8))
+    cols = 8
+    grid = np.concatenate([np.concatenate(tiles[i:i + cols], 1) for i in range(0, len(tiles) - cols + 1, cols)], 0)
+    Image.fromarray(grid).save(out, quality=88)
+    print(f"wrote {out}: {len(tiles)} training X-rays with their lung masks")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default=cam.DEFAULT_CAM, choices=list(cam.CAM_OPTIONS))
     p.add_argument("--role", default="teacher", choices=["teacher", "student"])
     p.add_argument("--weights", default=str(common.REPO / "weights"))
     p.add_argument("--samples", default=str(common.SHARED / "fullres_samples"))
-    p.add_argument("--out", default=str(common.REPO / "bench" / "figures" / "fullres_maps.png"))
+    p.add_argument("--out", default=str(common.REPO / "bench" / "figures" / "fullres_maps.jpg"))
+    p.add_argument("--lung-masks", type=int, metavar="N", help="instead: N seeded training X-rays with their lung "
+                   "masks, to bench/figures/lung_masks.jpg")
+    p.add_argument("--data", default=str(common.SHARED / "chest_xray"))
     args = p.parse_args(argv)
+    if args.lung_masks:
+        lung_mask_grid(args.data, args.lung_masks, str(common.REPO / "bench" / "figures" / "lung_masks.jpg"))
+        return {}
     pair = load_pair(args.weights)
     files = sorted(Path(args.samples).glob("*/*"))
     tiles, shares = [], {"NORMAL": [], "PNEUMONIA": []}
@@ -70,7 +96,7 @@ def main(argv=None) -> dict:
         tiles.append(np.zeros_like(tiles[0]))
     grid = np.concatenate([np.concatenate(tiles[i:i + cols], 1) for i in range(0, len(tiles), cols)], 0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(args.out, optimize=True)
+    Image.fromarray(grid).save(args.out, quality=88)
     means = {k: float(np.mean([s for s in v if s is not None])) if v else None for k, v in shares.items()}
     print(f"{args.role}, {cam.cam_option(args.method).source(pair.input_size)}: mean in-lung share NORMAL "
           f"{means['NORMAL']}, PNEUMONIA {means['PNEUMONIA']}; wrote {args.out}")

@@ -85,3 +85,56 @@ def test_cam_grid_bench_measures_every_option(kd_tiny, capsys):
                          "--road-limit", "2", "--percentiles", "50", "--threads", "1"])
     assert set(out["results"]) == set(cam.CAM_OPTIONS) and out["chosen"] in cam.CAM_OPTIONS
     assert "| layer2 GradCAM |" in capsys.readouterr().out
+
+
+def test_cam_grid_reports_the_in_lung_share_and_merges_an_earlier_run(kd_tiny, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import cam_grid
+
+    common = ["--weights", str(kd_tiny.weights), "--data", str(kd_tiny.data), "--limit", "2", "--road-limit", "1",
+              "--percentiles", "50", "--threads", "1"]
+    first = cam_grid.main(common + ["--options", "layer2 GradCAM", "--json", str(tmp_path / "a.json")])
+    r = first["results"]["layer2 GradCAM"]
+    assert 0 < first["uniform_in_lung_share"] < 1 and len(r["teacher"]["lung"]) == 2
+    assert r["teacher"]["lung_mean"] is None or 0 <= r["teacher"]["lung_mean"] <= 1
+    assert r["correlation"] is None or -1 <= r["correlation"] <= 1
+    merged = cam_grid.main(common + ["--options", "layer2 LayerCAM", "--merge", str(tmp_path / "a.json")])
+    assert set(merged["results"]) == {"layer2 GradCAM", "layer2 LayerCAM"}
+    assert "in-lung share" in capsys.readouterr().out
+
+
+def test_the_choice_is_the_most_in_lung_map_that_still_explains_the_score():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import cam_grid
+
+    def option(grid, road, lung):
+        return {"grid": grid, **{role: {"road_mean": road[i], "lung_mean": lung[i]}
+                                 for i, role in enumerate(("teacher", "student"))}}
+
+    results = {"coarse": option(5, (0.3, 0.3), (0.5, 0.5)),  # most on the lungs, but a 5x5 grid
+               "unfaithful": option(20, (0.2, -0.01), (0.4, 0.4)),  # on the lungs, but ROAD <= 0 for the student
+               "plain": option(20, (0.3, 0.1), (0.10, 0.10)),
+               "near": option(20, (0.4, 0.2), (0.095, 0.095))}  # within 0.01 of the best share: higher ROAD wins
+    best, why = cam_grid.choose(results, 160)
+    assert best == "near" and "in-lung share" in why
+
+
+def test_cam_montage_draws_the_samples_with_their_lung_masks(kd_tiny, tmp_path, capsys):
+    import sys
+
+    from kd.testing.xray_fixtures import add_opacities, jpeg_bytes, xray_like_array
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import cam_montage
+
+    for label, arr in (("NORMAL", xray_like_array(300, 280, seed=1)), ("PNEUMONIA", add_opacities(xray_like_array(300, 280, seed=2)))):
+        (tmp_path / "samples" / label).mkdir(parents=True)
+        (tmp_path / "samples" / label / f"{label}.jpeg").write_bytes(jpeg_bytes(arr))
+    means = cam_montage.main(["--weights", str(kd_tiny.weights), "--samples", str(tmp_path / "samples"),
+                              "--out", str(tmp_path / "m.jpg")])
+    assert (tmp_path / "m.jpg").stat().st_size > 0 and set(means) == {"NORMAL", "PNEUMONIA"}
+    assert "in-lung share" in capsys.readouterr().out

@@ -23,8 +23,9 @@ from kd.ui.models import ROLE_LABEL, ROLES, architecture
 CAM_METHODS = (cam.DEFAULT_CAM, *(name for name in cam.CAM_OPTIONS if name != cam.DEFAULT_CAM))
 CAM_HELP = ("Where the heat map comes from: a Grad-CAM-family method on one or several ResNet stages, for the "
             "PNEUMONIA output of each model. Earlier stages give finer grids (layer2: the input / 8, layer3: / 16, "
-            "layer4: / 32); the default was chosen by ROAD faithfulness and border mass on validation "
-            "(bench/cam_grid.py, README).")
+            "layer4: / 32); the default was chosen on validation X-rays by how faithfully it explains the score "
+            "(ROAD) and how much of it lies on the lungs (bench/cam_grid.py; README, \"Which heat map\", says how "
+            "little does).")
 MEMO_KEY = "_kd_diagnoses"
 MEMO_SIZE = 48  # decoded uploads and diagnoses remembered per session (by bytes digest; memory only)
 UPLOAD_LABEL = f"Chest X-rays ({preprocess.FORMAT_NAMES}); several at once are fine"

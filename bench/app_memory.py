@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from common import SHARED
-from kd.testing import app_server
-from kd.testing.app_server import CHROMIUM, CHROMIUM_ARGS
-from kd.testing.xray_fixtures import real_xray
+from tests.fixtures import app_server
+from tests.fixtures.app_server import CHROMIUM, CHROMIUM_ARGS
+from tests.fixtures.xray_fixtures import real_xray
 
 
 def status_mib(pid: int) -> dict[str, float]:

@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     from diagnose import largest_sample
     from kd import jobs
     from kd.config import preset
-    from kd.testing.xray_fixtures import write_kermany_dataset
+    from tests.fixtures.xray_fixtures import write_kermany_dataset
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calls", type=int, default=4)

@@ -5,7 +5,7 @@
 - X-rays: how many of the patient-level validation split's (where the threshold was set) and of the
   test split's X-rays are refused (at most --limit of each, a seeded sample; the test split is the
   external check: counted, nothing is set on it).
-- Not X-rays: kd.testing.non_xrays (blank pictures, a checkerboard, noise, a text page, photographs, and
+- Not X-rays: tests.fixtures.non_xrays (blank pictures, a checkerboard, noise, a text page, photographs, and
   a full-resolution X-ray from fullres_samples inverted and turned), matplotlib's sample pictures when
   installed (a photograph, a logo, an MRI slice, a terrain map), and any --extra files; plus that X-ray
   as is, mirrored, tilted by 15 degrees and cropped to its centre, to show where the line falls.
@@ -34,8 +34,8 @@ from kd.inference import load_pair
 from kd import ood
 from kd.ood import image_reason
 from kd.preprocess import ImageError
-from kd.testing.non_xrays import non_xrays
-from kd.testing.xray_fixtures import jpeg_bytes, png_bytes
+from tests.fixtures.non_xrays import non_xrays
+from tests.fixtures.xray_fixtures import jpeg_bytes, png_bytes
 
 
 def matplotlib_pictures() -> dict[str, bytes]:
@@ -71,7 +71,7 @@ def turned_xrays(xray: np.ndarray) -> dict[str, bytes]:
 def load_xray_array(path: str) -> np.ndarray:
     if path:
         return np.asarray(Image.open(path).convert("L"))
-    from kd.testing.xray_fixtures import xray_like_array
+    from tests.fixtures.xray_fixtures import xray_like_array
 
     return xray_like_array(1024, 1024)
 

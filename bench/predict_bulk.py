@@ -27,7 +27,7 @@ def files(n: int, folder: Path) -> list[str]:
     if len(found) >= n:
         step = len(found) // n  # both classes: NORMAL/ then PNEUMONIA/, evenly
         return [str(p) for p in found[::step][:n]]
-    from kd.testing.xray_fixtures import jpeg_bytes, xray_like_array
+    from tests.fixtures.xray_fixtures import jpeg_bytes, xray_like_array
 
     paths = []
     for i in range(n):

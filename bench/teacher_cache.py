@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(os.cpu_count() or 2)
     root = Path(args.data)
     if not (root / "train").is_dir():
-        from kd.testing.xray_fixtures import write_kermany_dataset  # no dataset: a generated one, same layout
+        from tests.fixtures.xray_fixtures import write_kermany_dataset  # no dataset: a generated one, same layout
 
         root = write_kermany_dataset(Path(tempfile.mkdtemp()) / "data", n_per_class=(40, 40), size=64)
     cfg = preset("cpu")

@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     root = Path(args.data)
     if not (root / "train").is_dir():
-        from kd.testing.xray_fixtures import write_kermany_dataset  # no dataset: a generated one, same layout
+        from tests.fixtures.xray_fixtures import write_kermany_dataset  # no dataset: a generated one, same layout
 
         root = write_kermany_dataset(Path(tempfile.mkdtemp()) / "data", n_per_class=(200, 200), size=224)
     samples = list_split(root, "train")

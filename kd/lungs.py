@@ -16,7 +16,7 @@ the stretched square the models see (SIZE px, histogram-equalised, blurred):
    ribs and vessels inside a lung stay in, the bright soft tissue that a box overlaps drops out.
 
 It is a rough, conservative estimate (boxes drawn from the image's own profile, no model): on the generated
-X-rays of kd.testing, whose lungs are known ellipses, all of the mask lies inside the lungs and covers about
+X-rays of tests.fixtures, whose lungs are known ellipses, all of the mask lies inside the lungs and covers about
 two thirds of them (tests/test_lungs.py); 32 real training X-rays with their masks: bench/figures/lung_masks.jpg.
 """
 from __future__ import annotations

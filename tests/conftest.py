@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A clean generated Kermany-layout dataset: train/val/test, 12 + 12 images each, 64 px."""
-    from kd.testing.xray_fixtures import write_kermany_dataset
+    from tests.fixtures.xray_fixtures import write_kermany_dataset
 
     return write_kermany_dataset(tmp_path_factory.mktemp("tiny_dataset") / "data", n_per_class=(12, 12), size=64,
                                  splits=("train", "val", "test"))
@@ -74,7 +74,7 @@ def built_once(tmp_path_factory):
 def tiny_run(tmp_path_factory):
     """(data, out): a tiny dataset (train/val/test, 12 + 12 images each, one unreadable file in train/)
     and a finished `tiny` pipeline run on it (teacher, student and labels-only baseline student)."""
-    from kd.testing.xray_fixtures import write_kermany_dataset
+    from tests.fixtures.xray_fixtures import write_kermany_dataset
 
     def build(root: Path) -> None:
         data = write_kermany_dataset(root / "data", n_per_class=(12, 12), size=64, splits=("train", "val", "test"))
@@ -97,7 +97,7 @@ def served_tiny(tiny_run, tmp_path_factory):
     import shutil
 
     from kd.cli import main
-    from kd.testing.xray_fixtures import dicom_bytes, write_kermany_dataset, xray16_array
+    from tests.fixtures.xray_fixtures import dicom_bytes, write_kermany_dataset, xray16_array
 
     def build(root: Path) -> None:
         (root / "weights").mkdir()

@@ -22,7 +22,7 @@ from kd import runs as kruns  # noqa: E402
 from kd.config import PRESETS  # noqa: E402
 from kd.data import LAYOUT_HELP, stratified_sample  # noqa: E402
 from kd.model_card import DISCLAIMER  # noqa: E402
-from kd.testing.xray_fixtures import (BAD_UPLOAD_KEYWORDS, BAD_UPLOADS, colour_photo, xray_dicom,  # noqa: E402
+from tests.fixtures.xray_fixtures import (BAD_UPLOAD_KEYWORDS, BAD_UPLOADS, colour_photo, xray_dicom,  # noqa: E402
                                  png_bytes, xray_like_array, xray_png)
 from kd.ui import data as ui_data  # noqa: E402
 from kd.ui import diagnose as ui_diagnose  # noqa: E402
@@ -634,7 +634,7 @@ def _record_overlays(monkeypatch) -> list[np.ndarray]:
 
 def test_the_xray_is_shown_at_its_own_aspect_ratio(app_env, monkeypatch):
     """A portrait X-ray is drawn portrait (longest side DISPLAY_SIZE), not squashed to a square."""
-    from kd.testing.xray_fixtures import png_bytes, xray_like_array
+    from tests.fixtures.xray_fixtures import png_bytes, xray_like_array
 
     shown = _record_overlays(monkeypatch)
     at = start_app()
@@ -754,7 +754,7 @@ def test_every_page_says_who_the_models_are_for_and_the_disclaimer_once(app_env)
 
 
 def test_a_train_folder_without_both_classes_is_not_found_and_nothing_starts(app_env, tmp_path):
-    from kd.testing.xray_fixtures import write_kermany_dataset
+    from tests.fixtures.xray_fixtures import write_kermany_dataset
 
     data = write_kermany_dataset(tmp_path / "one_class", n_per_class=(4, 4), size=32)
     import shutil
@@ -828,3 +828,16 @@ def evaluate_tab_key_kept(at: AppTest) -> bool:
     """The Evaluate tabs are a keyed widget (st.tabs key + on_change), so a slider's rerun keeps the open tab."""
     at.slider(key="eval_threshold").set_value(0.3).run()
     return not at.exception and "eval_tab" in at.session_state
+
+
+def test_the_navigation_patch_matches_the_pinned_streamlit(app_env):
+    """kd.ui.state.ensure_navigation flips Streamlit's private PagesManager.uses_pages_directory (no public
+    switch exists while the folder is named pages/): the attribute must exist, and a page opened directly runs
+    inside the entry script's navigation (banner and sidebar), with the flag off afterwards."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    assert hasattr(PagesManager, "uses_pages_directory")
+    at = open_page(start_app(), "pages/train.py")
+    assert any(DISCLAIMER in w for w in alerts(at, "warning"))  # the entry script's banner: run through navigation
+    assert at.text_input(key=state.DATA_KEY).value == str(app_env.data)  # and its sidebar
+    assert PagesManager.uses_pages_directory is False

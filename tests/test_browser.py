@@ -1,6 +1,6 @@
 """The app in a real browser: `streamlit run` in a subprocess, driven by Playwright with Debian's chromium.
 
-With the shipped weights: upload an X-ray they never saw (kd/testing/data/, from the official test split)
+With the shipped weights: upload an X-ray they never saw (tests/fixtures/data/, from the official test split)
 beside a page of text; the X-ray gets both models and both heat maps at the default CAM's grid, the text
 page is refused with its reason. Then start a tiny full pipeline on the Train page, stop it (confirmed) after
 its first epoch, resume it, see the runs table say "running" and the loss chart grow, and follow it to the end
@@ -22,11 +22,11 @@ import pytest
 from kd import cam, jobs
 from kd.model_card import read_card
 from kd.paths import SHIPPED_WEIGHTS
-from kd.testing import app_server
-from kd.testing.app_server import CHROMIUM, CHROMIUM_ARGS
-from kd.testing.non_xrays import non_xrays, text_page
-from kd.testing.xray_fixtures import REAL_XRAY as UNSEEN_XRAY  # an official-test image: never trained on
-from kd.testing.xray_fixtures import jpeg_bytes
+from tests.fixtures import app_server
+from tests.fixtures.app_server import CHROMIUM, CHROMIUM_ARGS
+from tests.fixtures.non_xrays import non_xrays, text_page
+from tests.fixtures.xray_fixtures import REAL_XRAY as UNSEEN_XRAY  # an official-test image: never trained on
+from tests.fixtures.xray_fixtures import jpeg_bytes
 
 EPOCHS = 6  # tiny phases (about a second an epoch) long enough to be stopped, resumed and watched
 COLOUR_PHOTO = non_xrays(np.zeros((64, 64), np.uint8))["colour_photo.jpeg"]

@@ -6,7 +6,7 @@ from PIL import Image
 
 from kd import cam
 from kd.inference import load_pair
-from kd.testing.xray_fixtures import jpeg_bytes, xray_like_array
+from tests.fixtures.xray_fixtures import jpeg_bytes, xray_like_array
 
 
 def test_overlay_stretches_a_coarse_map_over_the_picture_in_place():

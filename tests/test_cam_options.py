@@ -65,7 +65,7 @@ def test_plain_method_names_still_mean_layer4():
 
 @pytest.mark.parametrize("option", list(cam.CAM_OPTIONS))
 def test_every_option_gives_a_map_of_the_input_size(kd_tiny, option):
-    from kd.testing.xray_fixtures import jpeg_bytes, xray_like_array
+    from tests.fixtures.xray_fixtures import jpeg_bytes, xray_like_array
 
     pair = load_pair(kd_tiny.weights)
     square, _ = pair.prepare(jpeg_bytes(xray_like_array(128, 128, seed=4)))
@@ -126,7 +126,7 @@ def test_the_choice_is_the_most_in_lung_map_that_still_explains_the_score():
 def test_cam_montage_draws_the_samples_with_their_lung_masks(kd_tiny, tmp_path, capsys):
     import sys
 
-    from kd.testing.xray_fixtures import add_opacities, jpeg_bytes, xray_like_array
+    from tests.fixtures.xray_fixtures import add_opacities, jpeg_bytes, xray_like_array
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import cam_montage

@@ -12,7 +12,7 @@ import torch
 from kd import checkpoint
 from kd.checkpoint import CheckpointError, load_state, save_state, write_json_atomic
 from kd.cli import main
-from kd.testing.xray_fixtures import write_kermany_dataset
+from tests.fixtures.xray_fixtures import write_kermany_dataset
 
 # what torch.save raises when the disk fills up mid-write (no errno, no file name)
 TORCH_FULL_DISK = "[enforce fail at inline_container.cc:603] . unexpected pos 4160 vs 4054"

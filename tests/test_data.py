@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kd.data import DatasetError, list_split, patient_id, patient_split, samples_for, split_settings
-from kd.testing.xray_fixtures import write_kermany_dataset
+from tests.fixtures.xray_fixtures import write_kermany_dataset
 
 
 @pytest.mark.parametrize("name, patient", [
@@ -236,7 +236,7 @@ def test_check_layout_refuses_what_a_run_would_fail_on(tmp_path, damage, words):
     import shutil
 
     from kd.data import DatasetError, check_layout
-    from kd.testing.xray_fixtures import write_kermany_dataset
+    from tests.fixtures.xray_fixtures import write_kermany_dataset
 
     root = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=32, splits=("train", "test"))
     assert check_layout(root) == {"train": {"NORMAL": 4, "PNEUMONIA": 4}, "test": {"NORMAL": 4, "PNEUMONIA": 4}}

@@ -82,7 +82,7 @@ def test_two_gloo_ranks_stay_in_sync_and_run_the_whole_pipeline(tmp_path):
     waits at a collective the other never reaches, and DDP keeps both ranks' parameters equal. The pipeline
     (`kd pipeline` under torchrun): SSL, fine-tuning, distillation, the labels-only student, and the export
     that rank 0 does alone (it must not wait at a barrier the other rank never reaches)."""
-    from kd.testing.xray_fixtures import write_kermany_dataset
+    from tests.fixtures.xray_fixtures import write_kermany_dataset
 
     data = write_kermany_dataset(tmp_path / "data", n_per_class=(8, 8), size=40, splits=("train", "test"))
     _spawn(_loop_then_pipeline, (2, (_free_port(), _free_port()), str(tmp_path), str(data)), timeout=600)

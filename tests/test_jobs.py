@@ -120,7 +120,7 @@ def test_a_half_written_lock_is_neither_a_job_nor_deleted(tmp_path):
 def test_concurrent_diagnoses_do_not_mix_results(tiny_weights):
     from kd import cam
     from kd.inference import load_pair
-    from kd.testing.xray_fixtures import add_opacities, png_bytes, xray_like_array
+    from tests.fixtures.xray_fixtures import add_opacities, png_bytes, xray_like_array
 
     pair = load_pair(tiny_weights)
     images = [png_bytes(xray_like_array(96, 96, seed=s)) for s in range(3)]

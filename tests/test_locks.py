@@ -11,7 +11,7 @@ import pytest
 
 from kd import locks
 from kd.cli import main
-from kd.testing.xray_fixtures import write_kermany_dataset
+from tests.fixtures.xray_fixtures import write_kermany_dataset
 
 HOLD = "import sys, time; from kd import locks; locks.acquire(sys.argv[1]); print('held', flush=True); time.sleep(60)"
 

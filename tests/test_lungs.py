@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kd.lungs import SIZE, in_lung_share, lung_mask
-from kd.testing.xray_fixtures import LUNG_RADII, LUNGS, _unit_grid, xray_like_array
+from tests.fixtures.xray_fixtures import LUNG_RADII, LUNGS, _unit_grid, xray_like_array
 
 
 def true_lungs(size: int = SIZE) -> np.ndarray:

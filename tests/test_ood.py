@@ -19,8 +19,8 @@ from kd.cli import main
 from kd.inference import check_in_distribution, load_pair, predict_bytes
 from kd.model_card import read_card
 from kd.preprocess import ImageError
-from kd.testing.non_xrays import non_xrays, text_page
-from kd.testing.xray_fixtures import jpeg_bytes, write_kermany_dataset, xray_like_array
+from tests.fixtures.non_xrays import non_xrays, text_page
+from tests.fixtures.xray_fixtures import jpeg_bytes, write_kermany_dataset, xray_like_array
 
 XRAY = xray_like_array(256, 256, seed=77)
 JUNK = non_xrays(XRAY)

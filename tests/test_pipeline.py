@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from kd.checkpoint import CheckpointError, load_state, save_state
 from kd.cli import main
-from kd.testing.xray_fixtures import BAD_UPLOADS, dicom_bytes, jpeg_bytes, png_bytes, write_kermany_dataset, xray16_array, \
+from tests.fixtures.xray_fixtures import BAD_UPLOADS, dicom_bytes, jpeg_bytes, png_bytes, write_kermany_dataset, xray16_array, \
     xray_like_array
 
 REPO = Path(__file__).resolve().parent.parent
@@ -375,7 +375,7 @@ def test_one_file_gives_one_probability_in_the_app_in_predict_and_in_evaluate(se
     from kd.cam import diagnose
     from kd.evaluate import evaluate_weights
     from kd.inference import load_pair, predict_bytes
-    from kd.testing.xray_fixtures import jpeg_bytes, xray_like_array
+    from tests.fixtures.xray_fixtures import jpeg_bytes, xray_like_array
 
     weights = tmp_path / "weights"
     weights.mkdir()
@@ -516,7 +516,7 @@ def test_a_capped_training_split_and_a_dataset_without_test_are_said_in_the_card
     without test/ gets a card that says there is no external check; `reproduce` is the command without --resume."""
     from kd.cli import main
     from kd.config import preset
-    from kd.testing.xray_fixtures import write_kermany_dataset
+    from tests.fixtures.xray_fixtures import write_kermany_dataset
 
     data = write_kermany_dataset(tmp_path / "data", n_per_class=(14, 14), size=32)
     cfg = preset("tiny", epochs=1)

@@ -24,7 +24,7 @@ from kd.preprocess import (
     to_square,
     to_tensor,
 )
-from kd.testing import xray_fixtures as fx
+from tests.fixtures import xray_fixtures as fx
 
 
 def load_case(table: dict, case: str, **kwargs) -> XRay:

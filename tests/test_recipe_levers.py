@@ -11,7 +11,7 @@ from kd.losses import distillation_loss
 from kd.models import build_student
 from kd.objectives import SupervisedObjective, class_weights
 from kd.export import calibration_halves, choose_operating_point
-from kd.testing.xray_fixtures import jpeg_bytes, xray_like_array
+from tests.fixtures.xray_fixtures import jpeg_bytes, xray_like_array
 
 
 def _batch(n=6, size=48, seed=0):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import kd.train
 from kd.config import preset
 from kd.pipeline import PIPELINE, run
-from kd.testing.xray_fixtures import write_kermany_dataset
+from tests.fixtures.xray_fixtures import write_kermany_dataset
 
 
 class Killed(BaseException):

@@ -135,7 +135,7 @@ def test_a_stopped_run_shows_no_eta_and_no_images_per_second(tmp_path):
 
 def test_a_run_that_failed_on_its_data_is_offered_no_resume_until_the_data_is_fixed(tmp_path):
     from kd.config import preset
-    from kd.testing.xray_fixtures import write_kermany_dataset
+    from tests.fixtures.xray_fixtures import write_kermany_dataset
 
     data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=32)
     run = tmp_path / "run"

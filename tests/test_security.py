@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from kd.cli import main
-from kd.testing.xray_fixtures import dicom_bytes, jpeg_bytes, write_kermany_dataset, xray16_array, xray_like_array
+from tests.fixtures.xray_fixtures import dicom_bytes, jpeg_bytes, write_kermany_dataset, xray16_array, xray_like_array
 
 _WRITES: list[str] | None = None
 

@@ -236,7 +236,7 @@ def test_a_card_with_a_non_finite_or_hostile_field_is_refused_naming_it(tmp_path
 
 def test_kd_predict_refuses_a_nan_threshold_instead_of_saying_normal(tmp_path, kd_tiny, capsys):
     from kd.cli import main
-    from kd.testing.xray_fixtures import xray_png
+    from tests.fixtures.xray_fixtures import xray_png
 
     folder = _card_with(tmp_path, kd_tiny, _set("models.teacher.threshold", NAN))
     (tmp_path / "x.png").write_bytes(xray_png())

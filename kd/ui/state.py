@@ -100,7 +100,13 @@ def ensure_navigation() -> None:
     Streamlit treats an app with a `pages/` folder as a legacy multipage app until the entry script has
     called `st.navigation` once in the process (and `AppTest` resets that on every run), so a page opened
     by URL in that state would run alone, without the disclaimer and the sidebar. Then the entry script
-    is run here instead (it draws the page through `st.navigation`) and this outer run stops."""
+    is run here instead (it draws the page through `st.navigation`) and this outer run stops.
+
+    Why a private attribute: Streamlit decides between the two mechanisms by `PagesManager.uses_pages_directory`,
+    set from whether a folder named `pages` sits beside the entry script, and offers no setting to turn that
+    off; its own guidance is to name the folder otherwise (`app_pages/`), which this product's layout does not
+    allow (`pages/` is named in it). tests/test_app.py checks the attribute against the pinned Streamlit, so an
+    upgrade that renames or drops it fails a test instead of silently bringing the legacy mechanism back."""
     try:
         from streamlit.runtime.pages_manager import PagesManager
     except ImportError:  # pragma: no cover - a Streamlit without that internal

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.config import AugmentConfig
-from kd.preprocess import MEAN, STD
+from kd.preprocess import standardize
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Augment:
         if self.noise:
             std = uniform(0, self.noise).view(b, 1, 1, 1)
             x = (x + std * torch.randn(x.shape, generator=generator, device=dev)).clamp(0, 1)
-        return (x - MEAN) / STD
+        return standardize(x)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
@@ -91,4 +91,4 @@ def center(images: torch.Tensor, out_size: int) -> torch.Tensor:
     x = images.unsqueeze(1).float() / 255
     if x.shape[-1] != out_size:
         x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
-    return (x - MEAN) / STD
+    return standardize(x)

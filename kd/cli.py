@@ -7,11 +7,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from kd.config import PRESETS, SSL_METHODS, STUDENT_INITS, TEACHER_TARGETS, Config, preset
+from kd.config import PHASE_COMMANDS, PRESETS, SSL_METHODS, STUDENT_INITS, TEACHER_TARGETS, Config, preset
 from kd.preprocess import FORMAT_NAMES
 
-PHASE_COMMANDS = {"pipeline": ("pretrain", "finetune", "distill", "baseline"), "pretrain": ("pretrain",),
-                  "finetune": ("finetune",), "distill": ("distill",)}
 
 
 def _train_parser(sub, name: str, help: str):

@@ -19,6 +19,11 @@ THRESHOLD_RULES = ("youden", "sensitivity", "calibrated-0.5")
 STUDENT_INITS = ("teacher-stem", "scratch")
 
 
+PHASES = ("pretrain", "finetune", "distill", "baseline")  # a run's phases, in order (baseline: the labels-only student)
+# the training commands (CLI, the app's jobs, torchrun) and the phases each runs: the one list of them
+PHASE_COMMANDS = {"pipeline": PHASES, "pretrain": ("pretrain",), "finetune": ("finetune",), "distill": ("distill",)}
+
+
 @dataclass
 class PhaseConfig:
     """Budget and optimiser settings of one training phase."""

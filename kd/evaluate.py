@@ -61,7 +61,7 @@ def evaluate_weights(weights_dir, data_root, split: str = "test", device: torch.
                                     seed=cfg.get("seed", 0), groups=patients, rechoose=rechoose)
         # unrounded: a case near the threshold must get the same decision here as in the report
         result[role]["probabilities"] = metrics.softmax_pneumonia(logits, m.calibration_temperature).tolist()
-        decisions[role] = np.asarray(result[role]["probabilities"]) >= m.threshold
+        decisions[role] = metrics.is_pneumonia(result[role]["probabilities"], m.threshold)
     result["labels"] = images.labels.tolist()
     result["files"] = [samples[r].path for r in images.rows]
     result["agreement"] = float(np.mean(decisions["teacher"] == decisions["student"])) if len(images) else None

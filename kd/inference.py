@@ -18,7 +18,7 @@ from kd import preprocess
 from kd.augment import center
 from kd.cache import ImageSet
 from kd.checkpoint import CheckpointError, file_in_folder, load_weights
-from kd.metrics import softmax_pneumonia
+from kd.metrics import is_pneumonia, softmax_pneumonia
 from kd.model_card import CARD_FILE, read_card
 from kd.models import build
 from kd.framing import FramingCheck
@@ -146,7 +146,7 @@ def screen(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay) -> prepro
 
 def decide(probability: float, threshold: float) -> str:
     """The decision rule, on the calibrated probability of pneumonia."""
-    return "PNEUMONIA" if probability >= threshold else "NORMAL"
+    return "PNEUMONIA" if is_pneumonia(probability, threshold) else "NORMAL"
 
 
 @torch.inference_mode()

@@ -20,13 +20,13 @@ import psutil
 
 from kd import locks
 from kd.checkpoint import write_json_atomic
-from kd.config import Config
+from kd.config import PHASE_COMMANDS, Config
 from kd.paths import REPO, default_runs_root
 from kd.progress import read_status
 from kd.runs import RunError
 
 LOCK_FILE = ".job.lock"
-COMMANDS = ("pipeline", "pretrain", "finetune", "distill")
+COMMANDS = tuple(PHASE_COMMANDS)  # what a job may run
 
 
 class JobError(RunError):

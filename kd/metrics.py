@@ -66,10 +66,16 @@ def _rates_from_counts(tp, fp, fn, tn) -> dict:
 # ----------------------------------------------------------------------------- point metrics
 
 
+def is_pneumonia(p, threshold: float):
+    """The decision rule, the one place it is written: PNEUMONIA when the calibrated probability is at least
+    the threshold (array in, bool array out; a float in, a bool out)."""
+    return np.asarray(p) >= threshold
+
+
 def binary_metrics(y, p, threshold: float = 0.5) -> dict:
     """Headline metrics at one operating point, as plain JSON-serialisable Python values."""
     y, p = _as_labels_and_probs(y, p)
-    pred = (p >= threshold).astype(np.int64)
+    pred = is_pneumonia(p, threshold).astype(np.int64)
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
     auc = float(roc_auc_score(y, p)) if _has_both_classes(y) else None
     return {

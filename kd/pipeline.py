@@ -16,7 +16,7 @@ from kd import distributed, locks, statefile
 from kd.augment import Augment
 from kd.cache import ImageSet, build_cache
 from kd.checkpoint import load_weights, save_weights, write_json_atomic
-from kd.config import Config
+from kd.config import PHASES, Config
 from kd.data import DatasetError, content_hash, describe, list_unlabeled, load_splits
 from kd.export import export
 from kd.models import (ARCHITECTURES, build, build_student, build_teacher, init_from_file,
@@ -28,7 +28,7 @@ from kd.refusal_fit import fit_checks
 from kd.runs import check_not_reserved
 from kd.train import fit, phase_seed
 
-PIPELINE = ("pretrain", "finetune", "distill", "baseline")  # the one list of the phases, in order
+PIPELINE = PHASES  # the phases of a run, in order (kd.config, with the commands that run them)
 
 
 class PhaseOrderError(RuntimeError):

@@ -158,13 +158,19 @@ def prepare_file(path: str | os.PathLike, size: int, contrast: str = "none") -> 
     return apply_contrast(to_square(xray.pixels, size), contrast), xray
 
 
+def standardize(x01: torch.Tensor) -> torch.Tensor:
+    """Pixels scaled to [0, 1] -> what the models take, (x - MEAN) / STD: the one place it is written (the
+    augmentations work in [0, 1] and end here too)."""
+    return (x01 - MEAN) / STD
+
+
 def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., H, W] on any device -> float32 (x/255 - MEAN)/STD."""
+    """uint8 [..., H, W] on any device -> float32 standardize(x / 255)."""
     import torch
 
     if batch.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 pixels, got {batch.dtype} (already normalised?)")
-    return batch.to(torch.float32).div_(255.0).sub_(MEAN).div_(STD)
+    return standardize(batch.to(torch.float32).div_(255.0))
 
 
 def to_tensor(square: np.ndarray) -> torch.Tensor:

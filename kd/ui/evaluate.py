@@ -184,7 +184,8 @@ def disagreement_frame(result: dict) -> pd.DataFrame:
     """Images where the two models disagree or at least one is wrong; disagreements first."""
     y = np.asarray(result["labels"])
     pt, ps = np.asarray(result["teacher"]["probabilities"]), np.asarray(result["student"]["probabilities"])
-    dt, ds = pt >= result["teacher"]["threshold"], ps >= result["student"]["threshold"]
+    dt, ds = (metrics.is_pneumonia(pt, result["teacher"]["threshold"]),
+              metrics.is_pneumonia(ps, result["student"]["threshold"]))
     rows = []
     for i, path in enumerate(result["files"]):
         t_ok, s_ok = dt[i] == y[i], ds[i] == y[i]

@@ -10,7 +10,7 @@ import streamlit as st
 from kd import data as kdata
 from kd import jobs, preprocess
 from kd import runs as kruns
-from kd.config import DESCRIPTION, PRESETS, Config, preset
+from kd.config import DESCRIPTION, PHASE_COMMANDS, PRESETS, Config, preset
 from kd.inference import no_check_reason
 from kd.ood import OOD_FILE
 from kd.ui import figures
@@ -60,8 +60,6 @@ def plan_summary(preset_name: str, command_label: str, epochs: int | None = None
                  unlabeled: str = "", distill_unlabeled: bool = False) -> str:
     """What Start would run with the fields as they are now: each phase's budget (the preset's, or the fields'
     when set: they apply to every phase), and the phases that will not run, said as such."""
-    from kd.cli import PHASE_COMMANDS
-
     try:
         cfg = preset(preset_name, image_size=image_size or None, epochs=epochs, batch_size=batch_size or None,
                      ssl_method=ssl_method)

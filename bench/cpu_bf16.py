@@ -89,9 +89,10 @@ def accuracy(data: str, epochs: int) -> None:
 
     from kd import distributed, metrics
     from kd.config import preset
-    from kd.inference import predict_logits
+    from kd.scoring import predict_logits
     from kd.models import build_teacher
-    from kd.pipeline import RunData, run_phase
+    from kd.pipeline import run_phase
+    from kd.run_data import RunData
     from kd.progress import Reporter
     from kd.checkpoint import load_weights
 

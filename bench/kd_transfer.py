@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from kd.cache import ImageSet, build_cache
     from kd.checkpoint import load_weights
     from kd.data import samples_for, split_settings
-    from kd.inference import predict_logits
+    from kd.scoring import predict_logits
     from kd.inference import default_weights
     from kd.model_card import read_card
     from kd.models import build

@@ -183,7 +183,7 @@ def prebuild_caches(data: str, cfgs: list[dict], device_count: int = 1) -> None:
     """Decode every split once per (size, contrast) before the jobs start, so parallel jobs share the cache."""
     from kd.config import Config
     from kd.distributed import Dist
-    from kd.pipeline import RunData
+    from kd.run_data import RunData
 
     done = set()
     for d in cfgs:

@@ -78,8 +78,9 @@ def serving_accuracy(args) -> dict:
     from kd import metrics
     from kd.distributed import Dist
     from kd.export import cpu_latency_ms, recalibrate_batchnorm
-    from kd.inference import load_pair, predict_logits
-    from kd.pipeline import RunData
+    from kd.inference import load_pair
+    from kd.scoring import predict_logits
+    from kd.run_data import RunData
 
     if not (Path(args.data) / "train").is_dir():
         print(f"  no dataset at {args.data}: serving accuracy not measured")

@@ -34,10 +34,11 @@ from kd.checkpoint import load_weights
 from kd.config import preset
 from kd.distributed import Dist, resolve_device
 from kd.export import recalibrate_batchnorm
-from kd.inference import predict_logits
+from kd.scoring import predict_logits
 from kd.models import build_teacher
 from kd.objectives import ValContext, class_weights
-from kd.pipeline import RunData, student_objective
+from kd.pipeline import student_objective
+from kd.run_data import RunData
 from kd.progress import Reporter
 from kd.train import fit
 

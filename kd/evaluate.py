@@ -6,7 +6,8 @@ import torch
 
 from kd import metrics
 from kd.cache import ImageSet
-from kd.inference import load_pair, predict_logits
+from kd.inference import load_pair
+from kd.scoring import predict_logits
 
 
 def model_report(labels: np.ndarray, logits: np.ndarray, threshold: float, calibration_temperature: float = 1.0,

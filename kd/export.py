@@ -12,8 +12,6 @@ import statistics
 import time
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
@@ -24,13 +22,11 @@ from kd.checkpoint import load_weights, save_weights, write_json_atomic
 from kd.config import THRESHOLD_RULES, Config
 from kd.data import describe, unlabeled_provenance
 from kd.evaluate import model_report
-from kd.inference import predict_logits
+from kd.scoring import predict_logits
 from kd.model_card import CARD_FILE, base_card, data_fingerprint, write_split_hashes
 from kd.models import ARCHITECTURES, build, count_parameters
 from kd.progress import Reporter
-
-if TYPE_CHECKING:
-    from kd.pipeline import RunData
+from kd.run_data import RunData
 
 # role in the model card -> (the phase that trained it, the model that phase writes)
 SOURCES = {"teacher": ("finetune", "teacher"), "student": ("distill", "student"),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd import preprocess
-from kd.checkpoint import CheckpointError, save_weights
+from kd.checkpoint import CheckpointError
 
 FRAMING_FILE = "framing.safetensors"
 CARD_KEY = "framing"
@@ -162,35 +162,6 @@ def fit(teacher: nn.Module, splits: dict, size: int, contrast: str, seed: int = 
 
 def _rate(flags: list[bool]) -> dict:
     return {"n": len(flags), "warned": int(sum(flags)), "fraction": float(np.mean(flags)) if flags else 0.0}
-
-
-def fit_weights(weights_dir: str | Path, data_root: str | Path, command: str = "", max_train: int | None = None) -> dict:
-    """`fit` for a weights folder on the card's patient-level splits; writes FRAMING_FILE and the card's section."""
-    import datetime
-    import time
-
-    from kd.checkpoint import write_json_atomic
-    from kd.data import load_splits, split_settings
-    from kd.inference import load_pair
-    from kd.model_card import CARD_FILE, git_commit
-    from kd.ood import file_sha256
-
-    t0 = time.time()
-    weights_dir = Path(weights_dir)
-    pair = load_pair(weights_dir, ood=False)
-    val_fraction, seed = split_settings(pair.card.get("config", {}))
-    splits = load_splits(data_root, val_fraction, seed)
-    check, info = fit(pair.models["teacher"].model, splits, pair.input_size, pair.contrast, seed,
-                      min(MAX_TRAIN, max_train or MAX_TRAIN))
-    info.update(file=FRAMING_FILE, teacher_sha256=file_sha256(weights_dir / pair.card["models"]["teacher"]["file"]),
-                command=command or f"python -m kd fit-ood --weights {weights_dir} --data {data_root}",
-                git_commit=git_commit(), seconds=round(time.time() - t0, 1),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    save_weights(check.probes, weights_dir / FRAMING_FILE, metadata={"info": json.dumps(info)})
-    card = json.loads((weights_dir / CARD_FILE).read_text())
-    card[CARD_KEY] = info
-    write_json_atomic(weights_dir / CARD_FILE, card)
-    return info
 
 
 def load(weights_dir: str | Path, teacher_sha256: str) -> FramingCheck | None:

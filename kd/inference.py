@@ -1,5 +1,5 @@
-"""Loading a weights folder and predicting: single files (what `kd predict` and the app share) and
-whole image sets (what validation, export and `kd evaluate` share)."""
+"""Loading a weights folder and predicting on uploads: one file or many (what `kd predict` and the app share),
+each checked by the refusal check first. Whole image sets are scored by kd.scoring."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,11 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from kd import preprocess
-from kd.augment import center
-from kd.cache import ImageSet
 from kd.checkpoint import CheckpointError, file_in_folder, load_weights
 from kd.metrics import is_pneumonia, softmax_pneumonia
 from kd.model_card import CARD_FILE, read_card
@@ -215,22 +212,3 @@ def predict_files(pair: ModelPair, paths: list[str], batch_size: int = 16, worke
                 else:
                     yield path, {"file": Path(path).name, **results[i],
                                  "warnings": list(xray.warnings) + list(framing[i])}, None
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, images: ImageSet, size: int, device: torch.device,
-                   batch_size: int = 64, progress=None) -> np.ndarray:
-    """Logits [N, 2] of the whole-image view at `size`; `progress(done, total)` is called per batch."""
-    was_training = model.training
-    model.eval()
-    out = []
-    n = len(images)
-    for start in tqdm(range(0, n, batch_size), desc="predict", leave=False, disable=None):
-        x, *_ = images.batch(np.arange(start, min(start + batch_size, n)), device)
-        x = center(x, size).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model(x).float().cpu())
-        if progress:
-            progress(min(start + batch_size, n), n)
-    model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.float32)

@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from kd import augment, metrics
 from kd.cache import ImageSet
-from kd.inference import predict_logits
+from kd.scoring import predict_logits
 from kd.losses import HintLoss, distillation_loss
 from kd.models import embed, feature_dim, feature_map
 

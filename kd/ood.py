@@ -18,17 +18,15 @@ models see (`kd.inference.ModelPair.prepare`: card size and contrast):
    validation is where the shifted X-rays of other children and periods land: at the 99.5th
    percentile the shipped check refused 1 of the 312 test X-rays, at 1.01x the threshold; README).
 
-`python -m kd fit-ood --weights W --data DATA` fits both on the weights as they are and writes
+`python -m kd fit-ood --weights W --data DATA` (kd.refusal_fit.fit_ood) fits both on the weights as they are and writes
 W/ood.safetensors and the card's "ood" section (threshold, rule, refusal rates, the command). The file
 records the SHA-256 of the teacher it was fitted on; loading it next to another teacher fails with a
 message to re-run the command, so a threshold never outlives its weights.
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import torch
 from torch import nn
 
 from kd import preprocess
-from kd.checkpoint import CheckpointError, save_weights, write_json_atomic
+from kd.checkpoint import CheckpointError
 
 OOD_FILE = "ood.safetensors"
 CARD_KEY = "ood"
@@ -261,73 +259,3 @@ def refusal_counts(squares: np.ndarray, distances: np.ndarray, threshold: float)
     refused = by_stats | by_distance
     return {"n": int(len(squares)), "refused": int(refused.sum()), "fraction": float(refused.mean()),
             "by_image_statistics": int(by_stats.sum()), "by_embedding_distance": int(by_distance.sum())}
-
-
-def fit(weights_dir: str | Path, data_root: str | Path, max_train: int | None = None,
-        components: int = COMPONENTS, command: str = "", stage: str = FEATURE_STAGE) -> dict:
-    """Fit the check on the training split's teacher embeddings, set the threshold on the validation
-    split, write weights_dir/ood.safetensors and the card's "ood" section; returns that section.
-
-    The splits are the patient-level ones of the card's config (val_fraction, seed), the images prepared
-    as the models see them. `max_train`: a seeded random subset of the training split (None: all of it).
-    The test split, when the dataset has one, is only counted (how many of its X-rays are refused): the
-    external check, never used to set anything."""
-    from kd.data import load_splits, split_settings
-    from kd.inference import load_pair
-    from kd.model_card import CARD_FILE, git_commit
-
-    t0 = time.time()
-    weights_dir = Path(weights_dir)
-    pair = load_pair(weights_dir, ood=False)
-    cfg = pair.card.get("config", {})
-    val_fraction, seed = split_settings(cfg)
-    splits = load_splits(data_root, val_fraction, seed)
-    train = splits["train"]
-    if max_train is not None and max_train < len(train):
-        keep = np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False))
-        train = [train[i] for i in keep]
-    teacher = pair.models["teacher"].model
-    size, contrast = pair.input_size, pair.contrast
-    train_sq = prepared_squares(train, size, contrast)
-    train_features = embeddings(teacher, train_sq, stage)
-    distance, shrinkage = EmbeddingDistance.fit(train_features.numpy(), components)
-    check = OODCheck(distance.eval(), 0.0, {"stage": stage})
-    with torch.inference_mode():
-        train_d = check.distance(train_features).numpy()
-    val_sq = prepared_squares(splits["val"], size, contrast)
-    val_d = check.distances(teacher, val_sq)
-    check.threshold = validation_threshold(val_d[[image_reason(s) is None for s in val_sq]])
-    refused = {"train": refusal_counts(train_sq, train_d, check.threshold),
-               "validation": refusal_counts(val_sq, val_d, check.threshold)}
-    if "test" in splits:
-        test_sq = prepared_squares(splits["test"], size, contrast)
-        refused["test"] = refusal_counts(test_sq, check.distances(teacher, test_sq), check.threshold)
-    info = {
-        "file": OOD_FILE,
-        "method": ("refuse when the image statistics rule it out, or when the squared Mahalanobis distance of the "
-                   f"teacher's pooled {stage} features to the training split's (Ledoit-Wolf shrunk covariance) is "
-                   "above the threshold"),
-        "stage": stage,
-        "features": f"teacher {stage}, pooled ({distance.mean.numel()}-d), images at {size} px, contrast {contrast}",
-        "threshold": check.threshold,
-        "threshold_rule": (f"{threshold_words()} (patient-level split, val_fraction={val_fraction}, "
-                           f"split seed={seed})"),
-        "image_statistics": {"min_grey_levels": MIN_GREY_LEVELS, "max_flat_share": MAX_FLAT_SHARE,
-                             "flat_levels": FLAT_LEVELS},
-        "shrinkage": shrinkage, "components": int(distance.components.shape[0]),
-        "train_images": int(len(train_sq)),
-        "train_subset": (f"seeded random {max_train} of {len(splits['train'])}" if len(train) < len(splits["train"])
-                         else "all"),
-        "refused": refused,
-        "refused_note": "test: the external check, counted only; nothing is set on it",
-        "teacher_sha256": file_sha256(weights_dir / pair.card["models"]["teacher"]["file"]),
-        "command": command or f"python -m kd fit-ood --weights {weights_dir} --data {data_root}",
-        "git_commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(time.time() - t0, 1),
-    }
-    save_weights(distance, weights_dir / OOD_FILE, metadata={"info": json.dumps(info)})
-    card = json.loads((weights_dir / CARD_FILE).read_text())
-    card[CARD_KEY] = info
-    write_json_atomic(weights_dir / CARD_FILE, card)
-    return info

@@ -39,7 +39,7 @@ def test_the_training_seed_does_not_move_the_validation_split(dataset):
     """Seeds of a recipe (a seed ensemble, a noise estimate) must share one validation split."""
     from kd.config import preset
     from kd.distributed import Dist
-    from kd.pipeline import RunData
+    from kd.run_data import RunData
 
     runs = [preset("tiny", seed=seed, split_seed=3) for seed in (0, 1)]
     for cfg in runs:

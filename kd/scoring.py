@@ -1,0 +1,30 @@
+"""Scoring a whole image set with one model: what validation during training, the export and `kd evaluate`
+share. Apart from kd.inference (single uploads, the refusal check), so training imports nothing app-side."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kd.augment import center
+from kd.cache import ImageSet
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: ImageSet, size: int, device: torch.device,
+                   batch_size: int = 64, progress=None) -> np.ndarray:
+    """Logits [N, 2] of the whole-image view at `size`; `progress(done, total)` is called per batch."""
+    was_training = model.training
+    model.eval()
+    out = []
+    n = len(images)
+    for start in tqdm(range(0, n, batch_size), desc="predict", leave=False, disable=None):
+        x, *_ = images.batch(np.arange(start, min(start + batch_size, n)), device)
+        x = center(x, size).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(x).float().cpu())
+        if progress:
+            progress(min(start + batch_size, n), n)
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.float32)

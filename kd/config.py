@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd import statefile
+from kd.data import DEFAULT_VAL_FRACTION
 
 SSL_METHODS = ("simclr", "byol", "moco")
 TEACHER_TARGETS = ("online", "cached")
@@ -66,7 +67,7 @@ class Config:
     # bf16 autocast in training steps on the CPU too (always on CUDA): 1.86x on this AVX512-BF16 CPU for
     # ResNet18 and ResNet50 at 128 px (bench/cpu_bf16.py); evaluation and export stay float32
     cpu_bf16: bool = False
-    val_fraction: float = 0.15
+    val_fraction: float = DEFAULT_VAL_FRACTION
     eval_image_size: int = 224  # the resolution the exported models see at inference (model card input size)
     ssl_method: str = "simclr"
     unlabeled: list[str] = field(default_factory=list)  # folders of X-rays without labels: SSL pretraining's corpus
@@ -226,17 +227,10 @@ GENERALISING_AUGMENT = AugmentConfig(scale_min=0.5, scale_max=1.1, aspect=0.15, 
 
 
 def _preset_cpu() -> Config:
-    """The recipe of the gpu preset (bench/recipes.md) at the 2-core CPU's budget: no SSL pretraining (SimCLR
-    did not help the teacher on the official test split, 0.949 vs 0.962 AUC), histogram equalisation, the
-    stronger augmentation and 0.5 on the calibrated probability; fine-tuning and distillation at 128 px for
-    6 + 5 epochs (DESCRIPTION["cpu"], by the per-epoch times of earlier reference runs: 128 px is what makes
-    the budget, see bench/resolution.py).
-
-    Distillation uses cached teacher logits: at this budget and 128 px they gave the same validation AUC as the
-    online teacher (+0.0016, paired 95% CI -0.0001 to +0.0035) at 1.35x the speed (bench/teacher_cache.py).
-    Training steps run under bf16 autocast (AVX512-BF16): 1.5-1.9x the float32 step rate for ResNet18 and
-    ResNet50 at 128 px, and 2 epochs of this teacher's fine-tuning gave the same validation AUC (bf16 - fp32
-    +0.0008, paired 95% CI -0.0020 to +0.0036; bench/cpu_bf16.py --accuracy)."""
+    """The gpu preset's recipe at the 2-core CPU's budget: no SSL pretraining, histogram equalisation, the
+    stronger augmentation, 0.5 on the calibrated probability; fine-tuning and distillation at 128 px (what makes
+    the budget), cached teacher logits for distillation and bf16 autocast on the CPU. Why each of these, with the
+    measured figures: README ("Command line", "Benchmarks") and bench/recipes.md."""
     return Config(
         preset="cpu", eval_image_size=128, teacher_targets="cached", contrast="equalize", cpu_bf16=True,
         augment=dataclasses.replace(GENERALISING_AUGMENT), threshold_rule="calibrated-0.5",
@@ -247,10 +241,10 @@ def _preset_cpu() -> Config:
 
 
 def _preset_gpu() -> Config:
-    """The recipe the shipped weights come from (bench/recipes/gpu_shipped.json, chosen one lever at a time in bench/recipes.md): ResNet50 from scratch
-    at 160 px with histogram equalisation and the stronger augmentation, distilled online into ResNet18,
-    decisions at 0.5 on the calibrated probability. SimCLR pretraining is off: 25 epochs of it made the
-    teacher worse on the official test split (0.949 vs 0.962 AUC) at this data size."""
+    """The recipe the shipped weights come from (bench/recipes/gpu_shipped.json, chosen one lever at a time in
+    bench/recipes.md): ResNet50 from scratch at 160 px with histogram equalisation and the stronger augmentation,
+    distilled online into ResNet18, decisions at 0.5 on the calibrated probability; no SSL pretraining (see
+    README for what it did)."""
     return Config(
         preset="gpu", eval_image_size=160, contrast="equalize", augment=dataclasses.replace(GENERALISING_AUGMENT),
         threshold_rule="calibrated-0.5",

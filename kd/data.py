@@ -19,6 +19,7 @@ from pathlib import Path
 from kd.preprocess import FILE_SUFFIXES, FORMAT_NAMES
 
 CLASSES = ("NORMAL", "PNEUMONIA")
+DEFAULT_VAL_FRACTION = 0.15  # share of train/'s images (by patient) carved out as the validation split
 IMAGE_EXTENSIONS = FILE_SUFFIXES  # one list with the uploader and `kd predict` (kd.preprocess.FORMATS)
 
 LAYOUT_HELP = """Expected layout (Kermany et al. 2018, "chest_xray"; class folders are case-insensitive):
@@ -253,7 +254,7 @@ def _patient_groups(samples: list[Sample]) -> dict[str, str]:
     return {p: find(p) for p in parent}
 
 
-def patient_split(samples: list[Sample], val_fraction: float = 0.15, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+def patient_split(samples: list[Sample], val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
     """Stratified split by patient, deterministic for a seed; no patient (nor duplicate image) on both sides.
 
     Kept by hand, not scikit-learn's StratifiedGroupKFold: that makes k equal folds, not a val_fraction,
@@ -283,7 +284,7 @@ def split_settings(cfg: dict) -> tuple[float, int]:
     """(val_fraction, split seed) of the patient-level split a run's config.json carved. The split has its own
     seed so that runs with different training seeds (a seed ensemble, a noise estimate) share one validation
     split; configs written before `split_seed` existed carved it with the training seed."""
-    return float(cfg.get("val_fraction", 0.15)), int(cfg.get("split_seed", cfg.get("seed", 0)))
+    return float(cfg.get("val_fraction", DEFAULT_VAL_FRACTION)), int(cfg.get("split_seed", cfg.get("seed", 0)))
 
 
 @_listing_errors
@@ -298,7 +299,7 @@ def load_splits(root: str | Path, val_fraction: float, seed: int) -> dict[str, l
 
 
 @_listing_errors
-def samples_for(root: str | Path, split: str, val_fraction: float = 0.15, seed: int = 0) -> list[Sample]:
+def samples_for(root: str | Path, split: str, val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0) -> list[Sample]:
     """Samples of a named split: `train`/`val` (patient-level, carved from train/), `official-val`, `test`."""
     if split in ("train", "val"):
         train, val = patient_split(list_split(root, "train"), val_fraction, seed)

@@ -34,7 +34,7 @@ def split_params() -> tuple[float, int]:
 
 
 @st.cache_data(show_spinner="Reading the dataset (patients, duplicates)...", ttl=3600, max_entries=4)
-def dataset_splits(root: str, val_fraction: float = 0.15, seed: int = 0) -> dict[str, list[kdata.Sample]]:
+def dataset_splits(root: str, val_fraction: float = kdata.DEFAULT_VAL_FRACTION, seed: int = 0) -> dict[str, list[kdata.Sample]]:
     """train / val (patient-level, carved from train/) / official-val / test."""
     return kdata.load_splits(root, val_fraction, seed)
 

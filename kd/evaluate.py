@@ -6,7 +6,7 @@ import torch
 
 from kd import metrics
 from kd.cache import ImageSet
-from kd.inference import load_pair
+from kd.inference import ModelPair, load_pair
 from kd.scoring import predict_logits
 
 
@@ -34,16 +34,25 @@ def model_report(labels: np.ndarray, logits: np.ndarray, threshold: float, calib
 
 def evaluate_weights(weights_dir, data_root, split: str = "test", device: torch.device | None = None,
                      n_boot: int = 1000, progress=None) -> dict:
+    """evaluate_pair for a weights folder, its models on `device` (default the CPU)."""
+    pair = load_pair(weights_dir, ood=False)  # evaluation scores image sets: the refusal check is not needed
+    for m in pair.models.values():
+        m.model.to(device or torch.device("cpu"))
+    return evaluate_pair(pair, data_root, split, n_boot=n_boot, progress=progress)
+
+
+def evaluate_pair(pair: ModelPair, data_root, split: str = "test", n_boot: int = 1000, progress=None) -> dict:
     """Teacher and student on a split, at the model card's thresholds and at 0.5, with 95% bootstrap CIs.
 
+    `pair`: loaded weights, on whatever device they are (the app passes the pair its pages share: each batch
+    holds the model's lock, so a diagnosis's heat-map hooks never see an evaluation's forward pass).
     `split`: test | official-val | val | train (val/train: the patient-level split of the card's config).
     The CIs resample patients; on `val`, where the thresholds were chosen, each resample re-chooses them
     by the card's rule, with the card's seed: the same numbers as the card's validation block."""
     from kd.cache import build_cache
     from kd.data import samples_for, split_settings
 
-    device = device or torch.device("cpu")
-    pair = load_pair(weights_dir)
+    weights_dir = pair.weights_dir
     cfg = pair.card.get("config", {})
     samples = samples_for(data_root, split, *split_settings(cfg))
     cache = build_cache([s.path for s in samples], pair.input_size, None, progress=progress is None,
@@ -57,7 +66,8 @@ def evaluate_weights(weights_dir, data_root, split: str = "test", device: torch.
     decisions = {}
     for i, (role, m) in enumerate(pair.models.items()):
         step = (lambda d, n, i=i: progress((i + d / n) / len(pair.models))) if progress else None
-        logits = predict_logits(m.model.to(device), images, pair.input_size, device, progress=step)
+        device = next(m.model.parameters()).device
+        logits = predict_logits(m.model, images, pair.input_size, device, progress=step, lock=m.lock)
         result[role] = model_report(images.labels, logits, m.threshold, m.calibration_temperature, n_boot=n_boot,
                                     seed=cfg.get("seed", 0), groups=patients, rechoose=rechoose)
         # unrounded: a case near the threshold must get the same decision here as in the report

@@ -2,6 +2,8 @@
 share. Apart from kd.inference (single uploads, the refusal check), so training imports nothing app-side."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -13,8 +15,9 @@ from kd.cache import ImageSet
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: ImageSet, size: int, device: torch.device,
-                   batch_size: int = 64, progress=None) -> np.ndarray:
-    """Logits [N, 2] of the whole-image view at `size`; `progress(done, total)` is called per batch."""
+                   batch_size: int = 64, progress=None, lock=None) -> np.ndarray:
+    """Logits [N, 2] of the whole-image view at `size`; `progress(done, total)` is called per batch; `lock`
+    (a model shared with the app's sessions: kd.inference.LoadedModel.lock) is held for each batch's pass."""
     was_training = model.training
     model.eval()
     out = []
@@ -22,7 +25,8 @@ def predict_logits(model: nn.Module, images: ImageSet, size: int, device: torch.
     for start in tqdm(range(0, n, batch_size), desc="predict", leave=False, disable=None):
         x, *_ = images.batch(np.arange(start, min(start + batch_size, n)), device)
         x = center(x, size).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with lock or contextlib.nullcontext(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                             enabled=device.type == "cuda"):
             out.append(model(x).float().cpu())
         if progress:
             progress(min(start + batch_size, n), n)

@@ -26,7 +26,7 @@ else:
     result = evaluate.stored_evaluation(pair.weights_dir, root, split)
     if clicked and result is None:
         bar = st.progress(0.0, text=f"Evaluating on {split}: decoding images...")
-        result, error = evaluate.evaluate_split(pair.weights_dir, root, split,
+        result, error = evaluate.evaluate_split(pair, root, split,
                                                 progress=lambda f: bar.progress(min(1.0, f), text=f"Evaluating on "
                                                                                                   f"{split}: {f:.0%}"))
         bar.empty()

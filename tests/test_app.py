@@ -841,3 +841,21 @@ def test_the_navigation_patch_matches_the_pinned_streamlit(app_env):
     assert any(DISCLAIMER in w for w in alerts(at, "warning"))  # the entry script's banner: run through navigation
     assert at.text_input(key=state.DATA_KEY).value == str(app_env.data)  # and its sidebar
     assert PagesManager.uses_pages_directory is False
+
+
+def test_evaluate_recomputes_with_the_pair_the_page_holds(app_env, monkeypatch):
+    """The Evaluate page passes its loaded pair to kd.evaluate.evaluate_pair: the weights are not read again,
+    and the figures are those of `kd evaluate` on the same folder."""
+    import kd.evaluate
+
+    at = open_page(start_app(), "pages/evaluate.py")  # the pair is loaded (and cached) here
+    reference = kd.evaluate.evaluate_weights(app_env.weights, app_env.data, "test", n_boot=1000)
+    monkeypatch.setattr(kd.evaluate, "load_pair", lambda *a, **k: pytest.fail("the weights were loaded again"))
+    at.selectbox(key="eval_split").set_value("test")
+    at.button(key="eval_run").click().run()
+    assert not at.exception and not at.error
+    stored = ui_evaluate.stored_evaluation(app_env.weights.resolve(), app_env.data, "test") or next(
+        iter(at.session_state[ui_evaluate.EVAL_KEY].values()))
+    for role in ui_models.ROLES:
+        assert stored[role]["probabilities"] == reference[role]["probabilities"]
+        assert stored[role]["auc"] == reference[role]["auc"]

@@ -136,19 +136,18 @@ def evaluation_key(weights_dir: Path, root: Path, split: str) -> str:
     return f"{Path(weights_dir).resolve()}|{Path(root).resolve()}|{split}"
 
 
-def evaluate_split(weights_dir: Path, root: Path, split: str, progress=None,
+def evaluate_split(pair: ModelPair, root: Path, split: str, progress=None,
                    n_boot: int = 1000) -> tuple[dict | None, str | None]:
-    """kd.evaluate on a split, remembered in the session: (result, None) or (None, a message)."""
-    from kd.distributed import resolve_device
-    from kd.evaluate import evaluate_weights
+    """kd.evaluate on a split with the pair the pages already hold (not loaded again), remembered in the
+    session: (result, None) or (None, a message)."""
+    from kd.evaluate import evaluate_pair
 
     store = st.session_state.setdefault(EVAL_KEY, {})
-    key = evaluation_key(weights_dir, root, split)
+    key = evaluation_key(pair.weights_dir, root, split)
     if key not in store:
         try:
-            result = evaluate_weights(weights_dir, root, split, resolve_device("auto"), n_boot=n_boot,
-                                      progress=progress)
-            result["overlap"] = split_overlap(weights_dir, result["files"])
+            result = evaluate_pair(pair, root, split, n_boot=n_boot, progress=progress)
+            result["overlap"] = split_overlap(pair.weights_dir, result["files"])
             store[key] = result
         except (kdata.DatasetError, CheckpointError, ValueError, RuntimeError) as e:
             return None, f"Could not evaluate on {split}: {e}"

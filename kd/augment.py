@@ -25,7 +25,7 @@ class Augment:
     rotation: float = 10.0  # degrees, +-
     translate: float = 0.06  # fraction of the image, +-
     brightness: float = 0.2  # additive, +-
-    contrast: float = 0.2  # multiplicative, 1 +-
+    contrast_jitter: float = 0.2  # multiplicative, 1 +- (not Config.contrast, the preprocessing's normalisation)
     aspect: float = 0.0  # +- log aspect ratio
     gamma: float = 0.0  # +- log gamma
     blur: float = 0.0  # max Gaussian sigma (output pixels)
@@ -57,7 +57,7 @@ class Augment:
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.gamma:
             x = x.clamp_min(1e-6) ** uniform(-self.gamma, self.gamma).exp().view(b, 1, 1, 1)
-        c = uniform(1 - self.contrast, 1 + self.contrast).view(b, 1, 1, 1)
+        c = uniform(1 - self.contrast_jitter, 1 + self.contrast_jitter).view(b, 1, 1, 1)
         mean = x.mean(dim=(2, 3), keepdim=True)
         x = ((x - mean) * c + mean + uniform(-self.brightness, self.brightness).view(b, 1, 1, 1)).clamp(0, 1)
         if self.blur:
@@ -83,7 +83,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
 
 
 SUPERVISED = Augment()
-SSL = Augment(scale=(0.25, 1.0), rotation=15.0, translate=0.08, brightness=0.4, contrast=0.4)
+SSL = Augment(scale=(0.25, 1.0), rotation=15.0, translate=0.08, brightness=0.4, contrast_jitter=0.4)
 
 
 def center(images: torch.Tensor, out_size: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ class AugmentConfig:
     rotation: float = 10.0  # degrees, +-
     translate: float = 0.06  # fraction of the image, +-
     brightness: float = 0.2  # additive, +-
-    contrast: float = 0.2  # multiplicative, 1 +-
+    contrast_jitter: float = 0.2  # multiplicative, 1 +- (Config.contrast is the preprocessing's normalisation)
     gamma: float = 0.0  # +- log gamma (0.3 = gamma in [0.74, 1.35])
     blur: float = 0.0  # max Gaussian sigma in output pixels, drawn per image
     noise: float = 0.0  # max std of additive Gaussian noise, in [0, 1] pixel units
@@ -168,7 +168,7 @@ class Config:
         a = self.augment
         if not 0.05 <= a.scale_min <= a.scale_max <= 2.0:
             raise ValueError(f"augment scale must satisfy 0.05 <= min <= max <= 2 (got {a.scale_min}, {a.scale_max})")
-        if min(a.aspect, a.rotation, a.translate, a.brightness, a.contrast, a.gamma, a.blur, a.noise) < 0:
+        if min(a.aspect, a.rotation, a.translate, a.brightness, a.contrast_jitter, a.gamma, a.blur, a.noise) < 0:
             raise ValueError("augmentation strengths must be >= 0")
         if self.distill_unlabeled and not self.unlabeled:
             raise ValueError("distillation on unlabeled images needs unlabeled folders (--unlabeled DIR ...)")
@@ -185,10 +185,15 @@ class Config:
                 )
 
 
+# (settings class, the old name in saved config.json files and model cards) -> the name now: one word per meaning
+RENAMED = {("AugmentConfig", "contrast"): "contrast_jitter"}
+
+
 def _from_json(cls, value, what: str):
     """A settings dataclass (Config, PhaseConfig, AugmentConfig...) from a JSON object, by its field types:
     statefile.ShapeError names the first unknown key or value of the wrong type. Missing keys keep defaults."""
     statefile.expect(value, dict, what)
+    value = {RENAMED.get((cls.__name__, k), k): v for k, v in value.items()}  # settings saved under an old name
     types = typing.get_type_hints(cls)
     unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
     if unknown:

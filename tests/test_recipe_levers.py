@@ -54,7 +54,7 @@ def test_augment_levers_off_by_default_and_each_changes_the_view():
 
 def test_zoom_out_shows_the_whole_xray_inside_a_black_border():
     x = torch.full((2, 40, 40), 200, dtype=torch.uint8)
-    out = Augment(scale=(1.44, 1.44), rotation=0, translate=0, brightness=0, contrast=0)(x, 40, torch.Generator())
+    out = Augment(scale=(1.44, 1.44), rotation=0, translate=0, brightness=0, contrast_jitter=0)(x, 40, torch.Generator())
     pixels = out * preprocess.STD + preprocess.MEAN
     black = (pixels < 0.05).float().mean(dim=(1, 2, 3))  # the frame around the shrunken X-ray
     assert torch.all((black > 0.2) & (black < 0.4))  # 1 - 1/1.44 of the area, wherever the X-ray was placed

@@ -304,3 +304,15 @@ def test_cli_names_a_deeply_nested_config(tmp_path):
                         "--config", str(tmp_path / "config.json")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"unreadable: {tmp_path / 'config.json'}, not usable JSON (nested too deeply)" in r.stderr
+
+
+def test_a_config_saved_under_an_old_setting_name_still_loads(tmp_path):
+    """augment.contrast (the augmentation's contrast jitter) is now augment.contrast_jitter, one word per meaning
+    beside Config.contrast (the preprocessing's normalisation): config.json files of earlier runs still load."""
+    from kd.config import Config
+
+    (tmp_path / "config.json").write_text(json.dumps({"contrast": "equalize", "augment": {"contrast": 0.35}}))
+    cfg = Config.load(tmp_path / "config.json")
+    assert cfg.contrast == "equalize" and cfg.augment.contrast_jitter == 0.35
+    cfg.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["augment"]["contrast_jitter"] == 0.35

@@ -121,6 +121,18 @@ def test_app_memory_bench_measures_a_real_server(capsys):
     assert "X-rays diagnosed" in capsys.readouterr().out
 
 
+@pytest.mark.slow(20)  # two real servers and a browser
+def test_app_start_bench_times_the_uploader_and_the_models(capsys):
+    import app_start
+
+    if not Path(app_start.CHROMIUM).exists():
+        pytest.skip(f"no chromium at {app_start.CHROMIUM} (apt-get install chromium)")
+    out = app_start.main(["--before", str(app_start.common.REPO), "--pairs", "1"])  # this checkout against itself
+    now = out["median"]["now"]
+    assert 0 < now[0] <= now[1] + 0.5 and len(out["ratios"]) == 1  # the uploader comes no later than the models
+    assert "to the uploader: before" in capsys.readouterr().out
+
+
 def test_a_finished_run_is_recorded_as_a_look_at_the_test_split(tiny_run, tmp_path):
     """bench/recipes_table.py --record: a run made outside bench/recipes.py joins the table of looks."""
     import json

@@ -801,8 +801,10 @@ def test_using_a_run_without_a_refusal_check_says_diagnose_will_not_predict(app_
 def test_tables_show_an_empty_cell_as_a_dash_not_none():
     import pandas as pd
 
-    shown = figures.table(pd.DataFrame({"run": ["a", "b"], "AUC": [None, 0.98765]})).to_string()
+    styled = figures.table(pd.DataFrame({"run": ["a", "b"], "AUC": [None, 0.98765]}))
+    shown = styled.to_string()
     assert "None" not in shown and "nan" not in shown and figures.EMPTY_CELL in shown and "0.988" in shown
+    assert styled.data["AUC"].tolist()[0] == figures.EMPTY_CELL  # in the data: st.dataframe ignores na_rep
 
 
 def test_evaluate_says_when_images_were_trained_on_and_when_no_external_check_is_possible(app_env, tmp_path):

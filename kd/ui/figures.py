@@ -15,8 +15,11 @@ EMPTY_CELL = "–"  # what a table shows where there is no value (st.dataframe w
 
 
 def table(frame: pd.DataFrame):
-    """A frame as st.dataframe should show it: empty cells as EMPTY_CELL, numbers at 3 decimals."""
-    return frame.style.format(na_rep=EMPTY_CELL, precision=3)
+    """A frame as st.dataframe should show it: empty cells as EMPTY_CELL, numbers at 3 decimals. The empty
+    cells are replaced in the data itself: st.dataframe draws a missing value as "None" whatever the Styler's
+    na_rep says (seen in the browser)."""
+    filled = frame.astype(object).where(frame.notna(), EMPTY_CELL) if frame.isna().any().any() else frame
+    return filled.style.format(precision=3)
 
 
 def _line(df: pd.DataFrame, y: str, title: str, log: bool = False) -> go.Figure:

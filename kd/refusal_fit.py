@@ -29,14 +29,23 @@ def fit_checks(weights_dir: str | Path, data_root: str | Path, command: str = ""
                max_train: int | None = None) -> dict[str, dict]:
     """Fit both on `weights_dir` (its teacher, its card's split settings) and write their files and card
     sections; returns {"ood": section, "framing": section}."""
-    refusal = fit_ood(weights_dir, data_root, max_train=max_train, command=command)
-    warnings = fit_framing(weights_dir, data_root, command=command, max_train=max_train)
+    loaded = load_pair_and_splits(weights_dir, data_root)  # once for both: the split hashes every train/ file
+    refusal = fit_ood(weights_dir, data_root, max_train=max_train, command=command, loaded=loaded)
+    warnings = fit_framing(weights_dir, data_root, command=command, max_train=max_train, loaded=loaded)
     return {ood.CARD_KEY: refusal, framing.CARD_KEY: warnings}
 
 
+def load_pair_and_splits(weights_dir: str | Path, data_root: str | Path) -> tuple:
+    """The weights (without a check: it is what is being fitted) and the patient-level splits of their card."""
+    pair = load_pair(weights_dir, ood=False)
+    val_fraction, seed = split_settings(pair.card.get("config", {}))
+    return pair, load_splits(data_root, val_fraction, seed)
+
+
 def fit_ood(weights_dir: str | Path, data_root: str | Path, max_train: int | None = None,
-        components: int = ood.COMPONENTS, command: str = "", stage: str = ood.FEATURE_STAGE) -> dict:
-    """Fit the check on the training split's teacher ood.embeddings, set the threshold on the validation
+            components: int = ood.COMPONENTS, command: str = "", stage: str = ood.FEATURE_STAGE,
+            loaded: tuple | None = None) -> dict:
+    """Fit the check on the training split's teacher embeddings, set the threshold on the validation
     split, write weights_dir/ood.safetensors and the card's "ood" section; returns that section.
 
     The splits are the patient-level ones of the card's config (val_fraction, seed), the images prepared
@@ -45,10 +54,8 @@ def fit_ood(weights_dir: str | Path, data_root: str | Path, max_train: int | Non
     external check, never used to set anything."""
     t0 = time.time()
     weights_dir = Path(weights_dir)
-    pair = load_pair(weights_dir, ood=False)
-    cfg = pair.card.get("config", {})
-    val_fraction, seed = split_settings(cfg)
-    splits = load_splits(data_root, val_fraction, seed)
+    pair, splits = loaded or load_pair_and_splits(weights_dir, data_root)
+    val_fraction, seed = split_settings(pair.card.get("config", {}))
     train = splits["train"]
     if max_train is not None and max_train < len(train):
         keep = np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False))
@@ -100,13 +107,14 @@ def fit_ood(weights_dir: str | Path, data_root: str | Path, max_train: int | Non
     return info
 
 
-def fit_framing(weights_dir: str | Path, data_root: str | Path, command: str = "", max_train: int | None = None) -> dict:
-    """`fit` for a weights folder on the card's patient-level splits; writes framing.FRAMING_FILE and the card's section."""
+def fit_framing(weights_dir: str | Path, data_root: str | Path, command: str = "", max_train: int | None = None,
+                loaded: tuple | None = None) -> dict:
+    """kd.framing.fit for a weights folder on its card's patient-level splits; writes the framing file and the
+    card's section. `loaded`: load_pair_and_splits' result, when the caller has it already."""
     t0 = time.time()
     weights_dir = Path(weights_dir)
-    pair = load_pair(weights_dir, ood=False)
-    val_fraction, seed = split_settings(pair.card.get("config", {}))
-    splits = load_splits(data_root, val_fraction, seed)
+    pair, splits = loaded or load_pair_and_splits(weights_dir, data_root)
+    _, seed = split_settings(pair.card.get("config", {}))
     check, info = framing.fit(pair.models["teacher"].model, splits, pair.input_size, pair.contrast, seed,
                       min(framing.MAX_TRAIN, max_train or framing.MAX_TRAIN))
     info.update(file=framing.FRAMING_FILE, teacher_sha256=file_sha256(weights_dir / pair.card["models"]["teacher"]["file"]),

@@ -30,6 +30,7 @@ class Augment:
     gamma: float = 0.0  # +- log gamma
     blur: float = 0.0  # max Gaussian sigma (output pixels)
     noise: float = 0.0  # max additive noise std ([0, 1] pixel units)
+    outside_lungs: float = 0.0  # share of images blurred outside their lung fields (kd.config.AugmentConfig)
 
     @classmethod
     def from_config(cls, cfg: AugmentConfig) -> "Augment":
@@ -53,6 +54,8 @@ class Augment:
         theta = torch.stack([torch.stack([cos * sx, -sin * sy, shift[:, 0]], 1),
                              torch.stack([sin * sx, cos * sy, shift[:, 1]], 1)], 1)
         x = images.unsqueeze(1).float() / 255
+        if self.outside_lungs:
+            x = blur_outside_lungs(images, x, torch.rand(b, generator=generator, device=dev) < self.outside_lungs)
         grid = F.affine_grid(theta, [b, 1, out_size, out_size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.gamma:
@@ -80,6 +83,26 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(b, 1, 1, -1), groups=b)
     y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(b, 1, -1, 1), groups=b)
     return y.transpose(0, 1)
+
+
+def blur_outside_lungs(images: torch.Tensor, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """x [B, 1, H, W] with the chosen images' pixels outside their lung fields (kd.lungs.lung_mask, from the
+    uint8 `images`) replaced by a Gaussian blur of sigma H/24; the mask's edge is softened over H/64, so the
+    seam is not itself a sharp edge to learn."""
+    if not bool(chosen.any()):
+        return x
+    from kd.lungs import lung_mask
+
+    idx = torch.nonzero(chosen).flatten()
+    h, w = x.shape[-2:]
+    masks = torch.stack([torch.from_numpy(lung_mask(images[i].cpu().numpy())) for i in idx.tolist()])
+    m = F.interpolate(masks.unsqueeze(1).float().to(x.device), size=(h, w), mode="bilinear", align_corners=False)
+    m = gaussian_blur(m, torch.full((len(idx),), h / 64, device=x.device), h / 64).clamp(0, 1)
+    sigma = h / 24
+    blurred = gaussian_blur(x[idx], torch.full((len(idx),), sigma, device=x.device), sigma)
+    x = x.clone()
+    x[idx] = x[idx] * m + blurred * (1 - m)
+    return x
 
 
 SUPERVISED = Augment()

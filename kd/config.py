@@ -54,6 +54,10 @@ class AugmentConfig:
     gamma: float = 0.0  # +- log gamma (0.3 = gamma in [0.74, 1.35])
     blur: float = 0.0  # max Gaussian sigma in output pixels, drawn per image
     noise: float = 0.0  # max std of additive Gaussian noise, in [0, 1] pixel units
+    # share of the images whose pixels outside the lung fields (kd.lungs, estimated per image) are replaced by a
+    # heavy blur: the chest's outline stays, the detail of mediastinum, spine, diaphragm and film markers goes, so
+    # the model must find its evidence in the lungs (a lever for heat maps on the lungs, issue 20)
+    outside_lungs: float = 0.0
 
 
 @dataclass
@@ -168,8 +172,8 @@ class Config:
         a = self.augment
         if not 0.05 <= a.scale_min <= a.scale_max <= 2.0:
             raise ValueError(f"augment scale must satisfy 0.05 <= min <= max <= 2 (got {a.scale_min}, {a.scale_max})")
-        if min(a.aspect, a.rotation, a.translate, a.brightness, a.contrast_jitter, a.gamma, a.blur, a.noise) < 0:
-            raise ValueError("augmentation strengths must be >= 0")
+        if min(a.aspect, a.rotation, a.translate, a.brightness, a.contrast_jitter, a.gamma, a.blur, a.noise) < 0 or a.outside_lungs > 1:
+            raise ValueError("augmentation strengths must be >= 0 (and outside_lungs, a share of the images, at most 1)")
         if self.distill_unlabeled and not self.unlabeled:
             raise ValueError("distillation on unlabeled images needs unlabeled folders (--unlabeled DIR ...)")
         if self.student_init not in STUDENT_INITS:

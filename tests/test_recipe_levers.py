@@ -135,3 +135,25 @@ def test_config_refuses_unknown_levers():
         cfg = Config(**bad)
         with pytest.raises(ValueError):
             cfg.validate()
+
+
+def test_outside_lungs_blurs_only_outside_the_lung_fields():
+    from kd.augment import blur_outside_lungs
+    from kd.lungs import lung_mask
+
+    x = _batch(n=3, size=128, seed=4)
+    plain = x.unsqueeze(1).float() / 255
+    out = blur_outside_lungs(x, plain, torch.tensor([True, False, True]))
+    assert torch.equal(out[1], plain[1])  # not chosen: untouched
+    changed = (out[0, 0] - plain[0, 0]).abs()
+    lungs = torch.from_numpy(lung_mask(x[0].numpy()))
+    core = F.max_pool2d((~lungs).float()[None, None], 9, 1, 4)[0, 0] == 0  # lung pixels 4 px from the mask's edge
+    outside = F.max_pool2d(lungs.float()[None, None], 9, 1, 4)[0, 0] == 0
+    assert changed[core].max() < 0.02  # inside the lungs the detail stays
+    assert changed[outside].mean() > 5 * max(changed[core].mean(), 1e-4)  # outside it is blurred away
+    # in the augmentation: off draws nothing (the views of every other recipe stay bit-identical), on changes them
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(Augment()(x, 64, g()), Augment(outside_lungs=0.0)(x, 64, g()))
+    assert not torch.equal(Augment()(x, 64, g()), Augment(outside_lungs=1.0)(x, 64, g()))
+    with pytest.raises(ValueError, match="outside_lungs"):
+        preset("tiny", augment=AugmentConfig(outside_lungs=1.5))

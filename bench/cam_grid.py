@@ -42,8 +42,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 import common
 from kd import cam, preprocess
 from kd.cache import build_cache
-from kd.data import samples_for, split_settings
-from kd.inference import load_pair
+from kd.data import samples_for
+from kd.serving import load_pair
 from kd.lungs import in_lung_share, lung_mask
 
 UNIFORM_BORDER = 1 - (1 - 2 * 0.1) ** 2
@@ -87,8 +87,7 @@ def use_vectorised_system() -> None:
 
 
 def sample(data: str, card: dict, limit: int, seed: int = 0):
-    cfg = card.get("config", {})
-    samples = samples_for(data, "val", *split_settings(cfg))
+    samples = samples_for(data, "val", *card.config.split)
     rng = np.random.default_rng(seed)
     by_class = []
     for label, k in ((1, (limit + 1) // 2), (0, limit // 2)):

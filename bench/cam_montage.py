@@ -2,7 +2,7 @@
 
     python bench/cam_montage.py [--method "layer2 GradCAM"] [--role teacher] [--out bench/figures/fullres_maps.jpg]
 
-Each tile is one sample through the app's path (kd.cam.diagnose: the refusal check, then both models), its
+Each tile is one sample through the app's path (kd.serving.diagnose: the refusal check, then both models), its
 map drawn faded by the model's probability (the Diagnose default), the kd.lungs mask outlined in white, and
 under it the class, the probability and the map's in-lung share (a uniform map scores the mask's area, shown
 after the slash). Prints one line per sample and the means per class. The samples are training images
@@ -18,14 +18,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 import common
-from kd import cam, preprocess
-from kd.inference import NotChestXray, load_pair
+from kd import cam, preprocess, serving
+from kd.serving import NotChestXray, load_pair
 from kd.lungs import in_lung_share, lung_mask
 
 TILE = 224
 
 
-def tile(d: cam.Diagnosis, role: str, mask: np.ndarray) -> np.ndarray:
+def tile(d: serving.Diagnosis, role: str, mask: np.ndarray) -> np.ndarray:
     view = d.views[role]
     square = np.asarray(Image.fromarray(d.square).resize((TILE, TILE)))
     heat = np.asarray(Image.fromarray(view.cam.astype(np.float32)).resize((TILE, TILE), Image.Resampling.BILINEAR))
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     tiles, shares = [], {"NORMAL": [], "PNEUMONIA": []}
     for f in files:
         try:
-            d = cam.diagnose(pair, f.read_bytes(), f.name, args.method)
+            d = serving.diagnose(pair, f.read_bytes(), f.name, args.method)
         except (NotChestXray, preprocess.ImageError) as e:
             print(f"{f.parent.name:9} {f.name:40} refused or unreadable: {e}")
             continue

@@ -92,7 +92,8 @@ def target(name: str, measured: float | Ratio, goal: float, higher_is_better: bo
 def model_pair():
     """The shipped weights if present, else randomly initialised models of the same architectures
     (timings depend on the architecture, not the weights)."""
-    from kd.inference import LoadedModel, ModelPair, default_weights, load_pair
+    from kd.paths import default_weights
+    from kd.serving import LoadedModel, ModelPair, load_pair
     from kd.models import build_student, build_teacher
 
     try:

@@ -7,7 +7,7 @@ variant of both models is timed once per round, for --pairs rounds (interleaved,
 shared machine lands on every variant alike); images/s are medians over the rounds, each ratio is the
 median of the per-round ratios with its range:
   eager      : model(x) under torch.no_grad, default memory format
-  optimised  : channels_last + torch.inference_mode (what kd.inference uses)
+  optimised  : channels_last + torch.inference_mode (what kd.serving uses)
   1 thread   : optimised with torch.set_num_threads(1) instead of one thread per core
   onnxrt     : ONNX Runtime (CPU provider, all graph optimisations, one thread per core) on the
                torch.onnx export of the same model; skipped when onnxruntime/onnxscript are not

@@ -19,11 +19,11 @@ from common import model_pair
 
 
 def timed_diagnoses(pair, data: bytes, calls: int, out: list[float]) -> None:
-    from kd import cam
+    from kd import serving
 
     for _ in range(calls):
         t0 = time.perf_counter()
-        cam.diagnose(pair, data, "bench.jpeg")
+        serving.diagnose(pair, data, "bench.jpeg")
         out.append(time.perf_counter() - t0)
 
 

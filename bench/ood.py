@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 import common
-from kd.data import samples_for, split_settings
-from kd.inference import load_pair
+from kd.data import samples_for
+from kd.serving import load_pair
 from kd import ood
 from kd.ood import image_reason
 from kd.preprocess import ImageError
@@ -90,8 +90,7 @@ def compare(args) -> None:
 
     pair = load_pair(args.weights, ood=False)
     teacher, size, contrast = pair.models["teacher"].model, pair.input_size, pair.contrast
-    cfg = pair.card.get("config", {})
-    splits = load_splits(args.data, *split_settings(cfg))
+    splits = load_splits(args.data, *pair.card.config.split)
     train = splits["train"]
     if len(train) > args.train_limit:
         train = [train[i] for i in sorted(np.random.default_rng(0).choice(len(train), args.train_limit, replace=False))]
@@ -121,8 +120,7 @@ def compare(args) -> None:
 
 
 def split_refusals(pair, data: str, split: str, limit: int) -> str:
-    cfg = pair.card.get("config", {})
-    samples = samples_for(data, split, *split_settings(cfg))
+    samples = samples_for(data, split, *pair.card.config.split)
     if len(samples) > limit:
         samples = [samples[i] for i in sorted(np.random.default_rng(0).choice(len(samples), limit, replace=False))]
     squares = ood.prepared_squares(samples, pair.input_size, pair.contrast, progress=False)

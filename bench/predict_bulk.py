@@ -3,8 +3,8 @@
     python bench/predict_bulk.py [--files 40] [--pairs 3] [--batch-size 16] [--weights DIR]
 
 one_by_one : what `kd predict` did before issue 21: for each file, read, decode, the refusal check's
-             teacher pass, then each model's forward, at batch 1 (kd.inference.predict_bytes in a loop).
-batched    : kd.inference.predict_files, what `kd predict` does now: decoding in two threads one batch
+             teacher pass, then each model's forward, at batch 1 (kd.serving.predict_bytes in a loop).
+batched    : kd.serving.predict_files, what `kd predict` does now: decoding in two threads one batch
              ahead, then per batch one refusal pass and one forward per model.
 The files: the first --files images of the shared test half (224 px JPEGs) when present, otherwise
 X-ray-like pictures generated at 224 px. Both variants give the same answers (tests/test_ood.py); timed
@@ -37,7 +37,7 @@ def files(n: int, folder: Path) -> list[str]:
 
 
 def main(argv=None) -> list[str]:
-    from kd.inference import load_pair, predict_bytes, predict_files
+    from kd.serving import load_pair, predict_bytes, predict_files
     from kd.preprocess import ImageError
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

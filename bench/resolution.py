@@ -78,7 +78,7 @@ def serving_accuracy(args) -> dict:
     from kd import metrics
     from kd.distributed import Dist
     from kd.export import cpu_latency_ms, recalibrate_batchnorm
-    from kd.inference import load_pair
+    from kd.serving import load_pair
     from kd.scoring import predict_logits
     from kd.run_data import RunData
 

@@ -13,8 +13,9 @@ when the models run at 128 px.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -24,8 +25,10 @@ from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 from kd import preprocess
-from kd.inference import LoadedModel, ModelPair, decide, screen
 from kd.metrics import softmax_pneumonia
+
+if TYPE_CHECKING:  # kd.serving draws its diagnoses with this module: the names only, not an import cycle
+    from kd.serving import LoadedModel, ModelPair
 
 METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}  # on layer4, the names the app has always passed
 _CAM_CLASSES = {**METHODS, "LayerCAM": LayerCAM}
@@ -110,16 +113,21 @@ ROAD_HELP = ("Faithfulness (ROAD, Rong et al. 2022): how much the pneumonia scor
              "important are removed, minus the drop when unimportant ones are; higher = the map explains the model.")
 
 
-def explain(loaded: LoadedModel, x: torch.Tensor, method: str = DEFAULT_CAM) -> tuple[float, np.ndarray]:
+def explain(loaded: LoadedModel, x: torch.Tensor, method: str = DEFAULT_CAM,
+            stage_hook: tuple[str, Callable[[torch.Tensor], None]] | None = None) -> tuple[float, np.ndarray]:
     """Calibrated probability of pneumonia and the CAM [H, W] in [0, 1] for one normalised input [1, 1, H, W].
 
     `method`: a CAM_OPTIONS name or a plain METHODS name (cam_option; its .source(size) says which
-    stages and native grid the map comes from). The model's lock makes this safe when several app
-    sessions diagnose at once; the context manager releases the hooks even on error."""
+    stages and native grid the map comes from). `stage_hook` (stage, fn): fn gets that ResNet stage's output
+    from the CAM's own forward pass, once, before the backward; an exception it raises stops the pass and comes
+    out of here (kd.serving refuses a picture there, from the features the map is then drawn with). The model's
+    lock makes this safe when several app sessions diagnose at once; the context managers release the hooks even
+    on error."""
     option = cam_option(method)
     model = loaded.model
     layers = [getattr(model, name)[-1] for name in option.layers]
-    with loaded.lock, torch.enable_grad(), _CAM_CLASSES[option.method](model=model, target_layers=layers) as cam:
+    with loaded.lock, torch.enable_grad(), _stage_hook(model, stage_hook), \
+            _CAM_CLASSES[option.method](model=model, target_layers=layers) as cam:
         x = x.contiguous(memory_format=torch.channels_last)
         targets = [ClassifierOutputTarget(PNEUMONIA)] * x.shape[0]
         maps = cam(input_tensor=x, targets=targets, eigen_smooth=option.smooth == "eigen",
@@ -130,6 +138,27 @@ def explain(loaded: LoadedModel, x: torch.Tensor, method: str = DEFAULT_CAM) -> 
         else:
             logits = cam.outputs.detach().float().cpu().numpy()
     return float(softmax_pneumonia(logits, loaded.calibration_temperature)[0]), maps[0]
+
+
+@contextmanager
+def _stage_hook(model: torch.nn.Module, hook: tuple[str, Callable[[torch.Tensor], None]] | None):
+    """explain's stage_hook as a forward hook on the stage, called on the first pass only, removed on exit."""
+    if hook is None:
+        yield
+        return
+    stage, fn = hook
+    called = []
+
+    def forward_hook(module, inputs, output):
+        if not called:
+            called.append(True)
+            fn(output)
+
+    handle = getattr(model, stage).register_forward_hook(forward_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def overlay(picture: np.ndarray, cam: np.ndarray, opacity: float = 0.4, strength: float = 1.0) -> np.ndarray:
@@ -201,97 +230,6 @@ def agreement(cam_a: np.ndarray, cam_b: np.ndarray) -> dict[str, float | None]:
     top_b[np.argsort(b)[-k:]] = True
     iou = float((top_a & top_b).sum() / (top_a | top_b).sum())
     return {"correlation": corr, "top20_iou": iou}
-
-
-@dataclass
-class ModelView:
-    probability: float
-    decision: str
-    threshold: float
-    cam: np.ndarray  # the app draws it over Diagnosis.picture at the opacity chosen (overlay)
-    seconds: float
-
-
-@dataclass
-class Screened:
-    """An upload decoded once and let through the refusal check: what every heat map of it is drawn from."""
-
-    square: np.ndarray  # what the models see (uint8, size x size)
-    xray: preprocess.XRay  # with the decoder's and the framing check's warnings
-    picture: np.ndarray  # the same X-ray at display resolution, under the overlays
-    seconds: dict[str, float]  # "decoding", "refusal check"
-
-
-@dataclass
-class Diagnosis:
-    square: np.ndarray  # what the models saw (uint8, size x size)
-    xray: preprocess.XRay | None
-    views: dict[str, ModelView]
-    agreement: dict[str, float]
-    picture: np.ndarray  # the same X-ray at display resolution, under the overlays
-    seconds: dict[str, float] = field(default_factory=dict)  # where the time went: decoding, check, each model
-
-    @property
-    def same_decision(self) -> bool:
-        return len({v.decision for v in self.views.values()}) == 1
-
-
-def display_picture(pixels: np.ndarray, size: int) -> np.ndarray:
-    """The X-ray as shown under the heat maps: at its own aspect ratio, the longest side max(size,
-    DISPLAY_SIZE) px. (The model saw it stretched to a square, as in training; overlay resizes the map
-    back onto this picture.)"""
-    if pixels.ndim != 2 or pixels.dtype != np.uint8:
-        raise TypeError(f"expected a 2-D uint8 array, got {pixels.dtype} with shape {pixels.shape}")
-    longest = max(size, DISPLAY_SIZE)
-    h, w = pixels.shape
-    scale = longest / max(h, w)
-    shape = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize(shape, Image.Resampling.BILINEAR))
-
-
-def diagnose_square(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay | None = None,
-                    method: str = DEFAULT_CAM, picture: np.ndarray | None = None,
-                    seconds: dict[str, float] | None = None) -> Diagnosis:
-    picture = display_picture(square, pair.input_size) if picture is None else picture
-    x = preprocess.to_tensor(square)
-    views, spent = {}, dict(seconds or {})
-    for role, loaded in pair.models.items():
-        t0 = time.perf_counter()
-        p, cam = explain(loaded, x, method)
-        spent[role] = time.perf_counter() - t0
-        views[role] = ModelView(p, decide(p, loaded.threshold), loaded.threshold, cam, spent[role])
-    return Diagnosis(square, xray, views, agreement(views["teacher"].cam, views["student"].cam), picture, spent)
-
-
-def screen_upload(pair: ModelPair, data: bytes, name: str = "upload") -> Screened:
-    """Bytes -> the model's square and the display picture, checked: raises preprocess.ImageError, and
-    inference.NotChestXray (before any probability is computed) for what the weights' kd.ood check refuses.
-    Everything a change of heat-map method does not change, so the app computes it once per upload."""
-    t0 = time.perf_counter()
-    square, xray = pair.prepare(data, name)  # the model's pixels: the same path as training and `kd predict`
-    t1 = time.perf_counter()
-    xray = screen(pair, square, xray)  # refusal (kd.ood) and framing warnings (kd.framing) first
-    t2 = time.perf_counter()
-    # sharper, for the eye only; decoded after the check, so a refused picture never pays for it
-    shown = preprocess.load_xray(data, name=name, target_size=max(pair.input_size, DISPLAY_SIZE))
-    t3 = time.perf_counter()
-    return Screened(square, xray, display_picture(shown.pixels, pair.input_size),
-                    {"decoding": (t1 - t0) + (t3 - t2), "refusal check": t2 - t1})
-
-
-def diagnose_screened(pair: ModelPair, screened: Screened, method: str = DEFAULT_CAM) -> Diagnosis:
-    """Both predictions and both heat maps of a screened upload (one forward and backward pass per model)."""
-    return diagnose_square(pair, screened.square, screened.xray, method, screened.picture, screened.seconds)
-
-
-def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = DEFAULT_CAM) -> Diagnosis:
-    """Bytes of an upload -> both predictions and both heat maps (screen_upload, then diagnose_screened)."""
-    return diagnose_screened(pair, screen_upload(pair, data, name), method)
-
-
-def time_note(seconds: dict[str, float]) -> str:
-    """Where a diagnosis's time went, in the order it was spent."""
-    return "Time on this machine: " + " · ".join(f"{what} {s:.2f} s" for what, s in seconds.items())
 
 
 def road_scores(loaded: LoadedModel, squares: np.ndarray, method: str = "GradCAM",

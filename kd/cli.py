@@ -98,7 +98,7 @@ def summary(card: dict) -> str:
 def cmd_evaluate(args) -> int:
     from kd.distributed import resolve_device
     from kd.evaluate import evaluate_weights
-    from kd.inference import default_weights
+    from kd.paths import default_weights
 
     result = evaluate_weights(args.weights or default_weights(), args.data, args.split, resolve_device(args.device),
                               n_boot=args.bootstrap)
@@ -117,7 +117,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from tqdm.auto import tqdm
 
-    from kd.inference import load_pair, no_check_reason, predict_files
+    from kd.serving import load_pair, no_check_reason, predict_files
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1 (got {args.batch_size})")

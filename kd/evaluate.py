@@ -6,7 +6,7 @@ import torch
 
 from kd import metrics
 from kd.cache import ImageSet
-from kd.inference import ModelPair, load_pair
+from kd.serving import ModelPair, load_pair
 from kd.scoring import predict_logits
 
 
@@ -50,18 +50,18 @@ def evaluate_pair(pair: ModelPair, data_root, split: str = "test", n_boot: int =
     The CIs resample patients; on `val`, where the thresholds were chosen, each resample re-chooses them
     by the card's rule, with the card's seed: the same numbers as the card's validation block."""
     from kd.cache import build_cache
-    from kd.data import samples_for, split_settings
+    from kd.data import samples_for
 
     weights_dir = pair.weights_dir
-    cfg = pair.card.get("config", {})
-    samples = samples_for(data_root, split, *split_settings(cfg))
+    cfg = pair.card.config
+    samples = samples_for(data_root, split, *cfg.split)
     cache = build_cache([s.path for s in samples], pair.input_size, None, progress=progress is None,
                         contrast=pair.contrast)
     images = ImageSet.from_cache(cache, [s.label for s in samples])
     result = {"split": split, "data": str(data_root), "n": len(images), "skipped_unreadable": cache.errors,
               "weights": str(weights_dir), "input_size": pair.input_size}
     patients = [samples[r].patient for r in images.rows]
-    rechoose = (metrics.threshold_chooser(cfg.get("threshold_rule", "youden"), cfg.get("min_sensitivity", 0.95))
+    rechoose = (metrics.threshold_chooser(cfg.threshold_rule, cfg.min_sensitivity)
                 if split == "val" else None)
     decisions = {}
     for i, (role, m) in enumerate(pair.models.items()):
@@ -69,7 +69,7 @@ def evaluate_pair(pair: ModelPair, data_root, split: str = "test", n_boot: int =
         device = next(m.model.parameters()).device
         logits = predict_logits(m.model, images, pair.input_size, device, progress=step, lock=m.lock)
         result[role] = model_report(images.labels, logits, m.threshold, m.calibration_temperature, n_boot=n_boot,
-                                    seed=cfg.get("seed", 0), groups=patients, rechoose=rechoose)
+                                    seed=cfg.seed, groups=patients, rechoose=rechoose)
         # unrounded: a case near the threshold must get the same decision here as in the report
         result[role]["probabilities"] = metrics.softmax_pneumonia(logits, m.calibration_temperature).tolist()
         decisions[role] = metrics.is_pneumonia(result[role]["probabilities"], m.threshold)

@@ -23,7 +23,7 @@ from kd.config import THRESHOLD_RULES, Config
 from kd.data import describe, unlabeled_provenance
 from kd.evaluate import model_report
 from kd.scoring import predict_logits
-from kd.model_card import CARD_FILE, base_card, data_fingerprint, write_split_hashes
+from kd.model_card import base_card, data_fingerprint, write_card, write_split_hashes
 from kd.models import ARCHITECTURES, build, count_parameters
 from kd.progress import Reporter
 from kd.run_data import RunData
@@ -194,5 +194,4 @@ def export(cfg: Config, data: RunData, out: Path, device: torch.device, reporter
     card["config"] = cfg.to_dict()
     card["reproduce"] = command
     write_split_hashes(out, data.splits)
-    write_json_atomic(out / CARD_FILE, card)
-    return card
+    return write_card(out, card).document

@@ -8,11 +8,16 @@ import os
 import subprocess
 from pathlib import Path
 
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
 from kd import preprocess, statefile
-from kd.data import Sample
+from kd.data import DEFAULT_VAL_FRACTION, Sample
 from kd.models import ARCHITECTURES
-from kd.statefile import (NUMBER, OPTIONAL_DICT, OPTIONAL_NUMBER, ShapeError, expect, finite, list_of, mapping_of,
-                          nullable, object_with, one_of)
+from kd.statefile import (OPTIONAL_NUMBER, ShapeError, UnreadableState, conform, expect, finite, list_of, nullable,
+                          one_of)
 
 CARD_FILE = "model_card.json"
 DISCLAIMER = ("Research tool, not a diagnostic device: not cleared for clinical use; every output must be "
@@ -113,45 +118,165 @@ def _input_size(value, what: str = "it") -> None:
         raise ShapeError(f"{what} must be between 16 and 2048 pixels, not {value}")
 
 
-_CI = mapping_of(nullable(_interval))
-# What the app, `kd predict` and `kd evaluate` use of a card; other keys pass unchecked.
-_REPORT = object_with(optional={
-    **{m: OPTIONAL_NUMBER for m in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "threshold")},
-    "n": int, "n_positive": int, "n_negative": int, "ci": _CI, "confusion_matrix": mapping_of(int),
-    "roc": OPTIONAL_DICT, "calibration": OPTIONAL_DICT})
+# ----------------------------------------------------------------------------- the card's schema (pydantic)
+
+
+def _check(spec):
+    """A field validator from a kd.statefile check: JSON's own types (true is not a number, "0.5" is not a number),
+    finite numbers, allow-lists; its phrase becomes the field's message (read_card names the field)."""
+    def validate(value):
+        try:
+            conform(value, spec, "it")
+        except ShapeError as e:
+            raise PydanticCustomError("card_field", "{why}", {"why": str(e).removeprefix("it ")}) from None
+        return value
+    return BeforeValidator(validate)
+
+
 _POSITIVE = finite(0.0, low_open=True)
-# a NaN threshold makes every decision NORMAL, a NaN temperature every probability NaN: both refused on reading
-_MODEL_FIELDS = {"threshold": finite(0.0, 1.0), "temperature": _POSITIVE, "calibration_temperature": _POSITIVE,
-                 "parameters": int, "cpu_ms_per_image": NUMBER,
-                 "validation": nullable(_REPORT)}
-_ARCHITECTURE = one_of(tuple(sorted(set(ARCHITECTURES.values()))))  # kd.models.build builds nothing else
-_SERVED = object_with({"architecture": _ARCHITECTURE, "file": weights_file_name}, _MODEL_FIELDS)  # teacher, student
-_EXTRA = object_with({"architecture": _ARCHITECTURE}, {"file": nullable(weights_file_name), **_MODEL_FIELDS})
+Number = Annotated[float, _check(finite())]  # a NaN threshold makes every decision NORMAL: finite, always
+Count = Annotated[int, _check(int)]
+Text = Annotated[str, _check(str)]
+Interval = Annotated[list, _check(nullable(_interval))]
+Positive = Annotated[float, _check(_POSITIVE)]
 
 
-def _check_models(value, what: str = "it") -> None:
-    mapping_of(_EXTRA)(value, what)
-    object_with(optional={"teacher": _SERVED, "student": _SERVED})(value, what)
+class _Section(BaseModel):
+    """A part of the card: the fields readers use are typed; anything else a card holds is kept as written."""
+
+    model_config = ConfigDict(extra="allow")
 
 
-CARD_SHAPE = object_with(
-    {"models": _check_models,
-     "input": object_with({"size": _input_size}, {"mean": finite(), "std": _POSITIVE, "contrast": one_of(preprocess.CONTRASTS)})},
-    # the run's settings that readers use: the validation split's fraction and seeds (Data, Evaluate, kd evaluate)
-    {"config": object_with(optional={"val_fraction": finite(0.0, 0.9, low_open=True), "split_seed": int, "seed": int}),
-     "wall_time_s": mapping_of(NUMBER)})
+class Report(_Section):
+    """One model's metrics on one split (kd.evaluate.model_report)."""
+
+    auc: Number | None = None
+    accuracy: Number | None = None
+    sensitivity: Number | None = None
+    specificity: Number | None = None
+    precision: Number | None = None
+    f1: Number | None = None
+    threshold: Number | None = None
+    n: Count | None = None
+    n_positive: Count | None = None
+    n_negative: Count | None = None
+    ci: dict[str, Interval | None] = {}
+    confusion_matrix: dict[str, Count] | None = None
+    roc: dict | None = None
+    calibration: dict | None = None
 
 
-def read_card(weights_dir: str | Path) -> dict:
+class ModelEntry(_Section):
+    """One network of the card: what to build, which file holds it, and its decision threshold."""
+
+    architecture: Annotated[str, _check(one_of(tuple(sorted(set(ARCHITECTURES.values())))))]  # kd.models.build's
+    file: Annotated[str, _check(weights_file_name)] | None = None
+    threshold: Annotated[float, _check(finite(0.0, 1.0))] = 0.5  # on the calibrated probability
+    threshold_rule: Text | None = None
+    calibration_temperature: Positive = 1.0  # p = softmax(logits / it); not the distillation temperature
+    temperature: Positive | None = None
+    parameters: Count | None = None
+    cpu_ms_per_image: Number | None = None
+    validation: Report | None = None
+    test: Report | None = None
+
+
+class InputSpec(_Section):
+    """What the models take: the square's size, its contrast normalisation and the pixel standardisation."""
+
+    size: Annotated[int, _check(_input_size)]
+    contrast: Annotated[str, _check(one_of(preprocess.CONTRASTS))] = "none"
+    mean: Number = preprocess.MEAN
+    std: Positive = preprocess.STD
+
+
+class RunSettings(_Section):
+    """The run's config.json as the card keeps it; typed: what the readers carve the validation split with."""
+
+    val_fraction: Annotated[float, _check(finite(0.0, 0.9, low_open=True))] = DEFAULT_VAL_FRACTION
+    split_seed: Count | None = None  # configs written before it existed carved the split with `seed`
+    seed: Count = 0
+    threshold_rule: Text = "youden"  # how the thresholds were chosen on validation (cards before it: Youden's J)
+    min_sensitivity: Annotated[float, _check(finite(0.0, 1.0))] = 0.95
+
+    @property
+    def split(self) -> tuple[float, int]:
+        """(val_fraction, split seed) of the weights' patient-level validation split (kd.data.split_settings)."""
+        return self.val_fraction, self.seed if self.split_seed is None else self.split_seed
+
+
+class ModelCard(_Section):
+    """The model card: one schema for writing it (write_card) and reading it (read_card)."""
+
+    input: InputSpec
+    models: dict[str, ModelEntry]
+    disclaimer: Text | None = None
+    intended_use: Text | None = None
+    date: Text | None = None
+    reproduce: Text | None = None
+    metrics_split: dict[str, Text] | None = None
+    config: RunSettings = RunSettings()
+    wall_time_s: dict[str, Number] | None = None
+
+    @model_validator(mode="after")
+    def _served_models_have_files(self):
+        for role in ("teacher", "student"):
+            if role in self.models and self.models[role].file is None:
+                raise PydanticCustomError("card_field", "models.{role}.file: a served model needs its weights file",
+                                          {"role": role})
+        return self
+
+    @property
+    def document(self) -> dict:
+        """The card as JSON, as it was written (what the app shows and its tables read)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+def _why(error: dict) -> str:
+    """One pydantic error as read_card says it: the field's dotted name, then what is wrong with it."""
+    where = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "missing":
+        *parent, key = error["loc"]
+        return f"{'.'.join(map(str, parent))!r} has no {key!r}" if parent else f"it has no {key!r}"
+    if error["type"] in ("model_type", "dict_type", "model_attributes_type"):
+        return f"{where!r} must be a JSON object, not {statefile.show(error['input'])}"
+    message = error["msg"] if error["type"] == "card_field" else f"is not usable ({error['msg']})"
+    return f"{where!r} {message}" if where else message
+
+
+def card_from(document: dict, path: str | Path = CARD_FILE) -> ModelCard:
+    """A card's JSON document as a ModelCard; statefile.UnreadableState naming the first bad field."""
+    try:
+        expect(document, dict, "it")
+        return ModelCard.model_validate(document)
+    except ShapeError as e:
+        raise UnreadableState(path, str(e)) from None
+    except ValidationError as e:
+        raise UnreadableState(path, _why(e.errors()[0])) from None
+
+
+def read_card(weights_dir: str | Path) -> ModelCard:
     """The model card of a weights folder; statefile.UnreadableState (a ValueError) when it is missing or
     not of the shape its readers rely on."""
-    return statefile.read_json(Path(weights_dir) / CARD_FILE, CARD_SHAPE)
+    path = Path(weights_dir) / CARD_FILE
+    return card_from(statefile.read_json(path), path)
+
+
+def write_card(weights_dir: str | Path, document: dict) -> ModelCard:
+    """Check a card against the schema, then write it atomically: a card that read_card would refuse is never
+    written (the export and the refusal check's fitting both come here)."""
+    from kd.checkpoint import write_json_atomic
+
+    path = Path(weights_dir) / CARD_FILE
+    card = card_from(document, path)
+    write_json_atomic(path, card.document)
+    return card
 
 
 REPORTED_SPLITS = ("validation", "test")  # what a card reports, side by side; test only when the data had one
 
 
-def split_rows(card: dict, roles=None) -> list[dict]:
+def split_rows(card: dict, roles=None) -> list[dict]:  # card: ModelCard.document
     """One row per model and reported split: AUC and its 95% CI, accuracy, sensitivity and specificity at
     the model's threshold, and the number of images (the CLI summary and the app's card tables)."""
     rows = []

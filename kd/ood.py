@@ -2,7 +2,7 @@
 
 Both models give a confident probability for anything readable (an all-black image, a checkerboard, a
 page of text), so a picture is checked before any probability is shown. Two checks, on the square the
-models see (`kd.inference.ModelPair.prepare`: card size and contrast):
+models see (`kd.serving.ModelPair.prepare`: card size and contrast):
 
 1. Image statistics, no model: a picture made of a few flat grey levels (blank, nearly blank, a
    pattern, a drawing, a page of text) is refused with a sentence saying so (`image_reason`).
@@ -175,17 +175,19 @@ class OODCheck:
         """Why this square is refused, or None when it looks like the training X-rays."""
         return self.reasons(teacher, square[None])[0]
 
-    def reasons(self, teacher: nn.Module, squares: np.ndarray, maps: torch.Tensor | None = None) -> list[str | None]:
+    def reasons(self, teacher: nn.Module, squares: np.ndarray, maps: torch.Tensor | None = None,
+                turns: bool = True) -> list[str | None]:
         """`reason` for each square of [N, S, S], with one batched teacher pass for those the grey levels let by
-        (none when their stage `maps` [N, C, h, w] are given)."""
+        (none when their stage `maps` [N, C, h, w] are given); `turns=False`: without trying the refused ones turned
+        (upright_turns, more teacher passes), for a caller that only needs to know whether they pass."""
         why = [image_reason(square) for square in squares]
         left = [i for i, w in enumerate(why) if w is None]
         if left:
             chosen = maps[left] if maps is not None else None
             far = {i: d for i, d in zip(left, self.distances(teacher, squares[left], chosen).tolist())
                    if d > self.threshold}
-            turns = self.upright_turns(teacher, squares[list(far)]) if far else []
-            for (i, d), turn in zip(far.items(), turns):
+            turned = self.upright_turns(teacher, squares[list(far)]) if far and turns else [None] * len(far)
+            for (i, d), turn in zip(far.items(), turned):
                 why[i] = (f"{NOT_CXR}: it is less like the training X-rays than any X-ray of the validation split "
                           f"({d / self.threshold:.1f} times the limit){REASON_END}")
                 if turn:

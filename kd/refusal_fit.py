@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from kd import framing, ood
-from kd.checkpoint import save_weights, write_json_atomic
-from kd.data import load_splits, split_settings
-from kd.inference import load_pair
-from kd.model_card import CARD_FILE, git_commit
+from kd.checkpoint import save_weights
+from kd.data import load_splits
+from kd.model_card import git_commit, read_card, write_card
+from kd.serving import load_pair
 from kd.ood import file_sha256
 
 
@@ -38,7 +38,7 @@ def fit_checks(weights_dir: str | Path, data_root: str | Path, command: str = ""
 def load_pair_and_splits(weights_dir: str | Path, data_root: str | Path) -> tuple:
     """The weights (without a check: it is what is being fitted) and the patient-level splits of their card."""
     pair = load_pair(weights_dir, ood=False)
-    val_fraction, seed = split_settings(pair.card.get("config", {}))
+    val_fraction, seed = pair.card.config.split
     return pair, load_splits(data_root, val_fraction, seed)
 
 
@@ -55,7 +55,7 @@ def fit_ood(weights_dir: str | Path, data_root: str | Path, max_train: int | Non
     t0 = time.time()
     weights_dir = Path(weights_dir)
     pair, splits = loaded or load_pair_and_splits(weights_dir, data_root)
-    val_fraction, seed = split_settings(pair.card.get("config", {}))
+    val_fraction, seed = pair.card.config.split
     train = splits["train"]
     if max_train is not None and max_train < len(train):
         keep = np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False))
@@ -94,16 +94,14 @@ def fit_ood(weights_dir: str | Path, data_root: str | Path, max_train: int | Non
                          else "all"),
         "refused": refused,
         "refused_note": "test: the external check, counted only; nothing is set on it",
-        "teacher_sha256": file_sha256(weights_dir / pair.card["models"]["teacher"]["file"]),
+        "teacher_sha256": file_sha256(weights_dir / pair.card.models["teacher"].file),
         "command": command or f"python -m kd fit-ood --weights {weights_dir} --data {data_root}",
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.time() - t0, 1),
     }
     save_weights(distance, weights_dir / ood.OOD_FILE, metadata={"info": json.dumps(info)})
-    card = json.loads((weights_dir / CARD_FILE).read_text())
-    card[ood.CARD_KEY] = info
-    write_json_atomic(weights_dir / CARD_FILE, card)
+    write_card(weights_dir, {**read_card(weights_dir).document, ood.CARD_KEY: info})
     return info
 
 
@@ -114,15 +112,13 @@ def fit_framing(weights_dir: str | Path, data_root: str | Path, command: str = "
     t0 = time.time()
     weights_dir = Path(weights_dir)
     pair, splits = loaded or load_pair_and_splits(weights_dir, data_root)
-    _, seed = split_settings(pair.card.get("config", {}))
+    _, seed = pair.card.config.split
     check, info = framing.fit(pair.models["teacher"].model, splits, pair.input_size, pair.contrast, seed,
                       min(framing.MAX_TRAIN, max_train or framing.MAX_TRAIN))
-    info.update(file=framing.FRAMING_FILE, teacher_sha256=file_sha256(weights_dir / pair.card["models"]["teacher"]["file"]),
+    info.update(file=framing.FRAMING_FILE, teacher_sha256=file_sha256(weights_dir / pair.card.models["teacher"].file),
                 command=command or f"python -m kd fit-ood --weights {weights_dir} --data {data_root}",
                 git_commit=git_commit(), seconds=round(time.time() - t0, 1),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     save_weights(check.probes, weights_dir / framing.FRAMING_FILE, metadata={"info": json.dumps(info)})
-    card = json.loads((weights_dir / CARD_FILE).read_text())
-    card[framing.CARD_KEY] = info
-    write_json_atomic(weights_dir / CARD_FILE, card)
+    write_card(weights_dir, {**read_card(weights_dir).document, framing.CARD_KEY: info})
     return info

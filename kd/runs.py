@@ -68,7 +68,7 @@ def list_runs(runs_root: str | Path | None = None) -> list[dict]:
         card = problem = None
         if (d / CARD_FILE).exists():
             try:
-                card = read_card(d)
+                card = read_card(d).document  # the pages show it as JSON
             except statefile.UnreadableState as e:
                 problem = str(e)
         runs.append({"name": d.name, "path": str(d), "status": run_status(d), "card": card, "problem": problem,

@@ -1,5 +1,5 @@
 """Scoring a whole image set with one model: what validation during training, the export and `kd evaluate`
-share. Apart from kd.inference (single uploads, the refusal check), so training imports nothing app-side."""
+share. Apart from kd.serving (single uploads, the refusal check), so training imports nothing app-side."""
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +17,7 @@ from kd.cache import ImageSet
 def predict_logits(model: nn.Module, images: ImageSet, size: int, device: torch.device,
                    batch_size: int = 64, progress=None, lock=None) -> np.ndarray:
     """Logits [N, 2] of the whole-image view at `size`; `progress(done, total)` is called per batch; `lock`
-    (a model shared with the app's sessions: kd.inference.LoadedModel.lock) is held for each batch's pass."""
+    (a model shared with the app's sessions: kd.serving.LoadedModel.lock) is held for each batch's pass."""
     was_training = model.training
     model.eval()
     out = []

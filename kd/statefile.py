@@ -49,7 +49,7 @@ def _type_phrase(types) -> str:
     return " or ".join(names)
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, float) or value == value else "NaN"
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -65,7 +65,7 @@ def is_a(value: Any, types) -> bool:
 def expect(value: Any, types, what: str) -> None:
     """Raise ShapeError unless `value` is of `types`; `what` names it in the message."""
     if not is_a(value, types):
-        raise ShapeError(f"{what} must be {_type_phrase(types)}, not {_show(value)}")
+        raise ShapeError(f"{what} must be {_type_phrase(types)}, not {show(value)}")
 
 
 def child(what: str, key: str) -> str:
@@ -134,10 +134,10 @@ def finite(low: float = -math.inf, high: float = math.inf, low_open: bool = Fals
         if value is None:
             return
         if not math.isfinite(value):
-            raise ShapeError(f"{what} must be a finite number, not {_show(value)}")
+            raise ShapeError(f"{what} must be a finite number, not {show(value)}")
         if value < low or value > high or (low_open and value == low):
             bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-            raise ShapeError(f"{what} must be in {bounds}, not {_show(value)}")
+            raise ShapeError(f"{what} must be in {bounds}, not {show(value)}")
 
     return check
 
@@ -148,7 +148,7 @@ def one_of(choices) -> Check:
     def check(value: Any, what: str = "it") -> None:
         expect(value, str, what)
         if value not in choices:
-            raise ShapeError(f"{what} must be one of {', '.join(map(repr, choices))}, not {_show(value)}")
+            raise ShapeError(f"{what} must be one of {', '.join(map(repr, choices))}, not {show(value)}")
 
     return check
 

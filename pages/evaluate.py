@@ -9,7 +9,7 @@ state.ensure_navigation()
 st.title("Evaluate")
 state.show_state_problems()
 pair = models.require_models()
-card = pair.card
+card = pair.card.document
 root, data_problem = state.dataset_state()
 
 # ----------------------------------------------------------------------------- which numbers

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from kd import cam, jobs  # noqa: E402
+from kd import cam, jobs, serving  # noqa: E402
 from kd import runs as kruns  # noqa: E402
 from kd.config import PRESETS  # noqa: E402
 from kd.data import LAYOUT_HELP, stratified_sample  # noqa: E402
@@ -131,7 +131,8 @@ def test_upload_png_and_dicom_shows_both_models(app_env):
 
 
 def test_an_empty_heat_map_is_explained_and_agreement_not_claimed(app_env, monkeypatch):
-    monkeypatch.setattr(cam, "explain", lambda loaded, x, method="GradCAM": (0.01, np.zeros(x.shape[-2:], np.float32)))
+    real_explain = cam.explain  # the real pass still runs: the refusal check reads the teacher's layer3 in it
+    monkeypatch.setattr(cam, "explain", lambda loaded, x, method="GradCAM", **k: (real_explain(loaded, x, method, **k), (0.01, np.zeros(x.shape[-2:], np.float32)))[1])
     at = start_app()
     at.file_uploader(key="uploads").set_value([("normal.png", xray_png(), "image/png")]).run()
     assert not at.exception and not at.error
@@ -478,12 +479,12 @@ def test_diagnose_bytes_memo_and_faithfulness(app_env):
     again = ui_diagnose.diagnose_bytes(pair, xray_png(), "a.png", "GradCAM", memo)
     assert again.diagnosis is first.diagnosis and len(memo) == 2  # the decoded upload, and its maps by GradCAM
     calls = []
-    real = cam.screen_upload
-    cam.screen_upload = lambda *a: calls.append(1) or real(*a)
+    real = serving.diagnose
+    serving.diagnose = lambda *a: calls.append(1) or real(*a)  # decoding and the refusal check live in there
     try:
         other = ui_diagnose.diagnose_bytes(pair, xray_png(), "a.png", "layer3 GradCAM", memo)
     finally:
-        cam.screen_upload = real
+        serving.diagnose = real
     assert not calls and len(memo) == 3 and other.diagnosis.picture is first.diagnosis.picture  # only the maps anew
     assert list(first.diagnosis.seconds) == ["decoding", "refusal check", "teacher", "student"]
     for role in ui_models.ROLES:
@@ -647,7 +648,8 @@ def test_the_xray_is_shown_at_its_own_aspect_ratio(app_env, monkeypatch):
 
 
 def test_decision_rule_is_next_to_the_probability_and_empty_map_note_fits_the_decision(app_env, monkeypatch):
-    monkeypatch.setattr(cam, "explain", lambda loaded, x, method="GradCAM": (0.51, np.zeros(x.shape[-2:], np.float32)))
+    real_explain = cam.explain  # the real pass still runs: the refusal check reads the teacher's layer3 in it
+    monkeypatch.setattr(cam, "explain", lambda loaded, x, method="GradCAM", **k: (real_explain(loaded, x, method, **k), (0.51, np.zeros(x.shape[-2:], np.float32)))[1])
     at = start_app()
     at.file_uploader(key="uploads").set_value([("case.png", xray_png(), "image/png")]).run()
     assert not at.exception and not at.error
@@ -673,7 +675,8 @@ def test_maps_fade_with_the_probability_and_the_colour_scale_says_what_colour_me
     faint, full = cam.overlay(picture, heat, 0.5, cam.fade_strength(0.0)), cam.overlay(picture, heat, 0.5, 1.0)
     assert np.abs(faint.astype(int) - 100).mean() < np.abs(full.astype(int) - 100).mean()
     assert cam.fade_strength(0.0) == cam.FADE_FLOOR and cam.fade_strength(1.0) == 1.0
-    monkeypatch.setattr(cam, "explain", lambda loaded, x, method="GradCAM": (0.2, np.ones(x.shape[-2:], np.float32)))
+    real_explain = cam.explain  # the real pass still runs: the refusal check reads the teacher's layer3 in it
+    monkeypatch.setattr(cam, "explain", lambda loaded, x, method="GradCAM", **k: (real_explain(loaded, x, method, **k), (0.2, np.ones(x.shape[-2:], np.float32)))[1])
     at = start_app()
     at.file_uploader(key="uploads").set_value([("case.png", xray_png(), "image/png")]).run()
     assert cam.MAP_MEANING in all_text(at) and cam.FADE_MEANING.strip() in all_text(at)

@@ -107,8 +107,8 @@ def test_upload_and_training_in_a_browser(server, app_env):
             expect(probabilities).to_have_count(2)  # teacher and student, for the X-ray only
             for value in probabilities.locator('[data-testid="stMetricValue"]').all_inner_texts():
                 assert value.endswith("%") and 0 <= float(value.rstrip("%")) <= 100
-            grid = cam.cam_option(cam.DEFAULT_CAM).source(read_card(SHIPPED_WEIGHTS)["input"]["size"])
-            assert cam.cam_option(cam.DEFAULT_CAM).grid(read_card(SHIPPED_WEIGHTS)["input"]["size"]) >= 14
+            grid = cam.cam_option(cam.DEFAULT_CAM).source(read_card(SHIPPED_WEIGHTS).input.size)
+            assert cam.cam_option(cam.DEFAULT_CAM).grid(read_card(SHIPPED_WEIGHTS).input.size) >= 14
             expect(page.locator('[data-testid="stImage"]').filter(has_text=grid)).to_have_count(2)
             refusal = page.locator('[data-testid="stAlert"]').filter(has_text="Refused: no probability is shown.")
             expect(refusal).to_have_count(1)

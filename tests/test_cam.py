@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from kd import cam
-from kd.inference import load_pair
+from kd import cam, serving
+from kd.serving import load_pair
 from tests.fixtures.xray_fixtures import jpeg_bytes, xray_like_array
 
 
@@ -23,7 +23,7 @@ def test_overlay_stretches_a_coarse_map_over_the_picture_in_place():
 def test_diagnosis_keeps_model_input_and_display_picture_apart(tiny_weights):
     pair = load_pair(tiny_weights)
     data = jpeg_bytes(xray_like_array(1200, 1000, seed=3))
-    d = cam.diagnose(pair, data, "big.jpeg")
+    d = serving.diagnose(pair, data, "big.jpeg")
     size = pair.input_size
     shown = (cam.DISPLAY_SIZE, round(cam.DISPLAY_SIZE * 1000 / 1200))  # its own aspect, longest side DISPLAY_SIZE
     assert d.square.shape == (size, size) and d.picture.shape == shown

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kd import cam, preprocess
-from kd.inference import load_pair
+from kd.serving import load_pair
 from kd.model_card import read_card
 from kd.models import build
 from kd.paths import SHIPPED_WEIGHTS
@@ -50,7 +50,7 @@ def test_native_grid_is_the_feature_map_of_the_stages_used(size):
 
 
 def test_the_default_map_has_a_native_grid_of_at_least_14x14_at_the_shipped_size():
-    size = read_card(SHIPPED_WEIGHTS)["input"]["size"]
+    size = read_card(SHIPPED_WEIGHTS).input.size
     option = cam.CAM_OPTIONS[cam.DEFAULT_CAM]
     assert option.grid(size) >= 14, option.source(size)
     assert f"{option.grid(size)}x{option.grid(size)}" in option.source(size)

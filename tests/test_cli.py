@@ -14,7 +14,7 @@ try:
     main(sys.argv[1:])
 except SystemExit as e:
     code = e.code
-heavy = sorted(m for m in ("torch", "torchvision", "kd.pipeline", "kd.inference") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "torchvision", "kd.pipeline", "kd.serving") if m in sys.modules)
 print("HEAVY", " ".join(heavy) or "-", "EXIT", code)
 """
 

@@ -12,7 +12,7 @@ POINT = ("n", "n_positive", "confusion_matrix", "auc", "accuracy", "sensitivity"
 
 @pytest.fixture(scope="module")
 def card_and_recompute(kd_tiny):
-    card = read_card(kd_tiny.weights)
+    card = read_card(kd_tiny.weights).document
     n_boot = card["models"]["teacher"]["validation"]["n_boot"]
     return card, evaluate_weights(kd_tiny.weights, kd_tiny.data, "val", n_boot=n_boot)
 

@@ -118,18 +118,18 @@ def test_a_half_written_lock_is_neither_a_job_nor_deleted(tmp_path):
 
 
 def test_concurrent_diagnoses_do_not_mix_results(tiny_weights):
-    from kd import cam
-    from kd.inference import load_pair
+    from kd import serving
+    from kd.serving import load_pair
     from tests.fixtures.xray_fixtures import add_opacities, png_bytes, xray_like_array
 
     pair = load_pair(tiny_weights)
     images = [png_bytes(xray_like_array(96, 96, seed=s)) for s in range(3)]
     images.append(png_bytes(add_opacities(xray_like_array(96, 96, seed=9), seed=1)))
-    expected = [cam.diagnose(pair, data) for data in images]
+    expected = [serving.diagnose(pair, data) for data in images]
     results: dict[int, list] = {}
 
     def session(k: int):
-        results[k] = [cam.diagnose(pair, images[(i + k) % len(images)]) for i in range(6)]
+        results[k] = [serving.diagnose(pair, images[(i + k) % len(images)]) for i in range(6)]
 
     threads = [threading.Thread(target=session, args=(k,)) for k in range(2)]
     for t in threads:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from kd import ood
 from kd.checkpoint import CheckpointError
 from kd.cli import main
-from kd.inference import check_in_distribution, load_pair, predict_bytes
+from kd.serving import load_pair, predict_bytes, screen_squares
 from kd.model_card import read_card
 from kd.preprocess import ImageError
 from tests.fixtures.non_xrays import non_xrays, text_page
@@ -24,6 +24,11 @@ from tests.fixtures.xray_fixtures import jpeg_bytes, write_kermany_dataset, xray
 
 XRAY = xray_like_array(256, 256, seed=77)
 JUNK = non_xrays(XRAY)
+
+
+def refusal(pair, square):
+    """Why the refusal check refuses this prepared square, or None (kd.serving.screen_squares for one)."""
+    return screen_squares(pair, square[None])[0][0]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,7 @@ def fitted(served_tiny):
 def test_fit_writes_the_check_and_a_readable_card_section(fitted):
     weights, _ = fitted
     assert (weights / ood.OOD_FILE).exists()
-    card = read_card(weights)
+    card = read_card(weights).document
     info = card[ood.CARD_KEY]
     assert info["command"].startswith("python -m kd fit-ood --weights")
     assert info["train_images"] > 0 and info["threshold"] > 0
@@ -51,9 +56,9 @@ def test_x_ray_like_pictures_are_accepted(fitted):
     weights, _ = fitted
     pair = load_pair(weights)
     refused = [seed for seed in range(500, 520)
-               if check_in_distribution(pair, pair.prepare(jpeg_bytes(xray_like_array(300, 260, seed=seed)))[0])]
+               if refusal(pair, pair.prepare(jpeg_bytes(xray_like_array(300, 260, seed=seed)))[0])]
     assert len(refused) <= 2, refused
-    test = read_card(weights)[ood.CARD_KEY]["refused"]["test"]
+    test = read_card(weights).document[ood.CARD_KEY]["refused"]["test"]
     assert test["n"] == 200 and test["fraction"] <= 0.05
 
 
@@ -81,12 +86,12 @@ def test_a_turned_x_ray_is_told_to_turn_it_upright(fitted):
     """A radiograph on its side or upside down is refused, and when the turn back passes, the refusal says so
     in words a person can act on (not a distance ratio alone)."""
     pair = load_pair(fitted[0])
-    assert check_in_distribution(pair, pair.prepare(jpeg_bytes(XRAY), "x.jpeg")[0]) is None  # upright: passes
+    assert refusal(pair, pair.prepare(jpeg_bytes(XRAY), "x.jpeg")[0]) is None  # upright: passes
     for name, turn in (("rotated_xray.jpeg", "90° clockwise"), ("upside_down_xray.jpeg", "180°")):
-        why = check_in_distribution(pair, pair.prepare(JUNK[name], name)[0])
+        why = refusal(pair, pair.prepare(JUNK[name], name)[0])
         assert why is not None and "less like the training X-rays than any X-ray of the validation split" in why
         assert f"It would pass turned {turn}: if it is an X-ray on its side or upside down, turn it upright" in why
-    assert "turn it upright" not in check_in_distribution(pair, pair.prepare(JUNK["grey_photo.jpeg"], "p.jpeg")[0])
+    assert "turn it upright" not in refusal(pair, pair.prepare(JUNK["grey_photo.jpeg"], "p.jpeg")[0])
 
 
 def test_image_statistics_name_blank_and_flat_pictures():
@@ -132,7 +137,7 @@ def test_every_exported_run_carries_its_fitted_check(tiny_run):
     served as it is refuses a non-X-ray."""
     run = tiny_run[1]
     assert (run / ood.OOD_FILE).exists()
-    card = read_card(run)
+    card = read_card(run).document
     assert card[ood.CARD_KEY]["train_images"] > 0 and "framing" in card
     pair = load_pair(run)
     assert pair.ood is not None
@@ -244,10 +249,10 @@ def test_the_app_shows_the_reason_in_place_of_a_probability(fitted, app_env, mon
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_bulk_predict_gives_each_file_what_predict_bytes_gives_in_order(fitted, tmp_path, batch_size):
-    """kd.inference.predict_files (kd predict's batched, threaded path; issue 21 item 10) against the one-file
+    """kd.serving.predict_files (kd predict's batched, threaded path; issue 21 item 10) against the one-file
     path: the same probabilities (to float rounding of a batched forward), decisions, refusals and warnings,
     in the order given, with unreadable files, junk refused by the check and a repeated file among them."""
-    from kd.inference import predict_files
+    from kd.serving import predict_files
 
     weights, _ = fitted
     pair = load_pair(weights)
@@ -280,7 +285,7 @@ def test_fit_ood_also_fits_the_framing_warnings_with_no_validation_xray_warned(f
     from kd import framing
 
     weights, _ = fitted
-    info = read_card(weights)[framing.CARD_KEY]
+    info = read_card(weights).document[framing.CARD_KEY]
     assert (weights / framing.FRAMING_FILE).exists() and info["command"].startswith("python -m kd fit-ood")
     assert info["warned"]["validation whole X-rays"]["warned"] == 0  # the threshold rule
     assert {"validation, upper half", "validation, zoom 60%", "validation, mirrored"} <= set(info["warned"])
@@ -300,15 +305,15 @@ def test_variants_are_crops_zooms_and_the_mirror_image():
 
 def test_framing_warnings_reach_predict_bulk_predict_and_diagnose(fitted):
     """A score above a threshold becomes the warning beside the probabilities everywhere a file is diagnosed."""
-    from kd import cam, framing
-    from kd.inference import predict_files
+    from kd import framing, serving
+    from kd.serving import predict_files
 
     weights, _ = fitted
     pair = load_pair(weights)
     data = jpeg_bytes(xray_like_array(256, 256, seed=501))
     pair.framing.thresholds = {"partial": -1.0, "mirrored": 2.0}  # every score is above -1, none above 2
     assert predict_bytes(pair, data, "x.jpeg")["warnings"] == [framing.WARNINGS["partial"]]
-    assert cam.diagnose(pair, data, "x.jpeg").xray.warnings == (framing.WARNINGS["partial"],)
+    assert serving.diagnose(pair, data, "x.jpeg").xray.warnings == (framing.WARNINGS["partial"],)
     path = weights.parent / "x.jpeg"
     path.write_bytes(data)
     [(_, result, _)] = list(predict_files(pair, [str(path)]))

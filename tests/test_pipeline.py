@@ -370,11 +370,10 @@ def test_unlabeled_images_that_are_validation_or_test_images_are_refused(tmp_pat
 
 
 def test_one_file_gives_one_probability_in_the_app_in_predict_and_in_evaluate(served_tiny, tmp_path):
-    """Diagnose (kd.cam.diagnose), `kd predict` (kd.inference.predict_bytes) and `kd evaluate` decode and
+    """Diagnose (kd.serving.diagnose), `kd predict` (kd.serving.predict_bytes) and `kd evaluate` decode and
     preprocess the same way, apply the same calibration: one full-resolution JPEG, one probability."""
-    from kd.cam import diagnose
     from kd.evaluate import evaluate_weights
-    from kd.inference import load_pair, predict_bytes
+    from kd.serving import diagnose, load_pair, predict_bytes
     from tests.fixtures.xray_fixtures import jpeg_bytes, xray_like_array
 
     weights = tmp_path / "weights"

@@ -29,16 +29,16 @@ sys.addaudithook(_audit)
 
 def test_diagnosing_uploads_creates_no_file(tiny_weights):
     global _WRITES
-    from kd import cam
-    from kd.inference import load_pair
+    from kd import serving
+    from kd.serving import load_pair
 
     pair = load_pair(tiny_weights)
     uploads = [jpeg_bytes(xray_like_array(600, 500)), dicom_bytes(xray16_array())]
-    cam.diagnose(pair, uploads[0], "warm-up.jpg")  # first call may import lazily-loaded modules
+    serving.diagnose(pair, uploads[0], "warm-up.jpg")  # first call may import lazily-loaded modules
     _WRITES = []
     try:
         for data in uploads:
-            d = cam.diagnose(pair, data, "upload")
+            d = serving.diagnose(pair, data, "upload")
             assert set(d.views) == {"teacher", "student"}
     finally:
         writes, _WRITES = _WRITES, None

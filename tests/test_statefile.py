@@ -112,11 +112,11 @@ def test_a_model_card_of_the_wrong_shape(tmp_path, kd_tiny):
     card["models"]["teacher"]["threshold"] = "0.5"
     (tmp_path / "model_card.json").write_text(json.dumps(card))
     assert "'models.teacher.threshold' must be a number" in _unreadable(lambda: read_card(tmp_path))
-    assert read_card(tiny_weights)["models"]["student"]["file"] == "student.safetensors"
+    assert read_card(tiny_weights).models["student"].file == "student.safetensors"
 
 
 def test_the_shipped_model_card_reads():
-    assert read_card(REPO / "weights")["input"]["size"] > 0
+    assert read_card(REPO / "weights").input.size > 0
 
 
 # ----------------------------------------------------------------------------- config.json and the CLI
@@ -249,7 +249,7 @@ def test_weights_with_a_nan_tensor_are_refused(tmp_path, kd_tiny):
     from safetensors.torch import load_file, save_file
 
     from kd.checkpoint import CheckpointError
-    from kd.inference import load_pair
+    from kd.serving import load_pair
 
     folder = _card_with(tmp_path, kd_tiny, lambda card: None)
     tensors = load_file(str(folder / "student.safetensors"))
@@ -261,7 +261,7 @@ def test_weights_with_a_nan_tensor_are_refused(tmp_path, kd_tiny):
 
 def test_a_symlinked_weights_file_outside_the_folder_is_not_loaded(tmp_path, kd_tiny):
     from kd.checkpoint import CheckpointError
-    from kd.inference import load_pair
+    from kd.serving import load_pair
 
     folder = _card_with(tmp_path, kd_tiny, lambda card: None)
     outside = tmp_path / "elsewhere.safetensors"

@@ -27,8 +27,7 @@ def split_params() -> tuple[float, int]:
     """val_fraction and split seed of the patient-level split: the active weights' config, else the defaults."""
     cfg = Config()
     try:
-        saved = read_card(active_weights()).get("config", {})
-        return kdata.split_settings(saved)
+        return read_card(active_weights()).config.split
     except (OSError, ValueError):
         return cfg.val_fraction, cfg.split_seed
 

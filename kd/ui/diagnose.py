@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from kd import cam, preprocess
+from kd import cam, preprocess, serving
 from kd import data as kdata
-from kd.inference import ModelPair, NotChestXray
+from kd.serving import ModelPair, NotChestXray
 from kd.ood import REASON_END
 from kd.ui.models import ROLE_LABEL, ROLES, architecture
 
@@ -44,7 +44,7 @@ class CaseResult:
 
     name: str
     method: str
-    diagnosis: cam.Diagnosis | None = None
+    diagnosis: serving.Diagnosis | None = None
     error: str | None = None
     truth: str | None = None
     refused: bool = False  # readable, but not a chest radiograph like the training ones (kd.ood): no probability
@@ -86,10 +86,11 @@ def diagnose_bytes(pair: ModelPair, data: bytes, name: str, method: str = cam.DE
         return replace(result, truth=truth)
     screened = _recall(memo, (*upload, "screened"))
     try:
-        if screened is None:
-            screened = cam.screen_upload(pair, data, name)
-            _remember(memo, (*upload, "screened"), screened)
-        result = CaseResult(name, method, diagnosis=cam.diagnose_screened(pair, screened, method))
+        if screened is None:  # first sight: decoded once, checked inside the teacher's own pass (kd.serving)
+            result = CaseResult(name, method, diagnosis=serving.diagnose(pair, data, name, method))
+            _remember(memo, (*upload, "screened"), result.diagnosis.screened)
+        else:  # another heat-map method: only the two maps
+            result = CaseResult(name, method, diagnosis=serving.diagnose_screened(pair, screened, method))
     except NotChestXray as e:
         result = CaseResult(name, method, error=str(e), refused=True, picture=_thumbnail(data, name))
     except preprocess.ImageError as e:
@@ -231,4 +232,4 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4, fade:
         b.metric("CAM correlation", agreement_text(d.agreement["correlation"]), help=cam.AGREEMENT_HELP)
         c.metric("Top-20% overlap (IoU)", agreement_text(d.agreement["top20_iou"]), help=cam.AGREEMENT_HELP)
         st.caption(cam.AGREEMENT_HELP)
-        st.caption(cam.time_note(d.seconds) + " (a change of heat-map method recomputes only the two maps).")
+        st.caption(serving.time_note(d.seconds) + " (a change of heat-map method recomputes only the two maps).")

@@ -11,7 +11,7 @@ import streamlit as st
 from kd import cam, metrics
 from kd import data as kdata
 from kd.checkpoint import CheckpointError
-from kd.inference import ModelPair
+from kd.serving import ModelPair
 from kd.model_card import split_overlap, split_rows
 from kd.ui.data import SPLIT_HELP, split_samples
 from kd.ui.models import ROLE_LABEL, ROLES

@@ -7,7 +7,7 @@ import streamlit as st
 
 from kd.checkpoint import CheckpointError
 from kd.config import DESCRIPTION
-from kd.inference import ROLES, ModelPair, load_pair, no_check_reason
+from kd.serving import ROLES, ModelPair, load_pair, no_check_reason
 from kd.model_card import CARD_FILE
 from kd.paths import REPO
 from kd.ui.state import active_weights, shipped_weights
@@ -70,7 +70,7 @@ def require_models() -> ModelPair:
 
 def require_refusal_check(pair: ModelPair) -> None:
     """Diagnosis needs the weights' fitted out-of-distribution check: without it the page says so and stops,
-    since every picture, X-ray or not, would get a confident probability (kd.inference.no_check_reason)."""
+    since every picture, X-ray or not, would get a confident probability (kd.serving.no_check_reason)."""
     if pair.ood is None:
         st.error(f"**No diagnosis with these weights.** {no_check_reason(pair.weights_dir)} Or choose other "
                  "weights on the Train page.", icon=":material/block:")
@@ -85,10 +85,10 @@ def weights_caption(pair: ModelPair) -> str:
     card = pair.card
     where = "shipped weights" if Path(pair.weights_dir).resolve() == shipped_weights().resolve() else \
         f"run **{Path(pair.weights_dir).name}**"
-    arch = " / ".join(card["models"][r]["architecture"] for r in ROLES)
-    return (f"Models: {where} ({arch}, input {pair.input_size} px, trained {str(card.get('date', '?'))[:10]}). "
+    arch = " / ".join(card.models[r].architecture for r in ROLES)
+    return (f"Models: {where} ({arch}, input {pair.input_size} px, trained {(card.date or '?')[:10]}). "
             f"Decisions use each model's threshold from the model card.")
 
 
 def architecture(pair: ModelPair, role: str) -> str:
-    return str(pair.card["models"][role].get("architecture", role))
+    return pair.card.models[role].architecture

@@ -11,7 +11,7 @@ from kd import data as kdata
 from kd import jobs, preprocess
 from kd import runs as kruns
 from kd.config import DESCRIPTION, PHASE_COMMANDS, PRESETS, Config, preset
-from kd.inference import no_check_reason
+from kd.serving import no_check_reason
 from kd.ood import OOD_FILE
 from kd.ui import figures
 from kd.ui.models import clear_model_cache

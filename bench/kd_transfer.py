@@ -12,8 +12,12 @@ weights' teacher's, and that ensemble is compared with the labels-only student t
 al. 2017, "Simple and scalable predictive uncertainty estimation using deep ensembles": a mean of
 independently trained networks).
 
+`--seeds RUN ...`: runs of the same recipe with other training seeds (same validation split); each one's
+distilled - labels-only is printed, then the mean over all seeds (the weights' own included) with a pooled 95 % CI
+(kd.metrics.pooled_auc_difference: every seed scored on the same patient resamples), what issue 18's target reads.
+
     python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
-                                [--ensemble runs/teacher-seed1 runs/teacher-seed2]
+                                [--ensemble runs/teacher-seed1 runs/teacher-seed2] [--seeds RUN ...]
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", nargs="+", default=["val", "test"])
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--ensemble", nargs="*", default=[], help="run folders of more teachers (other seeds)")
+    ap.add_argument("--seeds", nargs="*", default=[], help="run folders of the same recipe with other seeds: "
+                    "distilled - labels-only per seed and pooled")
     args = ap.parse_args(argv)
 
     import torch
@@ -39,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     from kd.checkpoint import load_weights
     from kd.data import samples_for, split_settings
     from kd.scoring import predict_logits
-    from kd.inference import default_weights
+    from kd.paths import default_weights
     from kd.model_card import read_card
     from kd.models import build
 
     weights = Path(args.weights) if args.weights else default_weights()
-    card = read_card(weights)
+    card = read_card(weights).document
     size, contrast, cfg = card["input"]["size"], card["input"].get("contrast", "none"), card.get("config", {})
     roles = [r for r in ("teacher", "student", "student_baseline") if r in card["models"]]
     if "student_baseline" not in roles:
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {r: load(weights, card["models"][r]) for r in roles}
     temperatures = {r: card["models"][r].get("calibration_temperature", 1.0) for r in roles}
     for i, run in enumerate(args.ensemble, start=1):
-        member = read_card(run)
+        member = read_card(run).document
         if (member["input"]["size"], member["input"].get("contrast", "none")) != (size, contrast) \
                 or split_settings(member.get("config", {})) != split_settings(cfg):
             print(f"{run}: another input size, contrast or validation split than {weights}: not one recipe")
@@ -67,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         models[role] = load(Path(run), member["models"]["teacher"])
         temperatures[role] = member["models"]["teacher"].get("calibration_temperature", 1.0)
         roles.append(role)
+    seeds = [str(card.get("config", {}).get("seed", 0))]
+    for run in args.seeds:
+        member = read_card(run).document
+        if (member["input"]["size"], member["input"].get("contrast", "none")) != (size, contrast) \
+                or split_settings(member.get("config", {})) != split_settings(cfg) \
+                or not {"student", "student_baseline"} <= set(member["models"]):
+            print(f"{run}: another input size, contrast or validation split than {weights}, or no labels-only "
+                  "student: not one recipe")
+            return 1
+        seed = str(member.get("config", {}).get("seed", "?"))
+        seeds.append(seed)
+        for r in ("student", "student_baseline"):
+            models[f"{r}@seed{seed}"] = load(Path(run), member["models"][r])
+            temperatures[f"{r}@seed{seed}"] = member["models"][r].get("calibration_temperature", 1.0)
     print(f"weights {weights} ({size} px, contrast {contrast}); CIs: patient-level bootstrap, {args.n_boot} resamples")
     for split in args.splits:
         samples = samples_for(args.data, split, *split_settings(cfg))
@@ -86,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             if b in p:
                 d, lo, hi = metrics.paired_auc_difference(y, p[a], p[b], n_boot=args.n_boot, groups=patients)
                 print(f"  {b} - {a}: {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
+        if len(seeds) > 1:
+            pairs = [(p["student_baseline"], p["student"])] + [(p[f"student_baseline@seed{s}"], p[f"student@seed{s}"])
+                                                               for s in seeds[1:]]
+            for s, (a, b) in zip(seeds, pairs):
+                d, lo, hi = metrics.paired_auc_difference(y, a, b, n_boot=args.n_boot, groups=patients)
+                print(f"  seed {s}: student {metrics.rank_auc(y, b):.4f}, labels-only {metrics.rank_auc(y, a):.4f}, "
+                      f"distilled - labels-only {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
+            d, lo, hi = metrics.pooled_auc_difference(y, pairs, n_boot=args.n_boot, groups=patients)
+            print(f"  over seeds {', '.join(seeds)}: distilled - labels-only {d:+.4f} (pooled 95% CI {lo:+.4f} to "
+                  f"{hi:+.4f})")
     return 0
 
 

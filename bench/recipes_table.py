@@ -25,6 +25,11 @@ def _fmt(split: dict | None) -> str:
             f"{split['specificity']:.3f} ")
 
 
+def look_number(path: Path) -> int:
+    """N of a looks-N-name.json file."""
+    return int(path.stem.split("-")[1])
+
+
 def render(files: list[Path], others: list[dict] | None = None) -> str:
     lines = ["# Recipes compared on the official test split", "",
              "Written by `python bench/recipes_table.py` from the JSON that `bench/recipes.py` wrote (one file per "
@@ -96,7 +101,7 @@ def main(argv=None) -> int:
         path = HERE / "recipes" / f"looks-{len(existing) + 1}-{args.name}.json"
         path.write_text(json.dumps(record_run(Path(args.record), args.name, args.lever, args.device), indent=1))
         print(f"wrote {path}")
-    files = sorted((HERE / "recipes").glob("looks-*.json"))
+    files = sorted((HERE / "recipes").glob("looks-*.json"), key=look_number)  # looks-10 after looks-9
     others = json.loads(OTHER_LOOKS.read_text()) if OTHER_LOOKS.exists() else []
     (HERE / "recipes.md").write_text(render(files, others))
     print(f"wrote {HERE / 'recipes.md'} from {len(files)} file(s)")

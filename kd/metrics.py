@@ -238,6 +238,22 @@ def paired_auc_difference(y, p_a, p_b, n_boot: int = 1000, level: float = 0.95, 
     return (rank_auc(y, p_b) - rank_auc(y, p_a), *_percentile_interval(diffs, level))
 
 
+def pooled_auc_difference(y, pairs, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                          groups=None) -> tuple[float, float | None, float | None]:
+    """The mean over `pairs` [(p_a, p_b), ...] (e.g. one per training seed) of AUC(p_b) - AUC(p_a) on the same
+    cases, with its percentile bootstrap CI: every pair is scored on the same resample of the cases (patients with
+    `groups`), so the interval holds the seeds' spread and the cases' together. One pair: paired_auc_difference."""
+    y = np.asarray(y)
+    pairs = [(_as_labels_and_probs(y, a)[1], _as_labels_and_probs(y, b)[1]) for a, b in pairs]
+    if not pairs:
+        raise ValueError("pooled_auc_difference needs at least one (p_a, p_b) pair")
+    diffs = np.concatenate([np.mean([weighted_rank_auc(y, b, c) - weighted_rank_auc(y, a, c) for a, b in pairs],
+                                    axis=0)
+                            for c in _chunks(Resampling(y.size, groups), y.size, n_boot, seed)])
+    point = float(np.mean([rank_auc(y, b) - rank_auc(y, a) for a, b in pairs]))
+    return (point, *_percentile_interval(diffs, level))
+
+
 def _percentile_interval(values: np.ndarray, level: float) -> tuple:
     """The central `level` interval of the finite bootstrap values (0.95: 2.5 and 97.5 percentiles)."""
     values = values[np.isfinite(values)]

@@ -192,6 +192,35 @@ def test_kd_transfer_compares_students_and_a_teacher_ensemble(tiny_run, tmp_path
     assert "not one recipe" in capsys.readouterr().out
 
 
+
+def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
+    """--seeds: each run's distilled - labels-only, then the mean over the seeds with its pooled CI; the same run
+    under another seed's name pools to its own difference. A run without a labels-only student is refused."""
+    import json
+    import re
+
+    import kd_transfer
+
+    data, weights = tiny_run
+    member = tmp_path / "seed1"
+    member.mkdir()
+    for name in ("student.safetensors", "student_baseline.safetensors"):
+        (member / name).symlink_to(weights / name)
+    card = json.loads((weights / "model_card.json").read_text())
+    card["config"]["seed"] = 1
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
+                             "--seeds", str(member)]) == 0
+    out = capsys.readouterr().out
+    own = re.search(r"seed 0: .*distilled - labels-only ([+-][0-9.]+)", out).group(1)
+    assert re.search(r"seed 1: .*distilled - labels-only ([+-][0-9.]+)", out).group(1) == own
+    assert f"over seeds 0, 1: distilled - labels-only {own} (pooled 95% CI" in out
+    del card["models"]["student_baseline"]
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",
+                             "--seeds", str(member)]) == 1
+    assert "not one recipe" in capsys.readouterr().out
+
 def test_predict_bulk_bench_times_both_paths(kd_tiny, capsys, monkeypatch):
     import predict_bulk
 

@@ -262,6 +262,31 @@ def test_paired_auc_difference_cancels_what_the_cases_share():
     assert M.paired_auc_difference(y, p_a, p_a, n_boot=50) == (0.0, 0.0, 0.0)
 
 
+
+def test_pooled_auc_difference_is_the_mean_over_seeds_on_shared_resamples():
+    """Over several seeds' pairs: the point is the mean of the plain AUC differences (sklearn), one pair gives
+    exactly paired_auc_difference, and each resample scores every pair on the same cases (so a seed that loses
+    widens the interval by its own spread, not by case noise)."""
+    rng = np.random.default_rng(5)
+    y, p_a = _sigmoid_scores(rng, 200)
+    y[:2] = [0, 1]
+    positives = np.flatnonzero(y == 1)
+    pairs = []
+    for k, lift in enumerate((0.2, 0.1, 0.0)):
+        p_b = p_a.copy()
+        p_b[positives[np.argsort(p_a[positives])[:10 + k]]] += lift
+        pairs.append((p_a, p_b))
+    point, lo, hi = M.pooled_auc_difference(y, pairs, n_boot=500, seed=7)
+    assert point == pytest.approx(np.mean([roc_auc_score(y, b) - roc_auc_score(y, a) for a, b in pairs]))
+    assert lo <= point <= hi
+    assert M.pooled_auc_difference(y, pairs[:1], n_boot=500, seed=7) == \
+        pytest.approx(M.paired_auc_difference(y, *pairs[0], n_boot=500, seed=7))
+    groups = np.repeat(np.arange(100), 2)  # patients of two images each
+    assert M.pooled_auc_difference(y, pairs[:1], n_boot=300, seed=2, groups=groups) == \
+        pytest.approx(M.paired_auc_difference(y, *pairs[0], n_boot=300, seed=2, groups=groups))
+    with pytest.raises(ValueError, match="at least one"):
+        M.pooled_auc_difference(y, [], n_boot=10)
+
 def _patients(rng, n_patients, copies):
     """Per patient a label and a score; then each patient's image repeated `copies` times, shuffled."""
     ids = np.array([f"person{i:03d}" for i in range(n_patients)])

@@ -158,35 +158,75 @@ def screen(pair: ModelPair, square: np.ndarray, xray: preprocess.XRay) -> prepro
 @torch.inference_mode()
 def predict_squares(pair: ModelPair, squares: np.ndarray) -> list[dict[str, dict]]:
     """Probability of pneumonia and decision of each model for each preprocessed square of [N, S, S], in one
-    batched forward pass per model (`seconds`: the pass's time shared out per image)."""
+    batched forward pass per model (`seconds`: the pass's time shared out per image). No check: see checked."""
+    return _predictions(pair, squares, {})
+
+
+def _predictions(pair: ModelPair, squares: np.ndarray, done: dict) -> list[dict[str, dict]]:
+    """predict_squares, with `done` {role: (logits, seconds)} of the models already run on these squares."""
     x = preprocess.normalize(torch.from_numpy(np.array(squares)))[:, None]  # a copy: squares may be read-only
     x = x.contiguous(memory_format=torch.channels_last)
     out: list[dict[str, dict]] = [{} for _ in range(len(squares))]
     for role, m in pair.models.items():
-        t0 = time.perf_counter()
-        with m.lock:
-            logits = m.model(x).float().numpy()
+        if role in done:
+            logits, spent = done[role]
+        else:
+            t0 = time.perf_counter()
+            with m.lock:
+                logits = m.model(x).float().numpy()
+            spent = time.perf_counter() - t0
         p = softmax_pneumonia(logits, m.calibration_temperature)
-        each = (time.perf_counter() - t0) / max(1, len(squares))
+        each = spent / max(1, len(squares))
         for i, value in enumerate(p.tolist()):
             out[i][role] = {"probability": value, "decision": decide(value, m.threshold), "threshold": m.threshold,
                             "seconds": each}
     return out
 
 
+@torch.inference_mode()
+def checked(pair: ModelPair, squares: np.ndarray) -> tuple[list[str | None], list[tuple[str, ...]], list[dict | None]]:
+    """For each square of [N, S, S]: why it is refused (None when it is not), its framing warnings, and its
+    predictions (None when refused). The teacher's forward pass over the batch gives both its layer3 map (the
+    checks' input) and its logits, so the check costs no teacher pass of its own; the student runs on the kept
+    squares only. Weights whose checks read other stages screen on a pass of their own first (screen_squares)."""
+    if pair.ood is None or not _shares_stage(pair) or not len(squares):
+        refusals, warnings = screen_squares(pair, squares)
+        kept = [i for i, why in enumerate(refusals) if why is None]
+        found = dict(zip(kept, predict_squares(pair, squares[kept]))) if kept else {}
+        return refusals, warnings, [found.get(i) for i in range(len(squares))]
+    teacher = pair.models["teacher"]
+    x = preprocess.normalize(torch.from_numpy(np.array(squares)))[:, None].contiguous(memory_format=torch.channels_last)
+    maps = []
+    with teacher.lock:
+        t0 = time.perf_counter()
+        handle = getattr(teacher.model, FRAMING_STAGE).register_forward_hook(lambda m, i, out: maps.append(out.float()))
+        try:
+            logits = teacher.model(x).float().numpy()
+        finally:
+            handle.remove()
+        spent = time.perf_counter() - t0
+        refusals, warnings = _screen(pair, squares, maps[0])
+    kept = [i for i, why in enumerate(refusals) if why is None]
+    found = dict(zip(kept, _predictions(pair, squares[kept], {"teacher": (logits[kept], spent * len(kept) / len(squares))})
+                     )) if kept else {}
+    return refusals, warnings, [found.get(i) for i in range(len(squares))]
+
+
 def predict_bytes(pair: ModelPair, data: bytes, name: str = "upload") -> dict:
-    """Decode, preprocess, check it is a chest radiograph (screen) and predict; raises preprocess.ImageError
+    """Decode, preprocess, check it is a chest radiograph (checked) and predict; raises preprocess.ImageError
     (NotChestXray for a refusal) with a human message."""
     square, xray = pair.prepare(data, name)
-    xray = screen(pair, square, xray)
-    return {"file": name, **predict_squares(pair, square[None])[0], "warnings": list(xray.warnings)}
+    [refusal], [extra], [found] = checked(pair, square[None])
+    if refusal:
+        raise NotChestXray(refusal)
+    return {"file": name, **found, "warnings": list(xray.warnings) + list(extra)}
 
 
 def predict_files(pair: ModelPair, paths: list[str], batch_size: int = 16, workers: int = 2):
     """`predict_bytes` for many files, in their order: (path, result or None, error message or None) each.
 
     Decoding runs in `workers` threads (Pillow releases the GIL) one batch ahead of the models, and each batch goes
-    through the refusal check and both models in one forward pass each, instead of one file at a time."""
+    through `checked`: one teacher pass for the checks and its probabilities, one student pass for the kept."""
     def read(path: str):
         try:
             square, xray = pair.prepare(Path(path).read_bytes(), Path(path).name)
@@ -201,10 +241,7 @@ def predict_files(pair: ModelPair, paths: list[str], batch_size: int = 16, worke
             decoded = [f.result() for f in pending]
             pending = [pool.submit(read, p) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
             readable = [d for d in decoded if d[1] is not None]
-            squares = np.stack([d[1] for d in readable]) if readable else None
-            refusals, framing = screen_squares(pair, squares) if readable else ([], [])
-            kept = [i for i, why in enumerate(refusals) if why is None]
-            results = dict(zip(kept, predict_squares(pair, squares[kept]))) if kept else {}
+            refusals, framing, results = checked(pair, np.stack([d[1] for d in readable])) if readable else ([], [], [])
             i = -1  # position among the readable files of this batch
             for path, square, xray, error in decoded:
                 if error is not None:

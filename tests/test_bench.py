@@ -221,6 +221,7 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
                              "--seeds", str(member)]) == 1
     assert "not one recipe" in capsys.readouterr().out
 
+
 def test_predict_bulk_bench_times_both_paths(kd_tiny, capsys, monkeypatch):
     import predict_bulk
 
@@ -228,3 +229,4 @@ def test_predict_bulk_bench_times_both_paths(kd_tiny, capsys, monkeypatch):
     assert predict_bulk.main(["--files", "5", "--pairs", "1", "--batch-size", "2", "--weights", str(kd_tiny.weights)]) == []
     out = capsys.readouterr().out
     assert "5 files" in out and "one_by_one" in out and "batched" in out and "no verdict" in out
+    assert "two_step" in out and "batched / two_step = " in out

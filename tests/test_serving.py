@@ -119,3 +119,26 @@ def test_the_model_card_is_one_schema_for_writing_and_reading(tmp_path, tiny_wei
     bad["models"]["teacher"]["file"] = None
     with pytest.raises(UnreadableState, match="a served model needs its weights file"):
         write_card(tmp_path, bad)
+
+
+def test_predict_checks_on_the_teachers_own_pass_and_answers_as_before(pair):
+    """kd predict's batches (serving.checked): one teacher pass gives the checks their layer3 map and the teacher
+    its probabilities; the student runs on the kept squares; the answers are the two-step path's."""
+    good = [pair.prepare(jpeg_bytes(xray_like_array(300, 260, seed=s)), "x.jpeg")[0] for s in (1, 2, 3)]
+    with counted(pair) as calls:
+        refusals, warnings, found = serving.checked(pair, np.stack(good))
+    assert refusals == [None] * 3 and all(f is not None for f in found)
+    assert calls == {"teacher.layer1": 1, "teacher.layer3": 1, "teacher.layer4": 1,
+                     "student.layer1": 1, "student.layer3": 1, "student.layer4": 1}
+    junk = non_xrays(XRAY)
+    squares = np.stack([good[0], pair.prepare(junk["rotated_xray.jpeg"], "r.jpeg")[0], good[1],
+                        pair.prepare(junk["black.png"], "b.png")[0]])
+    refusals, warnings, found = serving.checked(pair, squares)
+    before_refusals, before_warnings = serving.screen_squares(pair, squares)
+    assert refusals == before_refusals and warnings == before_warnings
+    assert [f is None for f in found] == [False, True, False, True] and "turn it upright" in refusals[1]
+    before = serving.predict_squares(pair, squares[[0, 2]])
+    for got, expected in zip([found[0], found[2]], before):
+        for role in serving.ROLES:
+            assert got[role]["probability"] == expected[role]["probability"]
+            assert got[role]["decision"] == expected[role]["decision"]

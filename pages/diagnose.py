@@ -1,7 +1,7 @@
 """Diagnose: uploads or dataset cases -> teacher and student side by side with their heat maps."""
 import streamlit as st
 
-from kd.ui import data, diagnose, models, state
+from kd.ui import data_page, diagnose, served, state
 
 state.ensure_navigation()
 
@@ -27,9 +27,9 @@ with upload_tab:
         st.caption(diagnose.UPLOAD_HELP)
 
 with weights_status:
-    pair = models.require_models()
-    st.caption(models.weights_caption(pair))
-    models.require_refusal_check(pair)
+    pair = served.require_models()
+    st.caption(served.weights_caption(pair))
+    served.require_refusal_check(pair)
 
 with upload_tab:
     diagnose.render_uploads(pair, files, method, opacity, fade)
@@ -42,11 +42,11 @@ with dataset_tab:
             state.show_error(data_problem)
     else:
         c1, c2 = st.columns([1, 3])
-        split = c1.selectbox("Split", data.available_splits(root), key="case_split",
+        split = c1.selectbox("Split", data_page.available_splits(root), key="case_split",
                              help="val = the patient-level validation split carved from train/")
-        samples = {s.path: s for s in data.split_samples(root, split)}
+        samples = {s.path: s for s in data_page.split_samples(root, split)}
         path = c2.selectbox("Case", list(samples), index=None, key="case_path", placeholder="Choose an image...",
-                            format_func=lambda p: data.case_label(samples[p]))
+                            format_func=lambda p: data_page.case_label(samples[p]))
         if path:
             result = diagnose.diagnose_sample(pair, samples[path], method, memo=diagnose.session_memo())
             diagnose.render_case(result, pair, opacity, fade)

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from kd.config import DESCRIPTION, PRESETS, SSL_METHODS
-from kd.ui import progress, state, train
+from kd.ui import run_views, state, train_page
 
 state.ensure_navigation()
 
@@ -14,16 +14,16 @@ if root is None:
     state.render_dataset_help(data_problem)
 
 # ----------------------------------------------------------------------------- start a run
-train.prepare_train_form()
-defaults = train.preset_defaults("cpu")
+train_page.prepare_train_form()
+defaults = train_page.preset_defaults("cpu")
 with st.container(border=True):  # no st.form: the plan below follows every field as it changes
     st.markdown("##### New run")
     c1, c2, c3 = st.columns(3)
-    command_label = c1.selectbox("What to run", list(train.COMMANDS), key="train_command",
+    command_label = c1.selectbox("What to run", list(train_page.COMMANDS), key="train_command",
                                  help="Single phases build on the previous ones in the same run folder.")
     preset_name = c2.selectbox("Preset", list(PRESETS), index=list(PRESETS).index("cpu"), key="train_preset",
                                help="\n".join(f"- **{name}**: {cost}" for name, cost in DESCRIPTION.items()))
-    run_name = c3.text_input("Run name", key=train.RUN_NAME_KEY,
+    run_name = c3.text_input("Run name", key=train_page.RUN_NAME_KEY,
                              help="Letters, digits, '.', '_' or '-'; the run folder inside the runs folder.")
     c1, c2, c3 = st.columns(3)
     epochs = c1.number_input("Epochs (every phase)", min_value=1, max_value=1000, value=None, step=1,
@@ -40,8 +40,8 @@ with st.container(border=True):  # no st.form: the plan below follows every fiel
     ssl_method = c3.selectbox("SSL method", SSL_METHODS, index=SSL_METHODS.index(defaults["ssl_method"]),
                               key="train_ssl")
     teacher_targets = st.radio(
-        "Teacher outputs during distillation", list(train.TEACHER_TARGET_LABELS), horizontal=True, index=0,
-        key="train_teacher_targets", format_func=train.TEACHER_TARGET_LABELS.get,
+        "Teacher outputs during distillation", list(train_page.TEACHER_TARGET_LABELS), horizontal=True, index=0,
+        key="train_teacher_targets", format_func=train_page.TEACHER_TARGET_LABELS.get,
         help="Online: the teacher sees every augmented view the student sees (consistent teaching). Cached: its "
              "outputs on each un-augmented image are computed once: faster, see the README for what it costs.")
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
@@ -53,20 +53,20 @@ with st.container(border=True):  # no st.form: the plan below follows every fiel
     distill_unlabeled = c2.checkbox("Distil on them too", key="train_distill_unlabeled",
                                     help="The student also matches the teacher's outputs on these images.")
     c1, c2, c3 = st.columns(3)
-    device_label = c1.selectbox("Device", list(train.DEVICES), key="train_device")
-    n_gpus = train.gpu_count()
+    device_label = c1.selectbox("Device", list(train_page.DEVICES), key="train_device")
+    n_gpus = train_page.gpu_count()
     gpus = c2.number_input("GPUs", min_value=1, max_value=n_gpus, value=n_gpus, key="train_gpus",
                            help="More than one runs torchrun (DDP).") if n_gpus > 1 else 1
     baseline = c3.checkbox("Also train the labels-only student (ablation)", value=True, key="train_baseline")
-    st.markdown(train.plan_summary(preset_name, command_label, epochs=epochs, image_size=image_size,
+    st.markdown(train_page.plan_summary(preset_name, command_label, epochs=epochs, image_size=image_size,
                                    batch_size=batch_size, ssl_method=ssl_method, baseline=baseline,
                                    unlabeled=unlabeled, distill_unlabeled=distill_unlabeled))
     submitted = st.button("Start training", type="primary", icon=":material/play_arrow:", key="train_start")
 
 if submitted:
-    train.submit(dict(data_root=state.data_root_value(), run_name=run_name, preset_name=preset_name, epochs=epochs,
+    train_page.submit(dict(data_root=state.data_root_value(), run_name=run_name, preset_name=preset_name, epochs=epochs,
                       image_size=image_size, batch_size=batch_size, temperature=temperature, alpha=alpha,
-                      ssl_method=ssl_method, device=train.DEVICES[device_label], baseline=baseline,
+                      ssl_method=ssl_method, device=train_page.DEVICES[device_label], baseline=baseline,
                       teacher_targets=teacher_targets, unlabeled=unlabeled, distill_unlabeled=distill_unlabeled),
                  command_label, gpus)
 
@@ -74,13 +74,13 @@ if submitted:
 head, refresh_column = st.columns([4, 1], vertical_alignment="bottom")
 head.subheader("Progress")
 refresh = refresh_column.select_slider("Refresh every (s)", [1, 2, 5, 10], value=2, key="train_refresh")
-train.live_panel(refresh)
+train_page.live_panel(refresh)
 
 # ----------------------------------------------------------------------------- runs and weights in use
 st.subheader("Runs")
-train.runs_panel(refresh)
-runs = progress.list_runs()
-usable = progress.usable_runs(runs)
+train_page.runs_panel(refresh)
+runs = run_views.list_runs()
+usable = run_views.usable_runs(runs)
 c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
 if usable:
     chosen = c1.selectbox("Finished run with a teacher and a student", usable, key="train_use_choice")
@@ -88,7 +88,7 @@ else:
     chosen = None
     c1.caption("No finished run with both a teacher and a student yet.")
 if c2.button("Use these weights", type="primary", disabled=not usable, key="train_use"):
-    train.use_run_and_rerun(chosen)
+    train_page.use_run_and_rerun(chosen)
 if c3.button("Back to shipped weights", disabled=state.using_shipped_weights(), key="train_use_shipped"):
-    train.use_shipped_and_rerun()
+    train_page.use_shipped_and_rerun()
 st.caption(f"In use now: {state.active_label()} (`{state.active_weights()}`).")

@@ -24,13 +24,13 @@ from kd.data import LAYOUT_HELP, stratified_sample  # noqa: E402
 from kd.model_card import DISCLAIMER  # noqa: E402
 from tests.fixtures.xray_fixtures import (BAD_UPLOAD_KEYWORDS, BAD_UPLOADS, colour_photo, xray_dicom,  # noqa: E402
                                  png_bytes, xray_like_array, xray_png)
-from kd.ui import data as ui_data  # noqa: E402
+from kd.ui import data_page  # noqa: E402
 from kd.ui import diagnose as ui_diagnose  # noqa: E402
-from kd.ui import evaluate as ui_evaluate  # noqa: E402
+from kd.ui import evaluate_page  # noqa: E402
 from kd.ui import figures, state  # noqa: E402
-from kd.ui import models as ui_models  # noqa: E402
-from kd.ui import progress as ui_progress  # noqa: E402
-from kd.ui import train as ui_train  # noqa: E402
+from kd.ui import served  # noqa: E402
+from kd.ui import run_views  # noqa: E402
+from kd.ui import train_page  # noqa: E402
 
 APP = Path(__file__).resolve().parent.parent / "streamlit_app.py"
 PAGES = {"pages/diagnose.py": "Diagnose", "pages/train.py": "Train", "pages/evaluate.py": "Evaluate",
@@ -83,7 +83,7 @@ def test_every_page_renders_with_the_disclaimer(app_env):
     counts = at.dataframe[0].value
     assert list(counts["split"]) == ["train", "val", "official-val", "test"]
     assert counts["total images"].sum() == 73  # 72 generated files and tiny_run's unreadable one (listed)
-    assert "what it is" not in counts.columns and f"- **val**: {ui_data.SPLIT_HELP['val']}" in all_text(at)
+    assert "what it is" not in counts.columns and f"- **val**: {data_page.SPLIT_HELP['val']}" in all_text(at)
     assert "data_sizes" in element_keys(at, "plotly_chart")
     assert len(at.image) == 2 * 4  # a grid per class
 
@@ -121,7 +121,7 @@ def test_upload_png_and_dicom_shows_both_models(app_env):
     assert len(metric_values(at, "CAM correlation")) == 2
     assert cam.AGREEMENT_HELP in all_text(at)
 
-    size = ui_models.load_models(app_env.weights)[0].input_size
+    size = served.load_models(app_env.weights)[0].input_size
     default_source = cam.cam_option(cam.DEFAULT_CAM).source(size)  # the map says which layer and grid it is
     assert all(default_source in c for i in at.image for c in i.captions)
     at.selectbox(key="cam_method").set_value("layer3 LayerCAM")
@@ -142,11 +142,11 @@ def test_an_empty_heat_map_is_explained_and_agreement_not_claimed(app_env, monke
 
 def test_faithfulness_computes_each_heat_map_once(app_env, monkeypatch):
     """ROAD's maps also give the teacher/student agreement: one CAM per image and model, no second pass."""
-    pair, _ = ui_models.load_models(app_env.weights)
+    pair, _ = served.load_models(app_env.weights)
     calls = []
     real = cam.explain
     monkeypatch.setattr(cam, "explain", lambda *a, **k: calls.append(1) or real(*a, **k))
-    samples = stratified_sample(ui_data.split_samples(app_env.data, "test"), 4)
+    samples = stratified_sample(data_page.split_samples(app_env.data, "test"), 4)
     res = cam.faithfulness(pair, samples, "GradCAM", percentiles=(50,))
     assert res["n"] == 4 and len(calls) == 2 * 4
     assert res["agreement"]["empty_maps"] in range(5)
@@ -187,7 +187,7 @@ def test_bad_uploads_show_their_message_and_the_page_keeps_working(app_env):
 def test_dataset_case_shows_its_ground_truth(app_env):
     at = start_app()
     at.selectbox(key="case_split").set_value("test").run()
-    first = ui_data.split_samples(app_env.data, "test")[0]
+    first = data_page.split_samples(app_env.data, "test")[0]
     at.selectbox(key="case_path").set_value(first.path).run()
     assert not at.exception and not at.error
     assert "ground truth" in all_text(at) and len(at.image) == 2
@@ -219,7 +219,7 @@ def test_without_weights_or_dataset_the_pages_say_what_to_do(app_env, tmp_path, 
 def _fill_tiny_form(at: AppTest, name: str) -> None:
     at.selectbox(key="train_preset").set_value("tiny")
     at.checkbox(key="train_baseline").uncheck()
-    at.text_input(key=ui_train.RUN_NAME_KEY).input(name)
+    at.text_input(key=train_page.RUN_NAME_KEY).input(name)
 
 
 def _runs_table(at: AppTest):
@@ -267,7 +267,7 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
         if _state(at) == "finished" and not jobs.current_job(app_env.runs):
             break
     else:
-        pytest.fail(f"training did not finish: {ui_progress.log_tail(app_env.runs / 'apptest')}")
+        pytest.fail(f"training did not finish: {run_views.log_tail(app_env.runs / 'apptest')}")
     at.run()
     assert saw_progress and saw_chart and saw_running_row
     assert "train_loss_chart" in element_keys(at, "plotly_chart")
@@ -352,7 +352,7 @@ def test_a_second_job_is_refused_while_one_runs(app_env):
 def test_stale_lock_is_recovered_then_resume_and_stop(app_env):
     runs = app_env.runs
     crashed = runs / "crashed"
-    cfg = ui_train.build_config(str(app_env.data), "crashed", "tiny", epochs=2, baseline=False)
+    cfg = train_page.build_config(str(app_env.data), "crashed", "tiny", epochs=2, baseline=False)
     crashed.mkdir()
     cfg.save(crashed / "config.json")
     (crashed / "status.json").write_text(json.dumps({"state": "running", "phases": ["finetune"], "phase": "finetune",
@@ -386,40 +386,40 @@ def test_stale_lock_is_recovered_then_resume_and_stop(app_env):
 
 
 def test_build_config_is_the_cli_config_and_validates(app_env, tmp_path):
-    cfg = ui_train.build_config(str(app_env.data), "r1", "tiny", epochs=3, image_size=48, batch_size=4, temperature=2.0,
+    cfg = train_page.build_config(str(app_env.data), "r1", "tiny", epochs=3, image_size=48, batch_size=4, temperature=2.0,
                            alpha=0.3, ssl_method="byol", device="cpu", baseline=False, teacher_targets="cached")
     assert cfg.out == str(app_env.runs / "r1") and cfg.data == str(app_env.data.resolve())
     assert all(cfg.phase(p).epochs == 3 and cfg.phase(p).image_size == 48 and cfg.phase(p).batch_size == 4
                for p in ("pretrain", "finetune", "distill"))
     assert (cfg.temperature, cfg.alpha, cfg.ssl_method, cfg.device, cfg.baseline, cfg.teacher_targets) == \
         (2.0, 0.3, "byol", "cpu", False, "cached")
-    kept, reference = ui_train.build_config(str(app_env.data), "r2", "cpu"), PRESETS["cpu"]()
+    kept, reference = train_page.build_config(str(app_env.data), "r2", "cpu"), PRESETS["cpu"]()
     assert all(kept.phase(p) == reference.phase(p) for p in ("pretrain", "finetune", "distill"))  # None keeps them
-    assert kept.teacher_targets == "cached" and ui_train.build_config(str(app_env.data), "r5", "gpu").teacher_targets == "online"
+    assert kept.teacher_targets == "cached" and train_page.build_config(str(app_env.data), "r5", "gpu").teacher_targets == "online"
 
     from kd.data import DatasetError
 
     with pytest.raises(kruns.RunError, match="not allowed"):
-        ui_train.build_config(str(app_env.data), "../escape", "tiny")
+        train_page.build_config(str(app_env.data), "../escape", "tiny")
     with pytest.raises(DatasetError, match="Expected layout"):
-        ui_train.build_config(str(tmp_path / "nowhere"), "r3", "tiny")
+        train_page.build_config(str(tmp_path / "nowhere"), "r3", "tiny")
     with pytest.raises(ValueError, match="alpha"):
-        ui_train.build_config(str(app_env.data), "r4", "tiny", alpha=1.5)
-    _, message = ui_train.start_training(dict(data_root=str(app_env.data), run_name="bad name!", preset_name="tiny"),
+        train_page.build_config(str(app_env.data), "r4", "tiny", alpha=1.5)
+    _, message = train_page.start_training(dict(data_root=str(app_env.data), run_name="bad name!", preset_name="tiny"),
                                     "pipeline")
     assert "not allowed" in message
     corpus = tmp_path / "corpus" / "deep"
     corpus.mkdir(parents=True)
     (corpus / "a.png").write_bytes(png_bytes(xray_like_array(40, 30)))
-    cfg = ui_train.build_config(str(app_env.data), "r6", "tiny", unlabeled=f"  {corpus.parent}\n\n",
+    cfg = train_page.build_config(str(app_env.data), "r6", "tiny", unlabeled=f"  {corpus.parent}\n\n",
                                 distill_unlabeled=True)
     assert cfg.unlabeled == [str(corpus.parent.resolve())] and cfg.distill_unlabeled
     (tmp_path / "empty").mkdir()
     for folders, problem in ((str(tmp_path / "empty"), "holds no pictures"), (str(tmp_path / "nope"), "does not exist")):
         with pytest.raises(DatasetError, match=problem):
-            ui_train.build_config(str(app_env.data), "r7", "tiny", unlabeled=folders)
+            train_page.build_config(str(app_env.data), "r7", "tiny", unlabeled=folders)
     with pytest.raises(ValueError, match="needs unlabeled folders"):
-        ui_train.build_config(str(app_env.data), "r8", "tiny", distill_unlabeled=True)
+        train_page.build_config(str(app_env.data), "r8", "tiny", distill_unlabeled=True)
 
 
 def test_progress_events_become_frames_and_figures():
@@ -433,19 +433,19 @@ def test_progress_events_become_frames_and_figures():
            "loss": 0.7, "lr": 0.001, "images_per_s": 9.0, "eta_s": 0} for s in (1, 2, 1, 2)],  # resumed: repeated
         {"kind": "epoch", "phase": "finetune", "epoch": 1, "metrics": {"auc": 0.8, "accuracy": 0.75}},
     ]
-    steps = ui_progress.step_frame(events)
+    steps = run_views.step_frame(events)
     assert list(steps["x"]) == [1, 2, 3, 4, 5, 6] and list(steps["phase"]) == ["pretrain"] * 4 + ["finetune"] * 2
-    epochs = ui_progress.epoch_frame(events)
+    epochs = run_views.epoch_frame(events)
     assert set(epochs.columns) >= {"phase", "epoch", "knn_accuracy", "auc", "accuracy"}
     assert len(figures.loss_figure(steps).data) == 2 and len(figures.lr_figure(steps).data) == 2
     assert figures.metrics_figure(epochs) is not None
-    assert ui_progress.step_frame([]).empty and figures.metrics_figure(ui_progress.epoch_frame([])) is None
+    assert run_views.step_frame([]).empty and figures.metrics_figure(run_views.epoch_frame([])) is None
 
 
 def test_log_tail_folds_progress_bars(tmp_path):
     (tmp_path / "train.log").write_text("start\n" + "".join(f"\rdecode {i}%" for i in range(0, 101, 10)) + "\nend\n")
-    assert ui_progress.log_tail(tmp_path) == "start\ndecode 100%\nend"
-    assert ui_progress.log_tail(tmp_path / "missing") == ""
+    assert run_views.log_tail(tmp_path) == "start\ndecode 100%\nend"
+    assert run_views.log_tail(tmp_path / "missing") == ""
 
 
 def test_evaluation_helpers_on_a_small_result():
@@ -454,25 +454,25 @@ def test_evaluation_helpers_on_a_small_result():
         "teacher": {"probabilities": [0.1, 0.7, 0.8, 0.9], "threshold": 0.5},
         "student": {"probabilities": [0.2, 0.3, 0.4, 0.9], "threshold": 0.5},
     }
-    frame = ui_evaluate.disagreement_frame(result)
+    frame = evaluate_page.disagreement_frame(result)
     assert sorted(frame["file"]) == ["b.jpeg", "c.jpeg"]  # b: teacher wrong, c: student wrong; a, d: both right
     assert frame["reason"].str.startswith("disagree").all()
-    at = ui_evaluate.at_threshold(result, 0.5)
+    at = evaluate_page.at_threshold(result, 0.5)
     assert at["teacher"]["confusion_matrix"] == {"tn": 1, "fp": 1, "fn": 0, "tp": 2}
-    table = ui_evaluate.threshold_table(at)
+    table = evaluate_page.threshold_table(at)
     assert table.loc["Sensitivity", "Teacher"] == 1.0 and table.loc["Sensitivity", "Student"] == 0.5
-    assert ui_evaluate.operating_points(at)["teacher"] == (0.5, 1.0)
+    assert evaluate_page.operating_points(at)["teacher"] == (0.5, 1.0)
     reports = {r: {"roc": {"fpr": [0, 1], "tpr": [0, 1], "thresholds": [1, 0]}, "auc": 0.5,
                    "calibration": {"temperature": 1.0, "ece_raw": 0.1, "ece_scaled": 0.05,
                                    "curve": {"mean_predicted": [0.2], "fraction_positive": [0.3], "count": [4]}},
-                   "confusion_matrix": {"tn": 1, "fp": 1, "fn": 0, "tp": 2}} for r in ui_models.ROLES}
-    assert len(figures.roc_figure(reports, ui_evaluate.operating_points(at)).data) == 5
+                   "confusion_matrix": {"tn": 1, "fp": 1, "fn": 0, "tp": 2}} for r in served.ROLES}
+    assert len(figures.roc_figure(reports, evaluate_page.operating_points(at)).data) == 5
     assert len(figures.calibration_figure(reports).data) == 3
     assert figures.confusion_figure(reports["teacher"]["confusion_matrix"], "t").data
 
 
 def test_diagnose_bytes_memo_and_faithfulness(app_env):
-    pair, problem = ui_models.load_models(app_env.weights)
+    pair, problem = served.load_models(app_env.weights)
     assert problem is None
     memo: dict = {}
     first = ui_diagnose.diagnose_bytes(pair, xray_png(), "a.png", "GradCAM", memo)
@@ -487,7 +487,7 @@ def test_diagnose_bytes_memo_and_faithfulness(app_env):
         serving.diagnose = real
     assert not calls and len(memo) == 3 and other.diagnosis.picture is first.diagnosis.picture  # only the maps anew
     assert list(first.diagnosis.seconds) == ["decoding", "refusal check", "teacher", "student"]
-    for role in ui_models.ROLES:
+    for role in served.ROLES:
         image = ui_diagnose.overlay_image(first, role, 0.5)
         side = max(pair.input_size, cam.DISPLAY_SIZE)  # drawn sharper than the tiny model input
         assert image.dtype == np.uint8 and image.shape == (side, side, 3)
@@ -495,15 +495,15 @@ def test_diagnose_bytes_memo_and_faithfulness(app_env):
     bad = ui_diagnose.diagnose_bytes(pair, b"", "empty.jpg", "GradCAM", memo)
     assert bad.diagnosis is None and "empty" in bad.error.lower()
 
-    samples = stratified_sample(ui_data.split_samples(app_env.data, "test"), 2)
+    samples = stratified_sample(data_page.split_samples(app_env.data, "test"), 2)
     assert sorted(s.label for s in samples) == [0, 1]
     seen = []
     res = cam.faithfulness(pair, samples, "GradCAM", progress=lambda f, text: seen.append(f), percentiles=(50,))
-    assert res["n"] == 2 and set(res["road"]) == set(ui_models.ROLES) and seen[-1] == pytest.approx(1.0)
+    assert res["n"] == 2 and set(res["road"]) == set(served.ROLES) and seen[-1] == pytest.approx(1.0)
     agree = res["agreement"]  # means over the images where neither map is empty; None when there are none
     assert (agree["correlation"] is None) == (agree["empty_maps"] == res["n"])
     assert agree["correlation"] is None or (-1.0 <= agree["correlation"] <= 1.0 and 0.0 <= agree["top20_iou"] <= 1.0)
-    assert list(ui_evaluate.faithfulness_frame(res).index) == ["Teacher", "Student"]
+    assert list(evaluate_page.faithfulness_frame(res).index) == ["Teacher", "Student"]
 
 
 def test_runs_frame_and_usable_runs(app_env):
@@ -515,11 +515,11 @@ def test_runs_frame_and_usable_runs(app_env):
             {"name": "teacher-only", "path": str(app_env.tmp), "status": {"state": "finished"},
              "card": teacher_only, "modified": time.time()},
             {"name": "running", "path": "/x/r", "status": {"state": "running"}, "card": None, "modified": time.time()}]
-    frame = ui_progress.runs_frame(runs)
+    frame = run_views.runs_frame(runs)
     assert list(frame["run"]) == ["done", "teacher-only", "running"]
     assert frame.loc[0, "teacher AUC"] is not None and frame.loc[2, "state"] == "running"
-    assert ui_progress.usable_runs(runs) == ["done"]
-    assert ui_train.use_run("missing") is not None  # no model card: refused with a message
+    assert run_views.usable_runs(runs) == ["done"]
+    assert train_page.use_run("missing") is not None  # no model card: refused with a message
 
 
 # ----------------------------------------------------------------------------- state files of the wrong shape
@@ -620,7 +620,7 @@ def test_a_run_whose_model_card_is_unreadable_is_listed_with_why(app_env):
     runs = _runs_table(at)
     [note] = runs.loc[runs["run"] == "broken", "note"]
     assert note == f"unreadable: {run / 'model_card.json'}, it must be a JSON object, not [1]"
-    assert "broken" not in ui_progress.usable_runs(ui_progress.list_runs())
+    assert "broken" not in run_views.usable_runs(run_views.list_runs())
 
 
 # ----------------------------------------------------------------------------- issue 12: Diagnose
@@ -693,7 +693,7 @@ def test_models_are_warmed_when_loaded_and_each_upload_shows_progress(app_env, m
     calls = []
     real = cam.explain
     monkeypatch.setattr(cam, "explain", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ui_models.clear_model_cache()
+    served.clear_model_cache()
     at = open_page(start_app(), "pages/diagnose.py")
     assert len(calls) == 2  # teacher and student warmed, before any upload
     at.file_uploader(key="uploads").set_value(
@@ -826,7 +826,7 @@ def test_evaluate_says_when_images_were_trained_on_and_when_no_external_check_is
     no_test = tmp_path / "no_test"
     shutil.copytree(app_env.data, no_test, ignore=shutil.ignore_patterns("test"))
     at.text_input(key=state.DATA_KEY).set_value(str(no_test)).run()
-    assert ui_evaluate.NO_TEST_NOTE in alerts(at, "info")
+    assert evaluate_page.NO_TEST_NOTE in alerts(at, "info")
 
 
 def evaluate_tab_key_kept(at: AppTest) -> bool:
@@ -859,8 +859,8 @@ def test_evaluate_recomputes_with_the_pair_the_page_holds(app_env, monkeypatch):
     at.selectbox(key="eval_split").set_value("test")
     at.button(key="eval_run").click().run()
     assert not at.exception and not at.error
-    stored = ui_evaluate.stored_evaluation(app_env.weights.resolve(), app_env.data, "test") or next(
-        iter(at.session_state[ui_evaluate.EVAL_KEY].values()))
-    for role in ui_models.ROLES:
+    stored = evaluate_page.stored_evaluation(app_env.weights.resolve(), app_env.data, "test") or next(
+        iter(at.session_state[evaluate_page.EVAL_KEY].values()))
+    for role in served.ROLES:
         assert stored[role]["probabilities"] == reference[role]["probabilities"]
         assert stored[role]["auc"] == reference[role]["auc"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from kd import progress as kprogress
-from kd.ui import evaluate as ui_evaluate
-from kd.ui import progress as ui_progress
-from kd.ui import train as ui_train
+from kd.ui import evaluate_page
+from kd.ui import run_views
+from kd.ui import train_page
 
 
 def _status(run: Path) -> dict:
@@ -34,7 +34,7 @@ def test_elapsed_counts_every_session_of_a_resumed_run(tmp_path, monkeypatch):
     clock[0] = 9050.0
     resumed.update(state="finished", finished=clock[0])
     assert kprogress.elapsed_seconds(_status(tmp_path), running=False) == 150.0
-    view = ui_progress.run_view(tmp_path)
+    view = run_views.run_view(tmp_path)
     assert view.elapsed == "2:30"
 
 
@@ -47,17 +47,17 @@ def test_a_new_phase_does_not_show_the_last_phases_step(tmp_path):
     reporter = kprogress.Reporter(tmp_path)
     reporter.start(state="running", phases=["finetune", "distill"])
     reporter.log("phase_start", phase="finetune", epochs=2)
-    assert "finetune (1/2) · starting (2 epochs)" in ui_progress.run_view(tmp_path).progress_text
+    assert "finetune (1/2) · starting (2 epochs)" in run_views.run_view(tmp_path).progress_text
     reporter.log("step", phase="finetune", epoch=2, epochs=2, step=8, steps=8, global_step=16, total_steps=16)
-    assert "epoch 2/2 · step 8/8" in ui_progress.run_view(tmp_path).progress_text
+    assert "epoch 2/2 · step 8/8" in run_views.run_view(tmp_path).progress_text
     reporter.log("teacher_targets", phase="distill", images=24)
-    text = ui_progress.run_view(tmp_path).progress_text
+    text = run_views.run_view(tmp_path).progress_text
     assert "distill (2/2) · computing the teacher's outputs" in text and "8/8" not in text
     reporter.log("phase_start", phase="distill", epochs=3)
-    text = ui_progress.run_view(tmp_path).progress_text
+    text = run_views.run_view(tmp_path).progress_text
     assert "distill (2/2) · starting (3 epochs)" in text and "?" not in text
     reporter.log("resume", phase="distill", epoch=1, epochs=3)
-    assert "resuming at epoch 2/3" in ui_progress.run_view(tmp_path).progress_text
+    assert "resuming at epoch 2/3" in run_views.run_view(tmp_path).progress_text
 
 
 def test_runs_table_says_running_for_the_running_job(tmp_path):
@@ -68,21 +68,21 @@ def test_runs_table_says_running_for_the_running_job(tmp_path):
              "status": {"state": "stopped", "started": now - 500, "stopped": now - 400}},
             {"name": "old", "path": str(tmp_path / "old"), "card": None, "modified": now,
              "status": {"state": "stopped", "started": now - 500, "stopped": now - 400}}]
-    frame = ui_progress.runs_frame(runs, job={"run_dir": str(tmp_path / "live"), "started": now - 65})
+    frame = run_views.runs_frame(runs, job={"run_dir": str(tmp_path / "live"), "started": now - 65})
     assert frame.loc[0, "state"] == "running" and frame.loc[0, "elapsed"] in ("2:05", "2:06")
     assert frame.loc[2, "state"] == "stopped" and frame.loc[2, "elapsed"] == "1:40"
-    resumed = ui_progress.runs_frame(runs, job={"run_dir": str(tmp_path / "new"), "started": now})
+    resumed = run_views.runs_frame(runs, job={"run_dir": str(tmp_path / "new"), "started": now})
     assert resumed.loc[1, "state"] == "starting"  # launched, its old status not rewritten yet
 
 
 def test_card_summary_has_validation_and_test_side_by_side(kd_tiny):
     card = json.loads((kd_tiny.weights / "model_card.json").read_text())
-    frame = ui_evaluate.card_summary_frame(card)
+    frame = evaluate_page.card_summary_frame(card)
     assert list(zip(frame["model"], frame["split"])) == [
         ("Teacher", "validation"), ("Teacher", "test"), ("Student", "validation"), ("Student", "test")]
     assert frame["AUC (95% CI)"].str.match(r"^(n/a|\d\.\d{3}( \(\d\.\d{3}-\d\.\d{3}\))?)$").all()
-    assert ui_evaluate.card_splits(card) == ["validation", "test"]
-    note = ui_train.card_note(card)
+    assert evaluate_page.card_splits(card) == ["validation", "test"]
+    note = train_page.card_note(card)
     assert "**Written:**" in note and "\n- **Reproduce** (into a new run folder): `python -m kd pipeline" in note
     assert "--resume" not in note and "**test:**" in note
 
@@ -129,7 +129,7 @@ def test_a_stopped_run_shows_no_eta_and_no_images_per_second(tmp_path):
     reporter.log("step", phase="finetune", epoch=1, epochs=3, step=2, steps=8, global_step=2, total_steps=24)
     reporter.update(eta_s=120.0, images_per_s=33.0)
     reporter.update(state="stopped", stopped=time.time())
-    view = ui_progress.run_view(tmp_path)
+    view = run_views.run_view(tmp_path)
     assert view.state == "stopped" and view.images_per_s is None and "ETA" not in view.progress_text
 
 
@@ -146,9 +146,9 @@ def test_a_run_that_failed_on_its_data_is_offered_no_resume_until_the_data_is_fi
     kprogress.Reporter(run).start(state="failed", phases=["finetune"], error="... has no NORMAL/ folder")
     normal = data / "train" / "NORMAL"
     normal.rename(tmp_path / "moved")
-    view = ui_progress.run_view(run)
+    view = run_views.run_view(run)
     assert view.state == "failed" and not view.can_resume
     assert "has no NORMAL/ folder" in view.resume_problem and "Expected layout" not in view.resume_problem
     (tmp_path / "moved").rename(normal)  # fixed: Resume is offered again
-    view = ui_progress.run_view(run)
+    view = run_views.run_view(run)
     assert view.resume_problem is None and view.can_resume

@@ -17,7 +17,7 @@ from kd import cam, preprocess, serving
 from kd import data as kdata
 from kd.serving import ModelPair, NotChestXray
 from kd.ood import REASON_END
-from kd.ui.models import ROLE_LABEL, ROLES, architecture
+from kd.ui.served import ROLE_LABEL, ROLES, architecture
 
 # the heat maps on offer, the measured default first (kd.cam.DEFAULT_CAM, chosen by bench/cam_grid.py)
 CAM_METHODS = (cam.DEFAULT_CAM, *(name for name in cam.CAM_OPTIONS if name != cam.DEFAULT_CAM))
@@ -232,4 +232,6 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4, fade:
         b.metric("CAM correlation", agreement_text(d.agreement["correlation"]), help=cam.AGREEMENT_HELP)
         c.metric("Top-20% overlap (IoU)", agreement_text(d.agreement["top20_iou"]), help=cam.AGREEMENT_HELP)
         st.caption(cam.AGREEMENT_HELP)
-        st.caption(serving.time_note(d.seconds) + " (a change of heat-map method recomputes only the two maps).")
+        st.caption(serving.time_note(d.seconds) + " (the refusal check reads the teacher's layer3 from the teacher's "
+                   "own pass, so it adds only its arithmetic; a change of heat-map method recomputes only the two "
+                   "maps).")

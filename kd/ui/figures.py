@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from kd.ui.models import ROLE_LABEL, ROLES
+from kd.ui.served import ROLE_LABEL, ROLES
 
 ROLE_COLOR = {"teacher": "#1f5f8b", "student": "#d1793b"}
 EMPTY_CELL = "–"  # what a table shows where there is no value (st.dataframe would print "None")

@@ -14,7 +14,7 @@ from kd import data as kdata
 from kd import progress as kprogress
 from kd import runs as kruns
 from kd.statefile import UnreadableState
-from kd.ui.models import ROLES
+from kd.ui.served import ROLES
 from kd.ui.state import dataset_state, running_job, runs_root
 
 

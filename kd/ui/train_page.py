@@ -14,9 +14,9 @@ from kd.config import DESCRIPTION, PHASE_COMMANDS, PRESETS, Config, preset
 from kd.serving import no_check_reason
 from kd.ood import OOD_FILE
 from kd.ui import figures
-from kd.ui.models import clear_model_cache
-from kd.ui.evaluate import card_summary_frame
-from kd.ui.progress import RunView, carded_runs, list_runs, log_tail, run_view, runs_frame
+from kd.ui.served import clear_model_cache
+from kd.ui.evaluate_page import card_summary_frame
+from kd.ui.run_views import RunView, carded_runs, list_runs, log_tail, run_view, runs_frame
 from kd.ui.state import dataset_state, flash, running_job, runs_root, show_error
 
 COMMANDS = {  # the phases each runs, and which of them the preset skips, are said under the form (plan_summary)

@@ -13,8 +13,8 @@ from kd import data as kdata
 from kd.checkpoint import CheckpointError
 from kd.serving import ModelPair
 from kd.model_card import split_overlap, split_rows
-from kd.ui.data import SPLIT_HELP, split_samples
-from kd.ui.models import ROLE_LABEL, ROLES
+from kd.ui.data_page import SPLIT_HELP, split_samples
+from kd.ui.served import ROLE_LABEL, ROLES
 
 TABLE_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "f1")
 METRIC_NAMES = {"auc": "AUC", "accuracy": "Accuracy", "sensitivity": "Sensitivity", "specificity": "Specificity",

@@ -63,11 +63,18 @@ def main(argv: list[str] | None = None) -> int:
 
     models = {r: load(weights, card["models"][r]) for r in roles}
     temperatures = {r: card["models"][r].get("calibration_temperature", 1.0) for r in roles}
+    def same_recipe(member: dict, run: str, needs: set) -> bool:
+        """Same input size, contrast and validation split as the weights, and the models `needs` there."""
+        if (member["input"]["size"], member["input"].get("contrast", "none")) != (size, contrast) \
+                or split_settings(member.get("config", {})) != split_settings(cfg) or not needs <= set(member["models"]):
+            print(f"{run}: another input size, contrast or validation split than {weights}, or without "
+                  f"{' and '.join(sorted(needs))}: not one recipe")
+            return False
+        return True
+
     for i, run in enumerate(args.ensemble, start=1):
         member = read_card(run).document
-        if (member["input"]["size"], member["input"].get("contrast", "none")) != (size, contrast) \
-                or split_settings(member.get("config", {})) != split_settings(cfg):
-            print(f"{run}: another input size, contrast or validation split than {weights}: not one recipe")
+        if not same_recipe(member, run, {"teacher"}):
             return 1
         role = f"teacher_seed{member.get('config', {}).get('seed', i)}"
         models[role] = load(Path(run), member["models"]["teacher"])
@@ -76,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [str(card.get("config", {}).get("seed", 0))]
     for run in args.seeds:
         member = read_card(run).document
-        if (member["input"]["size"], member["input"].get("contrast", "none")) != (size, contrast) \
-                or split_settings(member.get("config", {})) != split_settings(cfg) \
-                or not {"student", "student_baseline"} <= set(member["models"]):
-            print(f"{run}: another input size, contrast or validation split than {weights}, or no labels-only "
-                  "student: not one recipe")
+        if not same_recipe(member, run, {"student", "student_baseline"}):
             return 1
         seed = str(member.get("config", {}).get("seed", "?"))
         seeds.append(seed)

@@ -71,14 +71,8 @@ def main(argv=None) -> list[str]:
                 pass
             return time.perf_counter() - t0
 
-        def two_step_checked(pair, squares):
-            refusals, warnings = serving.screen_squares(pair, squares)
-            kept = [i for i, why in enumerate(refusals) if why is None]
-            found = dict(zip(kept, serving.predict_squares(pair, squares[kept]))) if kept else {}
-            return refusals, warnings, [found.get(i) for i in range(len(squares))]
-
         def two_step() -> float:
-            real, serving.checked = serving.checked, two_step_checked
+            real, serving.checked = serving.checked, serving.checked_apart
             try:
                 return batched()
             finally:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, mo
 from pydantic_core import PydanticCustomError
 
 from kd import preprocess, statefile
-from kd.data import DEFAULT_VAL_FRACTION, Sample
+from kd.data import DEFAULT_VAL_FRACTION, Sample, split_settings
 from kd.models import ARCHITECTURES
 from kd.statefile import (OPTIONAL_NUMBER, ShapeError, UnreadableState, conform, expect, finite, list_of, nullable,
                           one_of)
@@ -201,8 +201,8 @@ class RunSettings(_Section):
 
     @property
     def split(self) -> tuple[float, int]:
-        """(val_fraction, split seed) of the weights' patient-level validation split (kd.data.split_settings)."""
-        return self.val_fraction, self.seed if self.split_seed is None else self.split_seed
+        """(val_fraction, split seed) of the weights' patient-level validation split: kd.data.split_settings' rule."""
+        return split_settings(self.model_dump(exclude_unset=True))
 
 
 class ModelCard(_Section):

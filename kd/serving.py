@@ -190,10 +190,7 @@ def checked(pair: ModelPair, squares: np.ndarray) -> tuple[list[str | None], lis
     checks' input) and its logits, so the check costs no teacher pass of its own; the student runs on the kept
     squares only. Weights whose checks read other stages screen on a pass of their own first (screen_squares)."""
     if pair.ood is None or not _shares_stage(pair) or not len(squares):
-        refusals, warnings = screen_squares(pair, squares)
-        kept = [i for i, why in enumerate(refusals) if why is None]
-        found = dict(zip(kept, predict_squares(pair, squares[kept]))) if kept else {}
-        return refusals, warnings, [found.get(i) for i in range(len(squares))]
+        return checked_apart(pair, squares)
     teacher = pair.models["teacher"]
     x = preprocess.normalize(torch.from_numpy(np.array(squares)))[:, None].contiguous(memory_format=torch.channels_last)
     maps = []
@@ -209,6 +206,15 @@ def checked(pair: ModelPair, squares: np.ndarray) -> tuple[list[str | None], lis
     kept = [i for i, why in enumerate(refusals) if why is None]
     found = dict(zip(kept, _predictions(pair, squares[kept], {"teacher": (logits[kept], spent * len(kept) / len(squares))})
                      )) if kept else {}
+    return refusals, warnings, [found.get(i) for i in range(len(squares))]
+
+
+def checked_apart(pair: ModelPair, squares: np.ndarray) -> tuple[list, list, list[dict | None]]:
+    """`checked` with the checks on a teacher pass of their own (screen_squares), then a forward per model: for
+    weights whose checks read another stage, and the baseline bench/predict_bulk.py times `checked` against."""
+    refusals, warnings = screen_squares(pair, squares)
+    kept = [i for i, why in enumerate(refusals) if why is None]
+    found = dict(zip(kept, predict_squares(pair, squares[kept]))) if kept else {}
     return refusals, warnings, [found.get(i) for i in range(len(squares))]
 
 
@@ -335,20 +341,14 @@ def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = c
     The bytes are decoded once (display_pixels says when a JPEG's picture needs its own decode), and the refusal
     check reads the teacher's layer3 map from the Grad-CAM forward pass itself: a refused picture stops that pass
     there, before any probability, and an accepted one costs no separate teacher pass for the check."""
+    if pair.ood is None or not _shares_stage(pair) or cam.cam_option(method).smooth == "aug":
+        # no check (refuse it), a check on another stage than the framing probes' (weights fitted before), or a
+        # map averaged over augmented passes: the check runs on its own pass first
+        return diagnose_apart(pair, data, name, method)
     t0 = time.perf_counter()
     square, xray = pair.prepare(data, name)  # the model's pixels: the same path as training and `kd predict`
     decoding = time.perf_counter() - t0
     teacher = pair.models["teacher"]
-    if pair.ood is None or not _shares_stage(pair) or cam.cam_option(method).smooth == "aug":
-        # no check (refuse it), a check on another stage than the framing probes' (weights fitted before), or a
-        # map averaged over augmented passes: the check runs on its own pass first, as before
-        t1 = time.perf_counter()
-        xray = screen(pair, square, xray)
-        seconds = {"decoding": decoding, "refusal check": time.perf_counter() - t1}
-        t2 = time.perf_counter()
-        picture = display_picture(display_pixels(pair, data, name, xray), pair.input_size)
-        seconds["decoding"] += time.perf_counter() - t2
-        return diagnose_screened(pair, Screened(square, xray, picture, seconds), method)
 
     checked: dict = {}
 
@@ -379,6 +379,20 @@ def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = c
     seconds = {"decoding": decoding + time.perf_counter() - t2, "refusal check": checked["seconds"]}
     first = {"teacher": (p, teacher_map, teacher_seconds)}
     return _diagnosis(pair, Screened(square, xray, picture, seconds), method, first)
+
+
+def diagnose_apart(pair: ModelPair, data: bytes, name: str = "upload", method: str = cam.DEFAULT_CAM) -> Diagnosis:
+    """`diagnose` with the refusal check on a teacher pass of its own first (screen), then the heat-map passes:
+    where the check cannot ride on the map's pass, and the baseline bench/diagnose.py times `diagnose` against."""
+    t0 = time.perf_counter()
+    square, xray = pair.prepare(data, name)
+    t1 = time.perf_counter()
+    xray = screen(pair, square, xray)
+    seconds = {"decoding": t1 - t0, "refusal check": time.perf_counter() - t1}
+    t2 = time.perf_counter()
+    picture = display_picture(display_pixels(pair, data, name, xray), pair.input_size)
+    seconds["decoding"] += time.perf_counter() - t2
+    return diagnose_screened(pair, Screened(square, xray, picture, seconds), method)
 
 
 def diagnose_screened(pair: ModelPair, screened: Screened, method: str = cam.DEFAULT_CAM) -> Diagnosis:

@@ -230,3 +230,14 @@ def test_predict_bulk_bench_times_both_paths(kd_tiny, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "5 files" in out and "one_by_one" in out and "batched" in out and "no verdict" in out
     assert "two_step" in out and "batched / two_step = " in out
+
+
+def test_diagnose_bench_times_the_two_step_path_beside_ours(capsys):
+    """bench/diagnose.py: ours, the two-step path (kd.serving.diagnose_apart) and the naive one, interleaved; one
+    pair gives figures but no ratio verdict."""
+    import diagnose
+
+    lines = diagnose.main(["--pairs", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "end to end (two-step)" in out and "ours/two-step = " in out and "ours/baseline = " in out
+    assert [line.split()[1] for line in lines] == ["diagnose_end_to_end_s"]

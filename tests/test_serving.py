@@ -41,15 +41,6 @@ def counted(pair):
             h.remove()
 
 
-def two_step(pair, data, name, method="layer2 GradCAM"):
-    """What Diagnose did before: the check on a teacher pass of its own, the display picture decoded apart."""
-    square, xray = pair.prepare(data, name)
-    xray = serving.screen(pair, square, xray)
-    shown = preprocess.load_xray(data, name=name, target_size=max(pair.input_size, serving.DISPLAY_SIZE))
-    picture = serving.display_picture(shown.pixels, pair.input_size)
-    return serving.diagnose_screened(pair, serving.Screened(square, xray, picture, {}), method)
-
-
 @pytest.mark.parametrize("data,name", [(jpeg_bytes(XRAY), "small.jpeg"),
                                        (jpeg_bytes(xray_like_array(1500, 1300, seed=5)), "big.jpeg"),
                                        (png_bytes(xray_like_array(2600, 2200, seed=6)), "huge.png")])
@@ -58,8 +49,10 @@ def test_diagnose_checks_on_the_teachers_own_pass_and_answers_as_the_two_step_pa
         d = serving.diagnose(pair, data, name)
     assert calls == {"teacher.layer1": 1, "teacher.layer3": 1, "teacher.layer4": 1,
                      "student.layer1": 1, "student.layer3": 1, "student.layer4": 1}  # one pass each, no second
-    before = two_step(pair, data, name)
+    before = serving.diagnose_apart(pair, data, name)  # the check on a teacher pass of its own
     assert np.array_equal(d.square, before.square) and np.array_equal(d.picture, before.picture)
+    shown = preprocess.load_xray(data, name=name, target_size=max(pair.input_size, serving.DISPLAY_SIZE)).pixels
+    assert np.array_equal(d.picture, serving.display_picture(shown, pair.input_size))  # as drawn before issue 19
     assert d.xray.warnings == before.xray.warnings
     for role in serving.ROLES:
         assert d.views[role].probability == before.views[role].probability
@@ -134,11 +127,10 @@ def test_predict_checks_on_the_teachers_own_pass_and_answers_as_before(pair):
     squares = np.stack([good[0], pair.prepare(junk["rotated_xray.jpeg"], "r.jpeg")[0], good[1],
                         pair.prepare(junk["black.png"], "b.png")[0]])
     refusals, warnings, found = serving.checked(pair, squares)
-    before_refusals, before_warnings = serving.screen_squares(pair, squares)
+    before_refusals, before_warnings, before_found = serving.checked_apart(pair, squares)
     assert refusals == before_refusals and warnings == before_warnings
     assert [f is None for f in found] == [False, True, False, True] and "turn it upright" in refusals[1]
-    before = serving.predict_squares(pair, squares[[0, 2]])
-    for got, expected in zip([found[0], found[2]], before):
+    for got, expected in zip([found[0], found[2]], [before_found[0], before_found[2]]):
         for role in serving.ROLES:
             assert got[role]["probability"] == expected[role]["probability"]
             assert got[role]["decision"] == expected[role]["decision"]

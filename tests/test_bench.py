@@ -232,11 +232,13 @@ def test_predict_bulk_bench_times_both_paths(kd_tiny, capsys, monkeypatch):
     assert "two_step" in out and "batched / two_step = " in out
 
 
-def test_diagnose_bench_times_the_two_step_path_beside_ours(capsys):
+def test_diagnose_bench_times_the_two_step_path_beside_ours(capsys, monkeypatch):
     """bench/diagnose.py: ours, the two-step path (kd.serving.diagnose_apart) and the naive one, interleaved; one
-    pair gives figures but no ratio verdict."""
+    pair gives figures but no ratio verdict. Without the data its picture must pass the refusal check (a clean
+    clone's CI found a generated texture refused)."""
     import diagnose
 
+    monkeypatch.setattr(diagnose, "SHARED", Path("/nonexistent"))
     lines = diagnose.main(["--pairs", "1", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "end to end (two-step)" in out and "ours/two-step = " in out and "ours/baseline = " in out

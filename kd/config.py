@@ -21,6 +21,7 @@ STUDENT_INITS = ("teacher-stem", "scratch")
 
 
 PHASES = ("pretrain", "finetune", "distill", "baseline")  # a run's phases, in order (baseline: the labels-only student)
+PROBE = "probe"  # the linear probe that opens fine-tuning (Config.probe_epochs): a part of the finetune phase
 # the training commands (CLI, the app's jobs, torchrun) and the phases each runs: the one list of them
 PHASE_COMMANDS = {"pipeline": PHASES, "pretrain": ("pretrain",), "finetune": ("finetune",), "distill": ("distill",)}
 
@@ -101,6 +102,12 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     label_smoothing: float = 0.0  # of the label cross-entropy (supervised phases and KD's label term)
     ema_decay: float = 0.0  # exponential moving average of the weights (0 = off); the EMA is what is exported
+    # fine-tuning starts with this many epochs of a linear probe: only the teacher's head trains, on the frozen
+    # pretrained features (BatchNorm statistics kept), at probe_lr; then every layer trains as before. LP-FT
+    # (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution"):
+    # a random head's first gradients no longer reshape the pretrained features. 0 = off
+    probe_epochs: int = 0
+    probe_lr: float = 1e-2
     bootstrap: int = 1000  # patient-bootstrap resamples behind the model card's confidence intervals
     threshold_rule: str = "youden"  # youden | sensitivity (>= min_sensitivity on validation) | calibrated-0.5
     min_sensitivity: float = 0.95
@@ -169,6 +176,8 @@ class Config:
             raise ValueError(f"label smoothing must be in [0, 0.5) (got {self.label_smoothing})")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1) (got {self.ema_decay})")
+        if self.probe_epochs < 0 or self.probe_lr <= 0:
+            raise ValueError(f"the linear probe needs epochs >= 0 and lr > 0 (got {self.probe_epochs}, {self.probe_lr})")
         a = self.augment
         if not 0.05 <= a.scale_min <= a.scale_max <= 2.0:
             raise ValueError(f"augment scale must satisfy 0.05 <= min <= max <= 2 (got {a.scale_min}, {a.scale_max})")

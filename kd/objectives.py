@@ -201,13 +201,23 @@ class SupervisedObjective(Objective):
     """Weighted cross-entropy on labels: fine-tuning the teacher, or the labels-only student baseline."""
 
     def __init__(self, model: nn.Module, role: str, image_size: int, class_weight: torch.Tensor,
-                 augmentation: augment.Augment = augment.SUPERVISED, label_smoothing: float = 0.0):
+                 augmentation: augment.Augment = augment.SUPERVISED, label_smoothing: float = 0.0,
+                 head_only: bool = False):
         super().__init__(image_size)
         setattr(self, role, model)
         self.role = role
         self.exports = (role,)
         self.augmentation, self.label_smoothing = augmentation, label_smoothing
+        self.head_only = head_only  # a linear probe: the features (and their BatchNorm statistics) stay as they are
+        for name, p in model.named_parameters():
+            p.requires_grad_(not head_only or name.startswith("fc."))
         self.register_buffer("class_weight", class_weight)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.head_only:
+            self.model.eval()  # BatchNorm keeps the pretrained statistics; the linear head has none to move
+        return self
 
     @property
     def model(self) -> nn.Module:

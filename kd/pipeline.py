@@ -15,7 +15,7 @@ from kd import distributed, locks, statefile
 from kd.augment import Augment
 from kd.cache import ImageSet
 from kd.checkpoint import load_weights, save_weights, write_json_atomic
-from kd.config import PHASES, Config
+from kd.config import PHASES, PROBE, Config, PhaseConfig
 from kd.data import describe
 from kd.export import export
 from kd.models import (ARCHITECTURES, build, build_student, build_teacher, init_from_file,
@@ -92,6 +92,7 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
     # each phase draws from its own (seed, phase) stream: a resumed run that skips finished phases
     # initialises this one exactly as the uninterrupted run did
     torch.manual_seed(phase_seed(cfg.seed, name, "init"))
+    probe_history = None  # the linear probe's epochs, when fine-tuning opens with one
     prep_s = 0.0  # work before the first epoch that belongs to the phase's cost (caching teacher logits)
     with_unlabeled = name == "pretrain" or (name == "distill" and cfg.distill_unlabeled)  # never for labels alone
     train = data.image_set("train", phase.image_size, with_unlabeled=with_unlabeled)
@@ -110,6 +111,8 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
             load_weights(teacher, pretrained)
         elif cfg.init:
             init_from_file(teacher, cfg.init)
+        if cfg.probe_epochs:
+            probe_history = probe_teacher(teacher, cfg, train, ctx, phase_dir, reporter, dist, resume, weights)
         objective = SupervisedObjective(teacher, "teacher", phase.image_size, weights,
                                         Augment.from_config(cfg.augment), cfg.label_smoothing).use_ema(cfg.ema_decay)
     else:
@@ -124,12 +127,32 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
               "metrics": last, "history": history,
               "image_size": phase.image_size, "epochs": phase.epochs, "train_images": len(train),
               "unlabeled_images": int((train.labels < 0).sum())}
+    if probe_history is not None:
+        result["probe"] = {"epochs": cfg.probe_epochs, "lr": cfg.probe_lr, "history": probe_history,
+                           "seconds": sum(h["seconds"] for h in probe_history)}
+        result["seconds"] += result["probe"]["seconds"]
     if dist.is_main:
         for role, model in objective.exported().items():
             save_weights(model, phase_dir / f"{role}.safetensors")
         write_json_atomic(done_path, result)
     distributed.barrier()
     return result
+
+
+def probe_teacher(teacher: torch.nn.Module, cfg: Config, train: ImageSet, ctx: ValContext, phase_dir: Path,
+                  reporter: Reporter, dist: distributed.Dist, resume: bool, class_weight: torch.Tensor) -> list[dict]:
+    """LP-FT's first step (Config.probe_epochs): the head alone trains on the frozen pretrained features, by the
+    same loop, with its own training state in finetune/probe/ (a killed probe resumes; a finished one reloads)."""
+    ft = cfg.finetune
+    phase = PhaseConfig(epochs=cfg.probe_epochs, image_size=ft.image_size, batch_size=ft.batch_size,
+                        lr=cfg.probe_lr, weight_decay=0.0, warmup_epochs=0.0)
+    objective = SupervisedObjective(teacher, "teacher", ft.image_size, class_weight, Augment.from_config(cfg.augment),
+                                    cfg.label_smoothing, head_only=True)
+    reporter.log("phase_start", phase=PROBE, epochs=phase.epochs, image_size=phase.image_size,
+                 train_images=len(train), val_images=len(ctx.val))
+    history = fit(objective, train, phase, ctx, phase_dir / PROBE, reporter, PROBE, seed=cfg.seed,
+                  grad_clip=cfg.grad_clip, resume=resume, dist=dist, bf16=cfg.cpu_bf16)
+    return history
 
 
 def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: ImageSet, class_weight: torch.Tensor,

@@ -157,3 +157,53 @@ def test_outside_lungs_blurs_only_outside_the_lung_fields():
     assert not torch.equal(Augment()(x, 64, g()), Augment(outside_lungs=1.0)(x, 64, g()))
     with pytest.raises(ValueError, match="outside_lungs"):
         preset("tiny", augment=AugmentConfig(outside_lungs=1.5))
+
+
+def test_linear_probe_trains_the_head_alone_then_fine_tuning_trains_every_layer(tmp_path):
+    """LP-FT (Config.probe_epochs): the probe's state holds the initial backbone bit for bit (its BatchNorm
+    statistics too) and a new head; the fine-tuned teacher starts from that head and moves the backbone;
+    the probe's epochs are logged under their own name and kept in the finetune record."""
+    import json
+
+    from kd.checkpoint import load_state
+    from kd.models import build_teacher
+    from kd.pipeline import run
+    from kd.train import phase_seed
+    from tests.fixtures.xray_fixtures import write_kermany_dataset
+
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(8, 8), size=40)
+    out = tmp_path / "run"
+    cfg = preset("tiny", data=str(data), out=str(out), device="cpu", probe_epochs=2, probe_lr=0.05)
+    run(cfg, phases=("finetune",), progress=False)
+    torch.manual_seed(phase_seed(cfg.seed, "finetune", "init"))
+    initial = build_teacher().state_dict()
+    probed = {k[len("teacher."):]: v for k, v in load_state(out / "finetune" / "probe" / "state.pt")["objective"].items()
+              if k.startswith("teacher.")}
+    body = [k for k in initial if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    assert all(torch.equal(probed[k], initial[k]) for k in body)  # weights and running statistics untouched
+    assert not torch.equal(probed["fc.weight"], initial["fc.weight"])
+    from safetensors.torch import load_file
+    tuned = load_file(out / "finetune" / "teacher.safetensors")
+    assert not torch.equal(tuned["layer1.0.conv1.weight"].float(), initial["layer1.0.conv1.weight"].float())
+    done = json.loads((out / "finetune" / "done.json").read_text())
+    assert done["probe"]["epochs"] == 2 and len(done["probe"]["history"]) == 2 and done["probe"]["lr"] == 0.05
+    events = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events if e["kind"] == "epoch" and e["phase"] == "probe"] == [1, 2]
+    with pytest.raises(ValueError, match="linear probe"):
+        preset("tiny", probe_epochs=-1)
+
+
+def test_the_progress_bar_shows_the_probe_as_the_start_of_fine_tuning(tmp_path):
+    import json
+
+    from kd.ui.run_views import run_view
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "status.json").write_text(json.dumps({
+        "state": "running", "phases": ["pretrain", "finetune", "distill", "baseline"], "phase": "probe",
+        "last_event": "step", "epoch": 1, "epochs": 2, "step": 3, "steps": 4, "global_step": 7, "total_steps": 8,
+        "time": 0.0, "pid": 0}))
+    view = run_view(run_dir)
+    assert view.progress_text.startswith("finetune (2/4) · linear probe · epoch 1/2 · step 3/4")
+    assert view.fraction == pytest.approx(0.25)

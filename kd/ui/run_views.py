@@ -13,6 +13,7 @@ import pandas as pd
 from kd import data as kdata
 from kd import progress as kprogress
 from kd import runs as kruns
+from kd.config import PROBE
 from kd.statefile import UnreadableState
 from kd.ui.served import ROLES
 from kd.ui.state import dataset_state, running_job, runs_root
@@ -137,16 +138,19 @@ def run_view(run_dir: str | Path) -> RunView:
     state = live_state(status, running, job) or "unknown"
     phases = list(status.get("phases") or [])
     phase = status.get("phase")
+    probing = phase == PROBE  # the linear probe that opens fine-tuning: shown as that phase's first part
+    if probing:
+        phase = "finetune"
     steps = step_frame(events)
     if state == "finished":
         fraction, text = 1.0, "finished"
     elif phase in phases:
         i = phases.index(phase)
         within = (status.get("global_step") or 0) / max(1, status.get("total_steps") or 1)
-        if status.get("last_event") == "phase_start":
+        if status.get("last_event") == "phase_start" or probing:
             within = 0.0
         fraction = min(1.0, (i + within) / max(1, len(phases)))
-        text = f"{phase} ({i + 1}/{len(phases)}) · {_phase_position(status)}"
+        text = f"{phase} ({i + 1}/{len(phases)}) · {'linear probe · ' if probing else ''}{_phase_position(status)}"
         if running and status.get("eta_s") is not None and status.get("last_event") == "step":
             text += f" · ETA for this phase {_duration(status.get('eta_s'))}"
     elif phase == "export":

@@ -37,8 +37,10 @@ class Augment:
         fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("scale_min", "scale_max")}
         return cls(scale=(cfg.scale_min, cfg.scale_max), **fields)
 
-    def __call__(self, images: torch.Tensor, out_size: int, generator: torch.Generator) -> torch.Tensor:
-        """uint8 [B, H, W] -> normalised float [B, 1, out, out]."""
+    def __call__(self, images: torch.Tensor, out_size: int, generator: torch.Generator, lungs: bool = False):
+        """uint8 [B, H, W] -> normalised float [B, 1, out, out]; with `lungs`, also the images' lung fields
+        (kd.lungs) moved by the same crop, turn and shift, [B, 1, out, out] in [0, 1] (no extra random draw: the
+        view is the same either way)."""
         b, dev = images.shape[0], images.device
 
         def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -58,6 +60,8 @@ class Augment:
             x = blur_outside_lungs(images, x, torch.rand(b, generator=generator, device=dev) < self.outside_lungs)
         grid = F.affine_grid(theta, [b, 1, out_size, out_size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        lung_view = F.grid_sample(lung_masks(images, x.dtype), grid, mode="bilinear", padding_mode="zeros",
+                                  align_corners=False) if lungs else None
         if self.gamma:
             x = x.clamp_min(1e-6) ** uniform(-self.gamma, self.gamma).exp().view(b, 1, 1, 1)
         c = uniform(1 - self.contrast_jitter, 1 + self.contrast_jitter).view(b, 1, 1, 1)
@@ -68,7 +72,7 @@ class Augment:
         if self.noise:
             std = uniform(0, self.noise).view(b, 1, 1, 1)
             x = (x + std * torch.randn(x.shape, generator=generator, device=dev)).clamp(0, 1)
-        return standardize(x)
+        return (standardize(x), lung_view) if lungs else standardize(x)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
@@ -85,18 +89,26 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
     return y.transpose(0, 1)
 
 
+def lung_masks(images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """kd.lungs.lung_mask of each uint8 [H, W] image, as [B, 1, H, W] of 0 / 1."""
+    from kd.lungs import lung_mask
+
+    h, w = images.shape[-2:]
+    masks = torch.stack([torch.from_numpy(lung_mask(img.cpu().numpy())) for img in images])
+    masks = masks.unsqueeze(1).to(images.device, dtype)
+    return masks if masks.shape[-2:] == (h, w) else F.interpolate(masks, size=(h, w), mode="bilinear",
+                                                                  align_corners=False)
+
+
 def blur_outside_lungs(images: torch.Tensor, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """x [B, 1, H, W] with the chosen images' pixels outside their lung fields (kd.lungs.lung_mask, from the
     uint8 `images`) replaced by a Gaussian blur of sigma H/24; the mask's edge is softened over H/64, so the
     seam is not itself a sharp edge to learn."""
     if not bool(chosen.any()):
         return x
-    from kd.lungs import lung_mask
-
     idx = torch.nonzero(chosen).flatten()
-    h, w = x.shape[-2:]
-    masks = torch.stack([torch.from_numpy(lung_mask(images[i].cpu().numpy())) for i in idx.tolist()])
-    m = F.interpolate(masks.unsqueeze(1).float().to(x.device), size=(h, w), mode="bilinear", align_corners=False)
+    h = x.shape[-2]
+    m = lung_masks(images[idx]).to(x.device)
     m = gaussian_blur(m, torch.full((len(idx),), h / 64, device=x.device), h / 64).clamp(0, 1)
     sigma = h / 24
     blurred = gaussian_blur(x[idx], torch.full((len(idx),), sigma, device=x.device), sigma)

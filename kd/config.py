@@ -86,6 +86,11 @@ class Config:
     temperature: float = 4.0  # KD softening temperature T
     alpha: float = 0.5  # weight of the label cross-entropy; (1 - alpha) goes to the KD term
     hint_weight: float = 0.0  # FitNets feature hint (student layer4 -> teacher layer4); 0 = off
+    # distillation adds this weight x the share of the student's Grad-CAM (PNEUMONIA logit, on lung_cam_stage: the
+    # app's default map) that lies outside the image's lung fields (kd.lungs), the map kept differentiable
+    # (kd.losses.lung_cam; GAIN, Li et al. 2018): a lever for heat maps on the lungs (issue 20). 0 = off
+    lung_cam_weight: float = 0.0
+    lung_cam_stage: str = "layer2"
     # online: the teacher sees each augmented view the student sees (Beyer et al. 2022, consistent teaching);
     # cached: the teacher's logits on the un-augmented image, computed once (cheaper, "fixed teacher")
     teacher_targets: str = "online"
@@ -158,6 +163,12 @@ class Config:
         if self.teacher_targets == "cached" and self.hint_weight > 0:
             raise ValueError("the FitNets hint needs the teacher's feature maps of each augmented view: "
                              "use teacher targets 'online' with a hint weight above 0")
+        if self.lung_cam_weight < 0 or self.lung_cam_stage not in ("layer1", "layer2", "layer3", "layer4"):
+            raise ValueError(f"the lung heat-map penalty needs a weight >= 0 and a stage layer1-layer4 "
+                             f"(got {self.lung_cam_weight}, {self.lung_cam_stage!r})")
+        if self.lung_cam_weight > 0 and self.hint_weight > 0:
+            raise ValueError("the lung heat-map penalty and the FitNets hint are not combined: set one of "
+                             "lung_cam_weight and hint_weight to 0")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be between 0 and 1 (got {self.alpha})")
         if self.temperature <= 0:

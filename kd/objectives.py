@@ -24,8 +24,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from kd import augment, metrics
 from kd.cache import ImageSet
 from kd.scoring import predict_logits
-from kd.losses import HintLoss, distillation_loss
-from kd.models import embed, feature_dim, feature_map
+from kd.losses import HintLoss, distillation_loss, outside_lung_share
+from kd.models import STAGES, embed, feature_dim, feature_map
 
 
 @dataclass
@@ -40,6 +40,9 @@ class ValContext:
     max_knn_bank: int = 2000
 
 
+PNEUMONIA = 1  # the class index of kd.data's labels (NORMAL 0)
+
+
 def class_weights(counts) -> torch.Tensor:
     """Inverse-frequency weights (1,341 normal vs 3,875 pneumonia in Kermany train)."""
     counts = torch.as_tensor(np.maximum(np.asarray(counts, dtype=np.float64), 1.0))
@@ -49,6 +52,15 @@ def class_weights(counts) -> torch.Tensor:
 def logits_and_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     fmap = feature_map(model, x)
     return model.fc(torch.flatten(model.avgpool(fmap), 1)), fmap
+
+
+def logits_and_stage(model: nn.Module, x: torch.Tensor, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and one ResNet stage's output from a single forward pass (what a Grad-CAM of it needs)."""
+    a = feature_map(model, x, stage)
+    y = a
+    for name in STAGES[STAGES.index(stage) + 1:]:
+        y = getattr(model, name)(y)
+    return model.fc(torch.flatten(model.avgpool(y), 1)), a
 
 
 class Objective(nn.Module):
@@ -244,9 +256,11 @@ class DistillationObjective(Objective):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, image_size: int, class_weight: torch.Tensor,
                  temperature: float, alpha: float, hint_weight: float = 0.0,
-                 augmentation: augment.Augment = augment.SUPERVISED, label_smoothing: float = 0.0):
+                 augmentation: augment.Augment = augment.SUPERVISED, label_smoothing: float = 0.0,
+                 lung_cam_weight: float = 0.0, lung_cam_stage: str = "layer2"):
         super().__init__(image_size)
         self.student, self.teacher = student, teacher
+        self.lung_cam_weight, self.lung_cam_stage = lung_cam_weight, lung_cam_stage
         self.augmentation, self.label_smoothing = augmentation, label_smoothing
         deactivate_requires_grad(self.teacher)
         self.temperature, self.alpha, self.hint_weight = temperature, alpha, hint_weight
@@ -259,15 +273,27 @@ class DistillationObjective(Objective):
         return self
 
     def forward(self, images, labels, generator, teacher_logits=None):
-        x = self.augmentation(images, self.image_size, generator).contiguous(memory_format=torch.channels_last)
+        lungs = None
+        if self.lung_cam_weight:
+            x, lungs = self.augmentation(images, self.image_size, generator, lungs=True)
+        else:
+            x = self.augmentation(images, self.image_size, generator)
+        x = x.contiguous(memory_format=torch.channels_last)
         t_map = None
         if teacher_logits is None:
             with torch.no_grad():
                 teacher_logits, t_map = logits_and_map(self.teacher, x)
-        s_logits, s_map = logits_and_map(self.student, x)
+        stats = {}
+        if lungs is not None:  # the map the app draws (Grad-CAM of the PNEUMONIA logit) kept off the lungs' outside
+            s_logits, s_stage = logits_and_stage(self.student, x, self.lung_cam_stage)
+            outside = outside_lung_share(s_logits[:, PNEUMONIA], s_stage, lungs)
+            stats["outside_lungs"] = outside.detach()
+        else:
+            s_logits, s_map = logits_and_map(self.student, x)
         loss = distillation_loss(s_logits, teacher_logits.float(), labels, self.temperature, self.alpha,
                                  self.class_weight, self.label_smoothing)
-        stats = {}
+        if lungs is not None:
+            loss = loss + self.lung_cam_weight * outside
         if self.hint is not None and t_map is not None:
             hint = self.hint(s_map, t_map)
             loss = loss + self.hint_weight * hint

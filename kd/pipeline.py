@@ -170,7 +170,8 @@ def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: I
                                         cfg.label_smoothing)
         return objective.use_ema(cfg.ema_decay), train, 0.0
     objective = DistillationObjective(student, teacher, phase.image_size, class_weight, cfg.temperature, cfg.alpha,
-                                      cfg.hint_weight, augmentation, cfg.label_smoothing).use_ema(cfg.ema_decay)
+                                      cfg.hint_weight, augmentation, cfg.label_smoothing, cfg.lung_cam_weight,
+                                      cfg.lung_cam_stage).use_ema(cfg.ema_decay)
     if cfg.teacher_targets != "cached":
         return objective, train, 0.0
     if reporter is not None:

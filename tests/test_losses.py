@@ -138,3 +138,24 @@ def test_distillation_with_cached_teacher_logits_skips_the_teacher_forward():
     assert cached.item() == pytest.approx(online.item(), rel=1e-5)
     other, _ = obj(images, labels, torch.Generator().manual_seed(0), -said)
     assert other.item() != pytest.approx(cached.item(), rel=1e-3)  # the cached logits are what it learns from
+
+
+def test_outside_lung_share_is_grad_cam_mass_outside_the_mask_by_plain_math():
+    from kd.losses import outside_lung_share
+
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 2, 2, requires_grad=True)
+    v = torch.tensor([1.0, -2.0, 0.5])
+    score = (a ** 2).mean((2, 3)) @ v  # d score / d A_k(ij) = 2 v_k A_k(ij) / 4: channel weight = v_k mean(A_k) / 2
+    lungs = torch.zeros(2, 1, 4, 4)
+    lungs[:, :, :, :2] = 1.0  # the left half of a 4x4 view: the left column of the 2x2 map
+    share = outside_lung_share(score, a, lungs)
+    with torch.no_grad():
+        weights = (v.view(1, 3, 1, 1) * a.mean((2, 3), keepdim=True) / 2)
+        cam = (weights * a).sum(1).clamp_min(0)  # [2, 2, 2]
+        expected = [float(c[:, 1].sum() / c.sum()) if c.sum() > 0 else 0.0 for c in cam]
+    assert share.item() == pytest.approx(sum(expected) / 2, rel=1e-5)
+    share.backward()  # the penalty reaches the activations through the kept graph of its own weights
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    empty = torch.full((1, 3, 2, 2), -1.0, requires_grad=True)  # no positive mass: nothing outside the lungs
+    assert outside_lung_share(empty.sum((1, 2, 3)), empty, lungs[:1]).item() == 0.0

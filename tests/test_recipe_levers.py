@@ -207,3 +207,64 @@ def test_the_progress_bar_shows_the_probe_as_the_start_of_fine_tuning(tmp_path):
     view = run_view(run_dir)
     assert view.progress_text.startswith("finetune (2/4) · linear probe · epoch 1/2 · step 3/4")
     assert view.fraction == pytest.approx(0.25)
+
+
+def test_the_lung_view_moves_with_the_augmented_view_and_leaves_it_unchanged():
+    from kd.augment import lung_masks
+
+    x = _batch(n=3, size=128, seed=5)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    aug = Augment.from_config(AugmentConfig(scale_min=0.5, scale_max=1.1, aspect=0.15, rotation=10.0))
+    plain = aug(x, 64, g())
+    view, lungs = aug(x, 64, g(), lungs=True)
+    assert torch.equal(plain, view) and lungs.shape == (3, 1, 64, 64)
+    still = Augment(scale=(1.0, 1.0), rotation=0.0, translate=0.0, brightness=0.0, contrast_jitter=0.0)
+    _, same = still(x, 128, g(), lungs=True)  # no crop, turn or shift: the image's own lung fields
+    assert torch.allclose(same, lungs_full := lung_masks(x), atol=1e-5) and lungs_full.sum() > 0
+    assert not torch.allclose(lungs, F.interpolate(lungs_full, size=64, mode="area"), atol=0.05)  # moved
+
+
+def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student():
+    from kd.losses import outside_lung_share
+    from kd.models import build_student, build_teacher
+    from kd.objectives import DistillationObjective, logits_and_stage
+
+    x = _batch(n=4, size=64, seed=6)
+    labels = torch.tensor([0, 1, 0, 1])
+    teacher_logits = torch.randn(4, 2)
+    torch.manual_seed(0)
+    student, teacher = build_student(), build_teacher()
+    make = lambda w: DistillationObjective(student, teacher, 64, class_weights([1, 1]), 4.0, 0.5,  # noqa: E731
+                                           lung_cam_weight=w).train()
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    plain, _ = make(0.0)(x, labels, g(), teacher_logits)
+    loss, stats = make(2.0)(x, labels, g(), teacher_logits)
+    view, lungs = make(0.0).augmentation(x, 64, g(), lungs=True)
+    logits, stage = logits_and_stage(student, view, "layer2")
+    share = outside_lung_share(logits[:, 1], stage, lungs)
+    assert 0 < stats["outside_lungs"] < 1 and stats["outside_lungs"].item() == pytest.approx(share.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(plain.item() + 2.0 * share.item(), rel=1e-4)
+    student.zero_grad()
+    loss.backward()
+    assert student.conv1.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="lung heat-map"):
+        preset("tiny", lung_cam_weight=-1.0)
+    with pytest.raises(ValueError, match="not combined"):
+        preset("tiny", lung_cam_weight=1.0, hint_weight=1.0, teacher_targets="online")
+
+
+def test_a_run_with_the_lung_cam_penalty_logs_the_share_outside_the_lungs(tmp_path):
+    import json
+
+    from kd.pipeline import run
+    from tests.fixtures.xray_fixtures import write_kermany_dataset
+
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(8, 8), size=40)
+    out = tmp_path / "run"
+    cfg = preset("tiny", data=str(data), out=str(out), device="cpu", lung_cam_weight=1.0, teacher_targets="cached")
+    run(cfg, phases=("finetune", "distill"), progress=False)
+    steps = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines() if '"step"' in x]
+    shares = [e["outside_lungs"] for e in steps if e["phase"] == "distill"]
+    assert shares and all(0 <= s <= 1 for s in shares)
+    assert not any("outside_lungs" in e for e in steps if e["phase"] == "finetune")
+    assert json.loads((out / "config.json").read_text())["lung_cam_weight"] == 1.0

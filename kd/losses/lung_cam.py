@@ -1,0 +1,24 @@
+"""The share of a differentiable Grad-CAM's mass outside the lung fields: a penalty that trains the map itself.
+
+Ross et al., "Right for the Right Reasons: Training Differentiable Models by Constraining their Explanations"
+(IJCAI 2017), arXiv:1703.03717, penalise input gradients where an expert mask says no evidence lies; Li et al.,
+"Tell Me Where to Look: Guided Attention Inference Network" (CVPR 2018), arXiv:1802.10171, train the Grad-CAM
+map directly. This is the second, on the map the app shows (Grad-CAM of the PNEUMONIA logit on one stage) and
+with kd.lungs' estimated lung fields as the mask: Grad-CAM's channel weights are the score's gradient at the
+stage, kept in the graph (`create_graph`), so the penalty's own gradient reaches every layer up to that stage.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def outside_lung_share(score: torch.Tensor, activations: torch.Tensor, lungs: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of sum(cam * (1 - lungs)) / sum(cam), cam = relu(sum_k mean_ij(d score / d A_k) A_k).
+
+    score: [B], one scalar per image, computed from `activations` [B, K, h, w] (a stage's output); lungs:
+    [B, 1, H, W] in [0, 1], the lung fields in the view the model saw (averaged down to the map's grid). A map
+    with no positive mass counts 0: it puts nothing outside the lungs."""
+    (grads,) = torch.autograd.grad(score.sum(), activations, create_graph=True)
+    cam = F.relu((grads.mean((2, 3), keepdim=True) * activations).sum(1, keepdim=True)).float()
+    inside = F.adaptive_avg_pool2d(lungs.float(), cam.shape[-2:])
+    total = cam.sum((1, 2, 3))
+    return ((cam * (1 - inside)).sum((1, 2, 3)) / total.clamp_min(1e-8)).mean()

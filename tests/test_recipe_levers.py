@@ -1,4 +1,6 @@
 """The recipe levers of bench/recipes.py: each behaves as its docstring says, on small synthetic data."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -237,16 +239,20 @@ def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student
     make = lambda w: DistillationObjective(student, teacher, 64, class_weights([1, 1]), 4.0, 0.5,  # noqa: E731
                                            lung_cam_weight=w).train()
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
-    plain, _ = make(0.0)(x, labels, g(), teacher_logits)
-    loss, stats = make(2.0)(x, labels, g(), teacher_logits)
+    before = copy.deepcopy(student)
     view, lungs = make(0.0).augmentation(x, 64, g(), lungs=True)
-    logits, stage = logits_and_stage(student, view, "layer2")
+    logits, stage = logits_and_stage(copy.deepcopy(before).eval(), view, "layer2")  # as the app runs it
     share = outside_lung_share(logits[:, 1], stage, lungs)
-    assert 0 < stats["outside_lungs"] < 1 and stats["outside_lungs"].item() == pytest.approx(share.item(), rel=1e-4)
-    assert loss.item() == pytest.approx(plain.item() + 2.0 * share.item(), rel=1e-4)
+    loss, stats = make(2.0)(x, labels, g(), teacher_logits)
+    assert student.training  # the evaluation-mode pass gives the student back in training mode
     student.zero_grad()
     loss.backward()
     assert student.conv1.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        student.load_state_dict(before.state_dict())  # the running statistics as they were before that step
+        plain, _ = make(0.0)(x, labels, g(), teacher_logits)
+    assert 0 < stats["outside_lungs"] < 1 and stats["outside_lungs"].item() == pytest.approx(share.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(plain.item() + 2.0 * share.item(), rel=1e-4)
     with pytest.raises(ValueError, match="lung heat-map"):
         preset("tiny", lung_cam_weight=-1.0)
     with pytest.raises(ValueError, match="not combined"):

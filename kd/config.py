@@ -86,9 +86,10 @@ class Config:
     temperature: float = 4.0  # KD softening temperature T
     alpha: float = 0.5  # weight of the label cross-entropy; (1 - alpha) goes to the KD term
     hint_weight: float = 0.0  # FitNets feature hint (student layer4 -> teacher layer4); 0 = off
-    # distillation adds this weight x the share of the student's Grad-CAM (PNEUMONIA logit, on lung_cam_stage: the
-    # app's default map) that lies outside the image's lung fields (kd.lungs), the map kept differentiable
-    # (kd.losses.lung_cam; GAIN, Li et al. 2018): a lever for heat maps on the lungs (issue 20). 0 = off
+    # distillation adds this weight x the student's Grad-CAM mass (PNEUMONIA logit, on lung_cam_stage: the app's
+    # default map) outside the image's lung fields (kd.lungs) less its mass inside, over the map's whole mass, the
+    # map kept differentiable (kd.losses.lung_cam; GAIN, Li et al. 2018): a lever for heat maps on the lungs
+    # (issue 20). 0 = off
     lung_cam_weight: float = 0.0
     lung_cam_stage: str = "layer2"
     # online: the teacher sees each augmented view the student sees (Beyer et al. 2022, consistent teaching);

@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from kd import augment, metrics
 from kd.cache import ImageSet
 from kd.scoring import predict_logits
-from kd.losses import HintLoss, distillation_loss, outside_lung_share
+from kd.losses import HintLoss, distillation_loss, outside_lung_balance
 from kd.models import STAGES, embed, feature_dim, feature_map
 
 
@@ -285,22 +285,22 @@ class DistillationObjective(Objective):
                 teacher_logits, t_map = logits_and_map(self.teacher, x)
         stats = {}
         if lungs is not None:
-            outside = self.outside_lungs(x, lungs)
-            stats["outside_lungs"] = outside.detach()
+            balance = self.lung_cam_balance(x, lungs)
+            stats["lung_cam_balance"] = balance.detach()
         s_logits, s_map = logits_and_map(self.student, x)
         loss = distillation_loss(s_logits, teacher_logits.float(), labels, self.temperature, self.alpha,
                                  self.class_weight, self.label_smoothing)
         if lungs is not None:
-            loss = loss + self.lung_cam_weight * outside
+            loss = loss + self.lung_cam_weight * balance
         if self.hint is not None and t_map is not None:
             hint = self.hint(s_map, t_map)
             loss = loss + self.hint_weight * hint
             stats["hint"] = hint.detach()
         return loss, stats
 
-    def outside_lungs(self, x: torch.Tensor, lungs: torch.Tensor) -> torch.Tensor:
-        """The share of the map the app draws (Grad-CAM of the PNEUMONIA logit on lung_cam_stage) outside the
-        lung fields, from the student as the app runs it: BatchNorm on its running statistics. Measured with the
+    def lung_cam_balance(self, x: torch.Tensor, lungs: torch.Tensor) -> torch.Tensor:
+        """kd.losses.lung_cam of the map the app draws (Grad-CAM of the PNEUMONIA logit on lung_cam_stage):
+        its mass outside the lung fields less its mass inside, from the student as the app runs it: BatchNorm on its running statistics. Measured with the
         batch's statistics instead, the penalty was met by the batch statistics alone (share outside 0.000 in
         training mode, 0.72 in evaluation mode on the same training images): a separate pass in evaluation mode,
         which neither reads nor moves the running statistics' update."""
@@ -308,7 +308,7 @@ class DistillationObjective(Objective):
         self.student.eval()
         try:
             s_logits, s_stage = logits_and_stage(self.student, x, self.lung_cam_stage)
-            return outside_lung_share(s_logits[:, PNEUMONIA], s_stage, lungs)
+            return outside_lung_balance(s_logits[:, PNEUMONIA], s_stage, lungs)
         finally:
             self.student.train(was_training)
 

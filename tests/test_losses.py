@@ -140,8 +140,8 @@ def test_distillation_with_cached_teacher_logits_skips_the_teacher_forward():
     assert other.item() != pytest.approx(cached.item(), rel=1e-3)  # the cached logits are what it learns from
 
 
-def test_outside_lung_share_is_grad_cam_mass_outside_the_mask_by_plain_math():
-    from kd.losses import outside_lung_share
+def test_outside_lung_balance_is_grad_cam_mass_outside_minus_inside_by_plain_math():
+    from kd.losses import outside_lung_balance
 
     torch.manual_seed(0)
     a = torch.randn(2, 3, 2, 2, requires_grad=True)
@@ -149,13 +149,28 @@ def test_outside_lung_share_is_grad_cam_mass_outside_the_mask_by_plain_math():
     score = (a ** 2).mean((2, 3)) @ v  # d score / d A_k(ij) = 2 v_k A_k(ij) / 4: channel weight = v_k mean(A_k) / 2
     lungs = torch.zeros(2, 1, 4, 4)
     lungs[:, :, :, :2] = 1.0  # the left half of a 4x4 view: the left column of the 2x2 map
-    share = outside_lung_share(score, a, lungs)
+    share = outside_lung_balance(score, a, lungs)
     with torch.no_grad():
-        weights = (v.view(1, 3, 1, 1) * a.mean((2, 3), keepdim=True) / 2)
-        cam = (weights * a).sum(1).clamp_min(0)  # [2, 2, 2]
-        expected = [float(c[:, 1].sum() / c.sum()) if c.sum() > 0 else 0.0 for c in cam]
+        cam = ((v.view(1, 3, 1, 1) * a.mean((2, 3), keepdim=True) / 2) * a).sum(1)  # [2, 2, 2], signed
+        drawn = cam.clamp_min(0)
+        expected = [float((d[:, 1].sum() - d[:, 0].sum()) / c.abs().sum()) for c, d in zip(cam, drawn)]
     assert share.item() == pytest.approx(sum(expected) / 2, rel=1e-5)
     share.backward()  # the penalty reaches the activations through the kept graph of its own weights
     assert a.grad is not None and a.grad.abs().sum() > 0
-    empty = torch.full((1, 3, 2, 2), -1.0, requires_grad=True)  # no positive mass: nothing outside the lungs
-    assert outside_lung_share(empty.sum((1, 2, 3)), empty, lungs[:1]).item() == 0.0
+
+
+def test_an_empty_map_scores_worse_than_one_drawn_on_the_lungs():
+    """What a student trained on the share outside alone found: drawing nothing. Here nothing scores 0, a map on
+    the lungs -1, a map outside them +1."""
+    from kd.losses import outside_lung_balance
+
+    lungs = torch.zeros(1, 1, 2, 2)
+    lungs[..., 0] = 1.0  # left column
+    def penalty(pattern):
+        a = torch.tensor(pattern, dtype=torch.float32).view(1, 1, 2, 2).requires_grad_(True)
+        return outside_lung_balance(a.mean((1, 2, 3)), a, lungs).item()  # channel weight 1/4 > 0: cam = a / 4
+    assert penalty([-1.0, -1.0, -1.0, -1.0]) == pytest.approx(0.0)
+    assert penalty([1.0, 0.0, 1.0, 0.0]) == pytest.approx(-1.0)
+    assert penalty([0.0, 1.0, 0.0, 1.0]) == pytest.approx(1.0)
+    assert penalty([1.0, -1.0, 1.0, -1.0]) == pytest.approx(-0.5)  # drawn on the lungs, negative outside them
+    assert penalty([1.0, 1.0, 1.0, 1.0]) == pytest.approx(0.0)  # half on, half off the lungs

@@ -227,7 +227,7 @@ def test_the_lung_view_moves_with_the_augmented_view_and_leaves_it_unchanged():
 
 
 def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student():
-    from kd.losses import outside_lung_share
+    from kd.losses import outside_lung_balance
     from kd.models import build_student, build_teacher
     from kd.objectives import DistillationObjective, logits_and_stage
 
@@ -242,7 +242,7 @@ def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student
     before = copy.deepcopy(student)
     view, lungs = make(0.0).augmentation(x, 64, g(), lungs=True)
     logits, stage = logits_and_stage(copy.deepcopy(before).eval(), view, "layer2")  # as the app runs it
-    share = outside_lung_share(logits[:, 1], stage, lungs)
+    share = outside_lung_balance(logits[:, 1], stage, lungs)
     loss, stats = make(2.0)(x, labels, g(), teacher_logits)
     assert student.training  # the evaluation-mode pass gives the student back in training mode
     student.zero_grad()
@@ -251,7 +251,7 @@ def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student
     with torch.no_grad():
         student.load_state_dict(before.state_dict())  # the running statistics as they were before that step
         plain, _ = make(0.0)(x, labels, g(), teacher_logits)
-    assert 0 < stats["outside_lungs"] < 1 and stats["outside_lungs"].item() == pytest.approx(share.item(), rel=1e-4)
+    assert -1 < stats["lung_cam_balance"] < 1 and stats["lung_cam_balance"].item() == pytest.approx(share.item(), rel=1e-4)
     assert loss.item() == pytest.approx(plain.item() + 2.0 * share.item(), rel=1e-4)
     with pytest.raises(ValueError, match="lung heat-map"):
         preset("tiny", lung_cam_weight=-1.0)
@@ -270,7 +270,7 @@ def test_a_run_with_the_lung_cam_penalty_logs_the_share_outside_the_lungs(tmp_pa
     cfg = preset("tiny", data=str(data), out=str(out), device="cpu", lung_cam_weight=1.0, teacher_targets="cached")
     run(cfg, phases=("finetune", "distill"), progress=False)
     steps = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines() if '"step"' in x]
-    shares = [e["outside_lungs"] for e in steps if e["phase"] == "distill"]
-    assert shares and all(0 <= s <= 1 for s in shares)
-    assert not any("outside_lungs" in e for e in steps if e["phase"] == "finetune")
+    shares = [e["lung_cam_balance"] for e in steps if e["phase"] == "distill"]
+    assert shares and all(-1 <= s <= 1 for s in shares)
+    assert not any("lung_cam_balance" in e for e in steps if e["phase"] == "finetune")
     assert json.loads((out / "config.json").read_text())["lung_cam_weight"] == 1.0

@@ -1,6 +1,6 @@
 """Distillation losses, one per file. SSL objectives come from lightly (`lightly.loss`)."""
 from kd.losses.distill import DistillKL, distillation_loss
 from kd.losses.hint import HintLoss
-from kd.losses.lung_cam import outside_lung_share
+from kd.losses.lung_cam import outside_lung_balance
 
-__all__ = ["DistillKL", "distillation_loss", "HintLoss", "outside_lung_share"]
+__all__ = ["DistillKL", "distillation_loss", "HintLoss", "outside_lung_balance"]

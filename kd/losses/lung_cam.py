@@ -12,17 +12,18 @@ import torch.nn.functional as F
 
 
 def outside_lung_balance(score: torch.Tensor, activations: torch.Tensor, lungs: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of (positive mass outside the lungs - positive mass inside) / total absolute mass of
-    the map cam = sum_k mean_ij(d score / d A_k) A_k, in [-1, 1]; Grad-CAM draws relu(cam).
+    """Mean over the batch of (sum of cam outside the lungs - sum of cam inside) / sum |cam|, in [-1, 1], for the
+    signed map cam = sum_k mean_ij(d score / d A_k) A_k (Grad-CAM draws relu(cam)).
 
     score: [B], one scalar per image, computed from `activations` [B, K, h, w] (a stage's output); lungs:
     [B, 1, H, W] in [0, 1], the lung fields in the view the model saw (averaged down to the map's grid).
-    -1: every drawn pixel on the lungs; +1: every one outside; 0: an empty drawing (cam <= 0 everywhere).
-    The share outside alone (outside / positive mass) was met by empty maps: a student trained with it drew
-    nothing on 100 of 100 validation X-rays."""
+    -1: positive on the lungs and negative elsewhere (drawn on the lungs only). Two earlier forms were met
+    without a map on the lungs: the share of relu(cam) outside, by drawing nothing; relu(cam)'s outside minus
+    inside, by the same empty map, where relu gives no gradient (a fresh student's map in evaluation mode is
+    empty from the start). On the signed map every pixel inside the lungs is pushed up, so an empty drawing
+    scores only the outside's area share less the inside's and still has a gradient towards the lungs."""
     (grads,) = torch.autograd.grad(score.sum(), activations, create_graph=True)
     cam = (grads.mean((2, 3), keepdim=True) * activations).sum(1, keepdim=True).float()
     inside = F.adaptive_avg_pool2d(lungs.float(), cam.shape[-2:])
-    drawn = F.relu(cam)
-    balance = (drawn * (1 - inside)).sum((1, 2, 3)) - (drawn * inside).sum((1, 2, 3))
+    balance = (cam * (1 - inside)).sum((1, 2, 3)) - (cam * inside).sum((1, 2, 3))
     return (balance / cam.abs().sum((1, 2, 3)).clamp_min(1e-8)).mean()

@@ -25,6 +25,7 @@ from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 from kd import preprocess
+from kd.data import PNEUMONIA
 from kd.metrics import softmax_pneumonia
 
 if TYPE_CHECKING:  # kd.serving draws its diagnoses with this module: the names only, not an import cycle
@@ -104,7 +105,6 @@ def border_share(cam: np.ndarray, fraction: float = 0.1) -> float | None:
     return float((total - inner) / total)
 
 
-PNEUMONIA = 1
 DISPLAY_SIZE = 448  # px of the picture the heat maps are drawn on
 TOP_FRACTION = 0.2  # the "hot" region compared by the agreement score
 AGREEMENT_HELP = ("CAM agreement: Pearson correlation of the two heat maps (1 = same regions, 0 = unrelated) and "

@@ -19,6 +19,7 @@ from pathlib import Path
 from kd.preprocess import FILE_SUFFIXES, FORMAT_NAMES
 
 CLASSES = ("NORMAL", "PNEUMONIA")
+PNEUMONIA = CLASSES.index("PNEUMONIA")  # the class index every model output and heat map uses
 DEFAULT_VAL_FRACTION = 0.15  # share of train/'s images (by patient) carved out as the validation split
 IMAGE_EXTENSIONS = FILE_SUFFIXES  # one list with the uploader and `kd predict` (kd.preprocess.FORMATS)
 

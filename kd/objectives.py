@@ -23,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from kd import augment, metrics
 from kd.cache import ImageSet
+from kd.data import PNEUMONIA
 from kd.scoring import predict_logits
 from kd.losses import HintLoss, distillation_loss, outside_lung_balance
 from kd.models import STAGES, embed, feature_dim, feature_map
@@ -40,22 +41,15 @@ class ValContext:
     max_knn_bank: int = 2000
 
 
-PNEUMONIA = 1  # the class index of kd.data's labels (NORMAL 0)
-
-
 def class_weights(counts) -> torch.Tensor:
     """Inverse-frequency weights (1,341 normal vs 3,875 pneumonia in Kermany train)."""
     counts = torch.as_tensor(np.maximum(np.asarray(counts, dtype=np.float64), 1.0))
     return (counts.sum() / (len(counts) * counts)).float()
 
 
-def logits_and_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    fmap = feature_map(model, x)
-    return model.fc(torch.flatten(model.avgpool(fmap), 1)), fmap
-
-
-def logits_and_stage(model: nn.Module, x: torch.Tensor, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits and one ResNet stage's output from a single forward pass (what a Grad-CAM of it needs)."""
+def logits_and_stage(model: nn.Module, x: torch.Tensor, stage: str = "layer4") -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and one ResNet stage's output from a single forward pass (what a Grad-CAM of it needs;
+    layer4's is what the feature hint matches)."""
     a = feature_map(model, x, stage)
     y = a
     for name in STAGES[STAGES.index(stage) + 1:]:
@@ -282,12 +276,12 @@ class DistillationObjective(Objective):
         t_map = None
         if teacher_logits is None:
             with torch.no_grad():
-                teacher_logits, t_map = logits_and_map(self.teacher, x)
+                teacher_logits, t_map = logits_and_stage(self.teacher, x)
         stats = {}
         if lungs is not None:
             balance = self.lung_cam_balance(x, lungs)
             stats["lung_cam_balance"] = balance.detach()
-        s_logits, s_map = logits_and_map(self.student, x)
+        s_logits, s_map = logits_and_stage(self.student, x)
         loss = distillation_loss(s_logits, teacher_logits.float(), labels, self.temperature, self.alpha,
                                  self.class_weight, self.label_smoothing)
         if lungs is not None:
@@ -299,11 +293,10 @@ class DistillationObjective(Objective):
         return loss, stats
 
     def lung_cam_balance(self, x: torch.Tensor, lungs: torch.Tensor) -> torch.Tensor:
-        """kd.losses.lung_cam of the map the app draws (Grad-CAM of the PNEUMONIA logit on lung_cam_stage):
-        its mass outside the lung fields less its mass inside, from the student as the app runs it: BatchNorm on its running statistics. Measured with the
-        batch's statistics instead, the penalty was met by the batch statistics alone (share outside 0.000 in
-        training mode, 0.72 in evaluation mode on the same training images): a separate pass in evaluation mode,
-        which neither reads nor moves the running statistics' update."""
+        """kd.losses.lung_cam of the map the app draws (Grad-CAM of the PNEUMONIA logit on lung_cam_stage),
+        from the student as the app runs it: BatchNorm on its running statistics, in a pass of its own that
+        neither uses nor updates the batch's. Measured with the batch's statistics, the penalty was met by them
+        alone (share outside 0.000 in training mode, 0.72 in evaluation mode on the same training images)."""
         was_training = self.student.training
         self.student.eval()
         try:

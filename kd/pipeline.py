@@ -150,9 +150,8 @@ def probe_teacher(teacher: torch.nn.Module, cfg: Config, train: ImageSet, ctx: V
                                     cfg.label_smoothing, head_only=True)
     reporter.log("phase_start", phase=PROBE, epochs=phase.epochs, image_size=phase.image_size,
                  train_images=len(train), val_images=len(ctx.val))
-    history = fit(objective, train, phase, ctx, phase_dir / PROBE, reporter, PROBE, seed=cfg.seed,
-                  grad_clip=cfg.grad_clip, resume=resume, dist=dist, bf16=cfg.cpu_bf16)
-    return history
+    return fit(objective, train, phase, ctx, phase_dir / PROBE, reporter, PROBE, seed=cfg.seed,
+               grad_clip=cfg.grad_clip, resume=resume, dist=dist, bf16=cfg.cpu_bf16)
 
 
 def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: ImageSet, class_weight: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The share of a differentiable Grad-CAM's mass outside the lung fields: a penalty that trains the map itself.
+"""A differentiable Grad-CAM's mass outside the lung fields less its mass inside: a penalty that trains the map.
 
 Ross et al., "Right for the Right Reasons: Training Differentiable Models by Constraining their Explanations"
 (IJCAI 2017), arXiv:1703.03717, penalise input gradients where an expert mask says no evidence lies; Li et al.,

@@ -29,6 +29,9 @@ def _train_parser(sub, name: str, help: str):
     p.add_argument("--hint-weight", type=float, help="weight of the FitNets layer4 feature hint (0 = off)")
     p.add_argument("--teacher-targets", choices=TEACHER_TARGETS,
                    help="distillation: teacher run on every augmented view (online) or its logits computed once (cached)")
+    p.add_argument("--extra-teachers", nargs="*", default=None, metavar="WEIGHTS",
+                   help="more teachers' teacher.safetensors (other seeds): their logits are averaged with this "
+                        "run's teacher's into the distillation targets (needs --teacher-targets cached)")
     p.add_argument("--seed", type=int, help="training seed (initialisation, augmentation, batch order)")
     p.add_argument("--split-seed", type=int, help="seed of the patient-level validation split (default 0; "
                    "independent of --seed, so runs with different seeds share one validation split)")
@@ -56,7 +59,8 @@ def config_from_args(args) -> Config:
     else:
         cfg = preset(args.preset, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size)
     for key in ("seed", "split_seed", "temperature", "alpha", "hint_weight", "ssl_method", "val_fraction", "init", "unlabeled",
-                "cache_dir", "teacher_targets", "cpu_bf16", "distill_unlabeled", "student_init"):
+                "cache_dir", "teacher_targets", "cpu_bf16", "distill_unlabeled", "student_init",
+                "extra_teachers"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)

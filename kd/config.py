@@ -95,6 +95,10 @@ class Config:
     # online: the teacher sees each augmented view the student sees (Beyer et al. 2022, consistent teaching);
     # cached: the teacher's logits on the un-augmented image, computed once (cheaper, "fixed teacher")
     teacher_targets: str = "online"
+    # more fine-tuned teachers (teacher.safetensors files of other runs: other seeds of the same recipe) whose
+    # logits are averaged with this run's teacher's into the cached distillation targets: an ensemble distilled
+    # into one small model, the case Hinton et al. 2015 wrote distillation for. Needs teacher_targets "cached"
+    extra_teachers: list[str] = field(default_factory=list)
     baseline: bool = True  # also train a labels-only student under the distillation budget (ablation)
     grad_clip: float = 1.0
     knn_k: int = 20
@@ -164,6 +168,13 @@ class Config:
         if self.teacher_targets == "cached" and self.hint_weight > 0:
             raise ValueError("the FitNets hint needs the teacher's feature maps of each augmented view: "
                              "use teacher targets 'online' with a hint weight above 0")
+        if self.extra_teachers and self.teacher_targets != "cached":
+            raise ValueError("an ensemble of teachers is distilled through its averaged cached logits: "
+                             "use teacher targets 'cached' with extra_teachers")
+        for path in self.extra_teachers:
+            if not Path(path).is_file():
+                raise ValueError(f"extra teacher weights not found: {path} (give the teacher.safetensors of a "
+                                 "finished run)")
         if self.lung_cam_weight < 0 or self.lung_cam_stage not in ("layer1", "layer2", "layer3", "layer4"):
             raise ValueError(f"the lung heat-map penalty needs a weight >= 0 and a stage layer1-layer4 "
                              f"(got {self.lung_cam_weight}, {self.lung_cam_stage!r})")

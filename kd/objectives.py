@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -309,9 +310,13 @@ class DistillationObjective(Objective):
         return _supervised_validate(self.exported()["student"], self.image_size, ctx)
 
 
-def cache_teacher_logits(teacher: nn.Module, images: ImageSet, image_size: int, device: torch.device,
-                         batch_size: int = 64) -> ImageSet:
-    """The same images carrying the frozen teacher's logits on their un-augmented view, computed once."""
-    teacher = teacher.to(device).to(memory_format=torch.channels_last)  # the fast layout for CPU convolutions
-    logits = predict_logits(teacher, images, image_size, device, batch_size).astype(np.float32)
-    return dataclasses.replace(images, teacher_logits=logits)
+def cache_teacher_logits(teachers: nn.Module | Sequence[nn.Module], images: ImageSet, image_size: int,
+                         device: torch.device, batch_size: int = 64) -> ImageSet:
+    """The same images carrying the frozen teacher's logits on their un-augmented view, computed once; for
+    several teachers (an ensemble, Config.extra_teachers) the mean of their logits."""
+    members = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
+    logits = np.zeros((len(images), 2), dtype=np.float64)
+    for teacher in members:
+        teacher = teacher.to(device).to(memory_format=torch.channels_last)  # the fast layout for CPU convolutions
+        logits += predict_logits(teacher, images, image_size, device, batch_size)
+    return dataclasses.replace(images, teacher_logits=(logits / len(members)).astype(np.float32))

@@ -173,10 +173,11 @@ def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: I
                                       cfg.lung_cam_stage).use_ema(cfg.ema_decay)
     if cfg.teacher_targets != "cached":
         return objective, train, 0.0
+    teachers = [teacher] + [_load("teacher", Path(path)) for path in cfg.extra_teachers]
     if reporter is not None:
-        reporter.log("teacher_targets", phase=name, images=len(train))
+        reporter.log("teacher_targets", phase=name, images=len(train), teachers=len(teachers))
     t0 = time.time()
-    train = cache_teacher_logits(teacher, train, phase.image_size, device, max(phase.batch_size, 64))
+    train = cache_teacher_logits(teachers, train, phase.image_size, device, max(phase.batch_size, 64))
     return objective, train, time.time() - t0
 
 

@@ -319,6 +319,52 @@ def test_student_init_from_the_teacher_stem_or_scratch(init):
     assert same is (init == "teacher-stem")
 
 
+def test_an_ensemble_of_teachers_is_distilled_through_its_mean_logits(tiny_run, tmp_path):
+    """--extra-teachers: each teacher's logits are computed once and their mean is the distillation target."""
+    import numpy as np
+
+    from kd.cache import ImageSet
+    from kd.models import build_teacher
+    from kd.objectives import cache_teacher_logits
+    from kd.scoring import predict_logits
+
+    torch.manual_seed(0)
+    a, b = build_teacher().eval(), build_teacher().eval()
+    rng = np.random.default_rng(0)
+    images = ImageSet(rng.integers(0, 255, (6, 40, 40), dtype=np.uint8), np.array([0, 1, 0, 1, 1, 0]),
+                      np.arange(6))
+    device = torch.device("cpu")
+    za, zb = (predict_logits(m, images, 32, device, 4) for m in (a, b))
+    assert not np.allclose(za, zb)
+    mean = cache_teacher_logits([a, b], images, 32, device, 4).teacher_logits
+    np.testing.assert_allclose(mean, (za + zb) / 2, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cache_teacher_logits(a, images, 32, device, 4).teacher_logits, za, rtol=1e-4, atol=1e-5)
+
+    data, ref = tiny_run
+    out = tmp_path / "run"
+    (out / "finetune").mkdir(parents=True)
+    (out / "finetune" / "teacher.safetensors").write_bytes((ref / "finetune" / "teacher.safetensors").read_bytes())
+    extra = ref / "finetune" / "teacher.safetensors"
+    assert main(["distill", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
+                 "--teacher-targets", "cached", "--no-baseline", "--extra-teachers", str(extra)]) == 0
+    events = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
+    assert next(e for e in events if e["kind"] == "teacher_targets")["teachers"] == 2
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["config"]["extra_teachers"] == [str(extra)]
+
+
+def test_an_ensemble_of_teachers_is_refused_without_cached_targets_or_weights(tmp_path, capsys):
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40)
+    weights = tmp_path / "teacher.safetensors"
+    weights.write_bytes(b"x")
+    assert main(["distill", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                 "--teacher-targets", "online", "--extra-teachers", str(weights)]) == 1
+    assert "use teacher targets 'cached' with extra_teachers" in capsys.readouterr().err
+    assert main(["distill", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                 "--teacher-targets", "cached", "--extra-teachers", str(tmp_path / "gone.safetensors")]) == 1
+    assert "extra teacher weights not found" in capsys.readouterr().err
+
+
 def test_cached_teacher_targets_refuse_the_feature_hint(tmp_path, capsys):
     data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40)
     assert main(["distill", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",

@@ -92,6 +92,10 @@ class Config:
     # (issue 20). 0 = off
     lung_cam_weight: float = 0.0
     lung_cam_stage: str = "layer2"
+    # distillation adds this weight x the share of the student's input-gradient energy (of the PNEUMONIA logit
+    # margin) outside the lung fields (kd.losses.lung_gradient; Ross et al. 2017): a lever on where the evidence
+    # lies, not on how the map is drawn (issue 20). 0 = off
+    lung_gradient_weight: float = 0.0
     # online: the teacher sees each augmented view the student sees (Beyer et al. 2022, consistent teaching);
     # cached: the teacher's logits on the un-augmented image, computed once (cheaper, "fixed teacher")
     teacher_targets: str = "online"
@@ -178,9 +182,11 @@ class Config:
         if self.lung_cam_weight < 0 or self.lung_cam_stage not in ("layer1", "layer2", "layer3", "layer4"):
             raise ValueError(f"the lung heat-map penalty needs a weight >= 0 and a stage layer1-layer4 "
                              f"(got {self.lung_cam_weight}, {self.lung_cam_stage!r})")
-        if self.lung_cam_weight > 0 and self.hint_weight > 0:
-            raise ValueError("the lung heat-map penalty and the FitNets hint are not combined: set one of "
-                             "lung_cam_weight and hint_weight to 0")
+        if self.lung_gradient_weight < 0:
+            raise ValueError(f"the lung input-gradient penalty needs a weight >= 0 (got {self.lung_gradient_weight})")
+        if (self.lung_cam_weight > 0 or self.lung_gradient_weight > 0) and self.hint_weight > 0:
+            raise ValueError("the lung penalties and the FitNets hint are not combined: set hint_weight to 0, or "
+                             "lung_cam_weight and lung_gradient_weight to 0")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be between 0 and 1 (got {self.alpha})")
         if self.temperature <= 0:

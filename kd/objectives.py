@@ -6,6 +6,7 @@ returns `(loss, stats)`, so DDP can wrap it whole. `validate` gives the phase's 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from kd import augment, metrics
 from kd.cache import ImageSet
 from kd.data import PNEUMONIA
 from kd.scoring import predict_logits
-from kd.losses import HintLoss, distillation_loss, outside_lung_balance
+from kd.losses import HintLoss, distillation_loss, outside_lung_balance, outside_lung_gradient_share
 from kd.models import STAGES, embed, feature_dim, feature_map
 
 
@@ -252,10 +253,11 @@ class DistillationObjective(Objective):
     def __init__(self, student: nn.Module, teacher: nn.Module, image_size: int, class_weight: torch.Tensor,
                  temperature: float, alpha: float, hint_weight: float = 0.0,
                  augmentation: augment.Augment = augment.SUPERVISED, label_smoothing: float = 0.0,
-                 lung_cam_weight: float = 0.0, lung_cam_stage: str = "layer2"):
+                 lung_cam_weight: float = 0.0, lung_cam_stage: str = "layer2", lung_gradient_weight: float = 0.0):
         super().__init__(image_size)
         self.student, self.teacher = student, teacher
         self.lung_cam_weight, self.lung_cam_stage = lung_cam_weight, lung_cam_stage
+        self.lung_gradient_weight = lung_gradient_weight
         self.augmentation, self.label_smoothing = augmentation, label_smoothing
         deactivate_requires_grad(self.teacher)
         self.temperature, self.alpha, self.hint_weight = temperature, alpha, hint_weight
@@ -269,7 +271,7 @@ class DistillationObjective(Objective):
 
     def forward(self, images, labels, generator, teacher_logits=None):
         lungs = None
-        if self.lung_cam_weight:
+        if self.lung_cam_weight or self.lung_gradient_weight:
             x, lungs = self.augmentation(images, self.image_size, generator, lungs=True)
         else:
             x = self.augmentation(images, self.image_size, generator)
@@ -278,15 +280,19 @@ class DistillationObjective(Objective):
         if teacher_logits is None:
             with torch.no_grad():
                 teacher_logits, t_map = logits_and_stage(self.teacher, x)
-        stats = {}
-        if lungs is not None:
+        stats, penalty = {}, 0.0
+        if self.lung_cam_weight:
             balance = self.lung_cam_balance(x, lungs)
             stats["lung_cam_balance"] = balance.detach()
+            penalty = penalty + self.lung_cam_weight * balance
+        if self.lung_gradient_weight:
+            share = self.lung_gradient_share(x, lungs)
+            stats["lung_gradient_share"] = share.detach()
+            penalty = penalty + self.lung_gradient_weight * share
         s_logits, s_map = logits_and_stage(self.student, x)
         loss = distillation_loss(s_logits, teacher_logits.float(), labels, self.temperature, self.alpha,
                                  self.class_weight, self.label_smoothing)
-        if lungs is not None:
-            loss = loss + self.lung_cam_weight * balance
+        loss = loss + penalty
         if self.hint is not None and t_map is not None:
             hint = self.hint(s_map, t_map)
             loss = loss + self.hint_weight * hint
@@ -298,16 +304,31 @@ class DistillationObjective(Objective):
         from the student as the app runs it: BatchNorm on its running statistics, in a pass of its own that
         neither uses nor updates the batch's. Measured with the batch's statistics, the penalty was met by them
         alone (share outside 0.000 in training mode, 0.72 in evaluation mode on the same training images)."""
-        was_training = self.student.training
-        self.student.eval()
-        try:
+        with _as_served(self.student):
             s_logits, s_stage = logits_and_stage(self.student, x, self.lung_cam_stage)
             return outside_lung_balance(s_logits[:, PNEUMONIA], s_stage, lungs)
-        finally:
-            self.student.train(was_training)
+
+    def lung_gradient_share(self, x: torch.Tensor, lungs: torch.Tensor) -> torch.Tensor:
+        """kd.losses.lung_gradient of the served score (the PNEUMONIA logit margin, of which the probability is a
+        monotone function), from the student as the app runs it, as lung_cam_balance."""
+        with _as_served(self.student):
+            x = x.detach().requires_grad_(True)
+            logits = self.student(x)
+            return outside_lung_gradient_share(logits[:, PNEUMONIA] - logits[:, 1 - PNEUMONIA], x, lungs)
 
     def validate(self, ctx: ValContext) -> dict:
         return _supervised_validate(self.exported()["student"], self.image_size, ctx)
+
+
+@contextlib.contextmanager
+def _as_served(model: nn.Module):
+    """The model in evaluation mode (BatchNorm on its running statistics) for the block, then back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def cache_teacher_logits(teachers: nn.Module | Sequence[nn.Module], images: ImageSet, image_size: int,

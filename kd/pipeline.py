@@ -170,7 +170,7 @@ def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: I
         return objective.use_ema(cfg.ema_decay), train, 0.0
     objective = DistillationObjective(student, teacher, phase.image_size, class_weight, cfg.temperature, cfg.alpha,
                                       cfg.hint_weight, augmentation, cfg.label_smoothing, cfg.lung_cam_weight,
-                                      cfg.lung_cam_stage).use_ema(cfg.ema_decay)
+                                      cfg.lung_cam_stage, cfg.lung_gradient_weight).use_ema(cfg.ema_decay)
     if cfg.teacher_targets != "cached":
         return objective, train, 0.0
     teachers = [teacher] + [_load("teacher", Path(path)) for path in cfg.extra_teachers]

@@ -177,3 +177,25 @@ def test_an_empty_map_scores_worse_than_one_drawn_on_the_lungs_and_still_has_a_g
     assert penalty([1.0, 0.0, 1.0, 0.0])[0] == pytest.approx(-1.0)
     assert penalty([0.0, 1.0, 0.0, 1.0])[0] == pytest.approx(1.0)
     assert bool((grad[:, 0] < 0).all())  # descent raises the lungs' pixels of an empty map
+
+
+def test_outside_lung_gradient_share_is_input_gradient_energy_outside_by_plain_math():
+    from kd.losses import outside_lung_gradient_share
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 2, 2, requires_grad=True)
+    w = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    score = (w * x[:, 0] ** 2).sum((1, 2))  # d score / d x = 2 w x
+    lungs = torch.zeros(2, 1, 2, 2)
+    lungs[..., 0] = 1.0  # left column
+    share = outside_lung_gradient_share(score, x, lungs)
+    with torch.no_grad():
+        g2 = (2 * w * x[:, 0]) ** 2
+        expected = (g2[:, :, 1].sum(1) / g2.sum((1, 2))).mean()
+    assert share.item() == pytest.approx(expected.item(), rel=1e-5)
+    share.backward()  # the term's own gradient flows through the kept graph of the input gradient
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    scaled = outside_lung_gradient_share(10 * (w * x[:, 0] ** 2).sum((1, 2)), x, lungs)
+    assert scaled.item() == pytest.approx(share.item(), rel=1e-5)  # a ratio: scaling the score does not meet it
+    only_lungs = outside_lung_gradient_share((x[:, 0, :, 0] ** 2).sum(1), x, lungs)
+    assert only_lungs.item() == pytest.approx(0.0, abs=1e-7)

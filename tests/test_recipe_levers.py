@@ -226,10 +226,13 @@ def test_the_lung_view_moves_with_the_augmented_view_and_leaves_it_unchanged():
     assert not torch.allclose(lungs, F.interpolate(lungs_full, size=64, mode="area"), atol=0.05)  # moved
 
 
-def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student():
-    from kd.losses import outside_lung_balance
-    from kd.models import build_student, build_teacher
-    from kd.objectives import DistillationObjective, logits_and_stage
+def _one_penalised_distillation_step(penalty, weight, by_hand):
+    """One distillation step of a fresh student with the heat-map penalty `penalty` (a DistillationObjective
+    keyword) at `weight`; `by_hand(served, view, lungs)` computes that penalty by hand on the student as the app
+    serves it (a copy in evaluation mode) for the step's own augmented view. Checks that the step trains the
+    student and gives it back in training mode; returns (by hand, loss, stats, the same step without it)."""
+    from kd.models import build_teacher
+    from kd.objectives import DistillationObjective
 
     x = _batch(n=4, size=64, seed=6)
     labels = torch.tensor([0, 1, 0, 1])
@@ -237,13 +240,12 @@ def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student
     torch.manual_seed(0)
     student, teacher = build_student(), build_teacher()
     make = lambda w: DistillationObjective(student, teacher, 64, class_weights([1, 1]), 4.0, 0.5,  # noqa: E731
-                                           lung_cam_weight=w).train()
+                                           **{penalty: w}).train()
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     before = copy.deepcopy(student)
     view, lungs = make(0.0).augmentation(x, 64, g(), lungs=True)
-    logits, stage = logits_and_stage(copy.deepcopy(before).eval(), view, "layer2")  # as the app runs it
-    share = outside_lung_balance(logits[:, 1], stage, lungs)
-    loss, stats = make(2.0)(x, labels, g(), teacher_logits)
+    expected = by_hand(copy.deepcopy(before).eval(), view, lungs)
+    loss, stats = make(weight)(x, labels, g(), teacher_logits)
     assert student.training  # the evaluation-mode pass gives the student back in training mode
     student.zero_grad()
     loss.backward()
@@ -251,6 +253,18 @@ def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student
     with torch.no_grad():
         student.load_state_dict(before.state_dict())  # the running statistics as they were before that step
         plain, _ = make(0.0)(x, labels, g(), teacher_logits)
+    return expected, loss, stats, plain
+
+
+def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student():
+    from kd.losses import outside_lung_balance
+    from kd.objectives import logits_and_stage
+
+    def by_hand(served, view, lungs):
+        logits, stage = logits_and_stage(served, view, "layer2")  # as the app runs it
+        return outside_lung_balance(logits[:, 1], stage, lungs)
+
+    share, loss, stats, plain = _one_penalised_distillation_step("lung_cam_weight", 2.0, by_hand)
     assert -1 < stats["lung_cam_balance"] < 1 and stats["lung_cam_balance"].item() == pytest.approx(share.item(), rel=1e-4)
     assert loss.item() == pytest.approx(plain.item() + 2.0 * share.item(), rel=1e-4)
     with pytest.raises(ValueError, match="lung heat-map"):
@@ -274,3 +288,38 @@ def test_a_run_with_the_lung_cam_penalty_logs_the_share_outside_the_lungs(tmp_pa
     assert shares and all(-1 <= s <= 1 for s in shares)
     assert not any("lung_cam_balance" in e for e in steps if e["phase"] == "finetune")
     assert json.loads((out / "config.json").read_text())["lung_cam_weight"] == 1.0
+
+
+def test_the_lung_gradient_penalty_joins_the_distillation_loss_on_the_served_student(tmp_path):
+    """Config.lung_gradient_weight: the share of the student's input-gradient energy outside the lungs, measured
+    in evaluation mode (as the app runs it), is added to the loss with its weight and trains the student; a
+    run logs it per step; a negative weight or the hint beside it is refused."""
+    import json
+
+    from kd.losses import outside_lung_gradient_share
+    from kd.pipeline import run
+    from tests.fixtures.xray_fixtures import write_kermany_dataset
+
+    def by_hand(served, view, lungs):
+        v = view.detach().requires_grad_(True)
+        z = served(v)
+        return outside_lung_gradient_share(z[:, 1] - z[:, 0], v, lungs)
+
+    share, loss, stats, plain = _one_penalised_distillation_step("lung_gradient_weight", 3.0, by_hand)
+    assert 0 < stats["lung_gradient_share"] < 1
+    assert stats["lung_gradient_share"].item() == pytest.approx(share.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(plain.item() + 3.0 * share.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="input-gradient"):
+        preset("tiny", lung_gradient_weight=-1.0)
+    with pytest.raises(ValueError, match="not combined"):
+        preset("tiny", lung_gradient_weight=1.0, hint_weight=1.0, teacher_targets="online")
+
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(8, 8), size=40)
+    out = tmp_path / "run"
+    cfg = preset("tiny", data=str(data), out=str(out), device="cpu", lung_gradient_weight=1.0,
+                 teacher_targets="cached")
+    run(cfg, phases=("finetune", "distill"), progress=False)
+    steps = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines() if '"step"' in x]
+    shares = [e["lung_gradient_share"] for e in steps if e["phase"] == "distill"]
+    assert shares and all(0 <= s <= 1 for s in shares)
+    assert not any("lung_cam_balance" in e for e in steps)

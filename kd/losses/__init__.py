@@ -2,5 +2,6 @@
 from kd.losses.distill import DistillKL, distillation_loss
 from kd.losses.hint import HintLoss
 from kd.losses.lung_cam import outside_lung_balance
+from kd.losses.lung_gradient import outside_lung_gradient_share
 
-__all__ = ["DistillKL", "distillation_loss", "HintLoss", "outside_lung_balance"]
+__all__ = ["DistillKL", "distillation_loss", "HintLoss", "outside_lung_balance", "outside_lung_gradient_share"]

@@ -1,4 +1,6 @@
-"""bf16 autocast on the CPU (AVX512-BF16): training-step throughput against float32, per model and resolution.
+"""bf16 autocast on the CPU: training-step throughput against float32, per model and resolution, and which of
+the two kd's training loop picks on this CPU (kd.distributed.bf16_autocast: bf16 only with native bf16,
+AVX512-BF16 or AMX; emulated it is several times slower than float32).
 
 Each variant is a full training step of kd's loop body (augmented batch, forward, loss, backward, AdamW step)
 on random uint8 images, channels_last, measured interleaved (fp32, bf16, fp32, bf16, ...) so load from other
@@ -39,8 +41,11 @@ def main() -> int:
     from kd.augment import SUPERVISED
     from kd.models import build
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 supported: "
-          f"{torch.backends.mkldnn.is_available()}")
+    from kd.distributed import bf16_autocast, cpu_has_native_bf16
+
+    chosen = "bf16" if bf16_autocast(torch.device("cpu"), asked=True) else "fp32"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, "
+          f"native bf16 (AVX512-BF16 or AMX): {cpu_has_native_bf16()}; the training loop with cpu_bf16 on uses {chosen}")
     for arch in args.archs:
         for size in args.sizes:
             torch.manual_seed(0)
@@ -72,10 +77,13 @@ def main() -> int:
                 a = model(x).float()
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     b = model(x).float()
+            other = "fp32" if chosen == "bf16" else "bf16"
             print(f"{arch} {size}px batch {args.batch}: fp32 {max(runs['fp32']):.1f} img/s, "
-                  f"bf16 {max(runs['bf16']):.1f} img/s; bf16/fp32 {r}; max |logit diff| {(a - b).abs().max():.3f}",
-                  flush=True)
-    if args.accuracy:
+                  f"bf16 {max(runs['bf16']):.1f} img/s; bf16/fp32 {r}; max |logit diff| {(a - b).abs().max():.3f}; "
+                  f"the loop's choice ({chosen}) against {other}: {ratio(runs[chosen], runs[other])}", flush=True)
+    if args.accuracy and chosen == "fp32":
+        print("--accuracy skipped: without native bf16 the training loop runs both variants in float32")
+    elif args.accuracy:
         accuracy(args.data, args.accuracy)
     return 0
 

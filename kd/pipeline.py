@@ -6,6 +6,7 @@ and continues an interrupted one from its last epoch.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -210,8 +211,11 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
         torch.manual_seed(cfg.seed)
         if not cfg.baseline:
             phases = tuple(p for p in phases if p != "baseline")
+        precision = distributed.training_precision(device, cfg.cpu_bf16)
         reporter.start(state="running", phases=list(phases), device=str(device), world_size=dist.world_size,
-                       error=None)
+                       error=None, precision=precision)
+        if progress and dist.is_main:
+            print(f"training precision: {precision}", file=sys.stderr)
         data = RunData(cfg, dist, progress)
         if dist.is_main:
             write_json_atomic(out / "split.json", {name: {"patients": sorted({s.patient for s in ss}),

@@ -26,7 +26,7 @@ _FINITE = statefile.finite(or_null=True)  # counters feed ETAs, int() and charts
 # What the readers of status.json use (the app's live panel, kd.jobs); other keys pass unchecked.
 STATUS_SHAPE = object_with(optional={
     "state": str, "phases": list_of(str), "phase": OPTIONAL_STR, "last_event": str, "error": OPTIONAL_STR,
-    "pid": int, "model": str, **{key: _FINITE for key in _COUNTERS}})
+    "pid": int, "model": str, "precision": OPTIONAL_STR, **{key: _FINITE for key in _COUNTERS}})
 # One progress event; steps and epochs need what the charts are drawn from.
 _EVENT_FIELDS = {"time": NUMBER, "phase": OPTIONAL_STR, "metrics": statefile.mapping_of(OPTIONAL_NUMBER),
                  "seconds": _FINITE, **{key: _FINITE for key in _COUNTERS}}

@@ -3,7 +3,7 @@ background jobs and torchrun alike.
 
 AdamW (fused) with linear warm-up then cosine decay (per step), gradient clipping, channels_last on every
 device (the fast layout for convolutions on CPU and GPU), bf16 autocast on CUDA (and on the CPU when asked:
-`bf16`), DDP when launched by torchrun. After each epoch the full training state is
+`bf16`, and only where the CPU has native bf16: kd.distributed.bf16_autocast), DDP when launched by torchrun. After each epoch the full training state is
 written atomically, so a killed run resumes from its last epoch. Batch order and augmentation are
 drawn from (seed, phase, epoch, rank), which makes a resumed run bit-identical on CPU.
 """
@@ -128,7 +128,7 @@ def fit(objective: Objective, train_set, phase: PhaseConfig, ctx: ValContext, ou
         start_epoch, history = state["epoch"] + 1, state["history"]
         reporter.log("resume", phase=name, epoch=start_epoch, epochs=phase.epochs)
 
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or bf16)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=distributed.bf16_autocast(device, bf16))
     images_per_step = per_rank * dist.world_size
     t_phase, done_steps = time.time(), 0
     for epoch in range(start_epoch, phase.epochs):

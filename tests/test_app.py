@@ -270,6 +270,7 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
         pytest.fail(f"training did not finish: {run_views.log_tail(app_env.runs / 'apptest')}")
     at.run()
     assert saw_progress and saw_chart and saw_running_row
+    assert "Training precision: float32" in all_text(at)  # the tiny preset does not ask for bf16
     assert "train_loss_chart" in element_keys(at, "plotly_chart")
     runs = _runs_table(at)
     assert "apptest" in list(runs["run"]) and runs.loc[runs["run"] == "apptest", "state"].item() == "finished"

@@ -192,9 +192,12 @@ def test_distill_before_finetune_says_what_is_missing(tmp_path, capsys):
 
 def test_distill_with_cached_teacher_targets(tiny_run, tmp_path, monkeypatch):
     """--teacher-targets cached: the teacher's logits are computed once, served with every batch. Also
-    --cpu-bf16: the training steps run under bf16 autocast on the CPU (and evaluation does not)."""
+    --cpu-bf16 on a CPU with native bf16: the training steps run under bf16 autocast (and evaluation does not)."""
     import torch
 
+    from kd import distributed
+
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)  # as on an AVX512-BF16 CPU
     data, ref = tiny_run
     out = tmp_path / "run"
     (out / "finetune").mkdir(parents=True)
@@ -221,6 +224,40 @@ def test_distill_with_cached_teacher_targets(tiny_run, tmp_path, monkeypatch):
                                 "--teacher-targets cached --no-baseline --cpu-bf16"
     done = json.loads((out / "distill" / "done.json").read_text())  # caching counts in the phase's wall time
     assert 0 < done["prep_seconds"] and done["seconds"] == done["prep_seconds"] + sum(h["seconds"] for h in done["history"])
+
+
+def test_cpu_bf16_without_native_bf16_trains_in_float32(tiny_run, tmp_path, monkeypatch, capsys):
+    """--cpu-bf16 on a CPU without native bf16 (AVX2 only): emulated bf16 made training steps 6-12x slower than
+    float32 (bench/cpu_bf16.py), so no step runs under autocast, and the run says why in its status, on the
+    console and on the Train page."""
+    import torch
+
+    from kd import distributed
+    from kd.progress import load_status
+
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
+    data, ref = tiny_run
+    out = tmp_path / "run"
+    (out / "finetune").mkdir(parents=True)
+    (out / "finetune" / "teacher.safetensors").write_bytes((ref / "finetune" / "teacher.safetensors").read_bytes())
+    autocasts, real_autocast = [], torch.autocast
+
+    def spy(*args, **kwargs):
+        autocasts.append(kwargs.get("enabled", True))
+        return real_autocast(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    assert main(["distill", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
+                 "--teacher-targets", "cached", "--no-baseline", "--cpu-bf16"]) == 0
+    events = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
+    assert autocasts.count(False) >= max(e["total_steps"] for e in events if e["kind"] == "step") > 0
+    assert True not in autocasts  # no step, no evaluation under bf16
+    precision = load_status(out)["precision"]
+    assert precision.startswith("float32") and "no native bf16" in precision
+    assert f"training precision: {precision}" in capsys.readouterr().err
+    assert distributed.training_precision(torch.device("cpu"), asked=False) == "float32"
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
+    assert distributed.training_precision(torch.device("cpu"), asked=True) == "bf16 autocast"
 
 
 def _mixed_unlabeled_folder(root: Path) -> Path:

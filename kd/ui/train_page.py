@@ -279,6 +279,8 @@ def _live_panel() -> None:
     c3.metric("Images / s", f"{view.images_per_s:.1f}" if view.images_per_s else "-")
     c4.metric("Elapsed", view.elapsed)
     st.progress(view.fraction, text=view.progress_text)
+    if view.status.get("precision"):
+        st.caption(f"Training precision: {view.status['precision']}")
     for problem in view.problems:
         st.warning(problem, icon=":material/warning:")
     if view.error:

@@ -22,7 +22,9 @@ def _train_parser(sub, name: str, help: str):
     p.add_argument("--batch-size", type=int, help="global batch size of every phase")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast in CPU training steps (always on with CUDA); the cpu preset turns it on")
+                   help="bf16 autocast in CPU training steps where the CPU has native bf16 (AVX512-BF16 or AMX; "
+                        "float32 elsewhere, where bf16 is emulated and slower); always on with CUDA; the cpu preset "
+                        "turns it on")
     p.add_argument("--ssl-method", choices=SSL_METHODS)
     p.add_argument("--temperature", "-T", type=float, help="distillation temperature T")
     p.add_argument("--alpha", type=float, help="weight of the label loss in distillation (0-1)")

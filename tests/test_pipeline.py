@@ -190,14 +190,11 @@ def test_distill_before_finetune_says_what_is_missing(tmp_path, capsys):
     assert "run the phase that produces it first" in capsys.readouterr().err
 
 
-def test_distill_with_cached_teacher_targets(tiny_run, tmp_path, monkeypatch):
-    """--teacher-targets cached: the teacher's logits are computed once, served with every batch. Also
-    --cpu-bf16 on a CPU with native bf16: the training steps run under bf16 autocast (and evaluation does not)."""
+def _distill_after_tiny_finetune(tiny_run, tmp_path, monkeypatch):
+    """(data, a run folder holding the tiny run's fine-tuned teacher, the `enabled` of every torch.autocast
+    entered from here on)."""
     import torch
 
-    from kd import distributed
-
-    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)  # as on an AVX512-BF16 CPU
     data, ref = tiny_run
     out = tmp_path / "run"
     (out / "finetune").mkdir(parents=True)
@@ -209,6 +206,16 @@ def test_distill_with_cached_teacher_targets(tiny_run, tmp_path, monkeypatch):
         return real_autocast(*args, **kwargs)
 
     monkeypatch.setattr(torch, "autocast", spy)
+    return data, out, autocasts
+
+
+def test_distill_with_cached_teacher_targets(tiny_run, tmp_path, monkeypatch):
+    """--teacher-targets cached: the teacher's logits are computed once, served with every batch. Also
+    --cpu-bf16 on a CPU with native bf16: the training steps run under bf16 autocast (and evaluation does not)."""
+    from kd import distributed
+
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)  # as on an AVX512-BF16 CPU
+    data, out, autocasts = _distill_after_tiny_finetune(tiny_run, tmp_path, monkeypatch)
     assert main(["distill", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
                  "--teacher-targets", "cached", "--no-baseline", "--cpu-bf16"]) == 0
     assert json.loads((out / "config.json").read_text())["cpu_bf16"] is True
@@ -236,17 +243,7 @@ def test_cpu_bf16_without_native_bf16_trains_in_float32(tiny_run, tmp_path, monk
     from kd.progress import load_status
 
     monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
-    data, ref = tiny_run
-    out = tmp_path / "run"
-    (out / "finetune").mkdir(parents=True)
-    (out / "finetune" / "teacher.safetensors").write_bytes((ref / "finetune" / "teacher.safetensors").read_bytes())
-    autocasts, real_autocast = [], torch.autocast
-
-    def spy(*args, **kwargs):
-        autocasts.append(kwargs.get("enabled", True))
-        return real_autocast(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "autocast", spy)
+    data, out, autocasts = _distill_after_tiny_finetune(tiny_run, tmp_path, monkeypatch)
     assert main(["distill", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
                  "--teacher-targets", "cached", "--no-baseline", "--cpu-bf16"]) == 0
     events = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]

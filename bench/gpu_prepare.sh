@@ -5,6 +5,10 @@
 #   .whl/                         lightly, the one package kd's training path needs that the device image lacks
 #                                 (it has torch, torchvision, pytorch_lightning, safetensors, scikit-learn, tqdm)
 #   bash bench/gpu_prepare.sh [SHARED_CHEST_XRAY]
+# For issue 18's comparison (bench/gpu_ssl.sh) the outside corpus travels too, and both are re-encoded small
+# enough for the 64 MiB (bench/pack_images.py: grey JPEG at the longer side training reads):
+#   CORPUS=../shared/data/unlabeled_cxr bash bench/gpu_prepare.sh   (train/ at TRAIN_SIDE=160 px, JPEG quality 85;
+#   data/unlabeled_cxr at CORPUS_SIDE=96 px, quality 75, with its manifest.csv; val/ and test/ as they are)
 # The shipped weights (69 MB, tracked) alone exceed the 64 MiB that one device call may carry, and the GPU run
 # does not need them: move them aside for the call and put them back after:
 #   mkdir -p /tmp/kd-weights-aside && mv weights/*.safetensors /tmp/kd-weights-aside/
@@ -19,10 +23,19 @@ set -euo pipefail
 SRC=${1:-../shared/data/chest_xray}
 cd "$(dirname "$0")/.."
 [ -d "$SRC/train" ] || { echo "no $SRC/train: pass the dataset root (with train/ and val/)" >&2; exit 1; }
+rm -rf data/chest_xray data/unlabeled_cxr
 mkdir -p data/chest_xray
 for split in train val test; do
-  [ -d "$SRC/$split" ] && cp -r "$SRC/$split" data/chest_xray/
+  [ -d "$SRC/$split" ] || continue
+  if [ -n "${CORPUS:-}" ] && [ "$split" = train ]; then
+    python3 bench/pack_images.py "$SRC/train" data/chest_xray/train --side "${TRAIN_SIDE:-160}" --quality "${TRAIN_QUALITY:-85}"
+  else
+    cp -r "$SRC/$split" data/chest_xray/
+  fi
 done
+if [ -n "${CORPUS:-}" ]; then
+  python3 bench/pack_images.py "$CORPUS" data/unlabeled_cxr --side "${CORPUS_SIDE:-96}" --quality "${CORPUS_QUALITY:-75}"
+fi
 LIGHTLY=$(python3 -c "import importlib.metadata as m; print(m.version('lightly'))")
 rm -rf .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -32,3 +45,4 @@ du -sh data .whl
 tracked=$(git ls-files -z -- ':!weights/*.safetensors' | du -cb --files0-from=- | tail -1 | cut -f1)
 carried=$(du -cb data .whl | tail -1 | cut -f1)
 echo "would travel with the weights moved aside: $(( (tracked + carried) / 1048576 )) MiB of 64"
+[ $(( tracked + carried )) -le $(( 64 * 1048576 )) ] || { echo "over 64 MiB: lower TRAIN_SIDE or CORPUS_SIDE" >&2; exit 1; }

@@ -243,3 +243,85 @@ def test_diagnose_bench_times_the_two_step_path_beside_ours(capsys, monkeypatch)
     out = capsys.readouterr().out
     assert "end to end (two-step)" in out and "ours/two-step = " in out and "ours/baseline = " in out
     assert [line.split()[1] for line in lines] == ["diagnose_end_to_end_s"]
+
+
+def _outside_corpus(root: Path) -> Path:
+    """An unlabeled corpus as it comes: grey JPEG and RGB PNG of several sizes and aspects in source folders, and
+    a manifest.csv naming each file's source and licence (and a column kd does not read)."""
+    from PIL import Image
+
+    from tests.fixtures.xray_fixtures import xray_like_array
+
+    rows = ["file,source_repo,commit,licence"]
+    for i, (h, w, source) in enumerate([(300, 256, "a"), (180, 240, "a"), (256, 256, "b"), (90, 60, "b")]):
+        picture = Image.fromarray(xray_like_array(h, w, seed=40 + i))
+        name = f"{source}/x{i}.{'png' if i % 2 else 'jpeg'}"
+        (root / source).mkdir(parents=True, exist_ok=True)
+        (picture.convert("RGB") if i % 2 else picture).save(root / name)
+        rows.append(f"{name},{source}/repo,abc,CC BY {i % 2 + 3}.0")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_pack_images_shrinks_a_corpus_and_keeps_its_licences(tmp_path, capsys):
+    """bench/pack_images.py: every picture a grey JPEG at most --side on its longer side, the aspect kept, small
+    pictures not enlarged; a PNG becomes a .jpeg and the manifest follows it, so the model card still finds
+    every file's licence (kd.data.unlabeled_provenance on the packed folder)."""
+    from PIL import Image
+
+    import pack_images
+    from kd.data import list_unlabeled, unlabeled_provenance
+
+    src = _outside_corpus(tmp_path / "src")
+    dst = tmp_path / "packed"
+    assert pack_images.main([str(src), str(dst), "--side", "64"]) == 0
+    assert "4 pictures" in capsys.readouterr().out
+    packed = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.jpeg"))
+    assert packed == ["a/x0.jpeg", "a/x1.jpeg", "b/x2.jpeg", "b/x3.jpeg"]
+    sizes = {name: Image.open(dst / name).size for name in packed}
+    assert all(Image.open(dst / name).mode == "L" for name in packed)
+    assert sizes["a/x0.jpeg"] == (55, 64) and sizes["a/x1.jpeg"] == (64, 48) and sizes["b/x3.jpeg"] == (43, 64)
+    used = [str(p) for p in list_unlabeled([str(dst)])]
+    [entry] = unlabeled_provenance([str(dst)], used)
+    assert entry["images"] == 4
+    assert sorted((s["source"], s["licence"], s["images"]) for s in entry["sources"]) == [
+        ("a/repo", "CC BY 3.0", 1), ("a/repo", "CC BY 4.0", 1), ("b/repo", "CC BY 3.0", 1), ("b/repo", "CC BY 4.0", 1)]
+    assert pack_images.main([str(src), str(tmp_path / "large"), "--side", "400"]) == 0
+    assert Image.open(tmp_path / "large" / "a" / "x0.jpeg").size == (256, 300)  # never enlarged
+    assert pack_images.main([str(src), str(src / "inside")]) == 2  # never writes into what it reads
+
+
+@pytest.mark.slow
+def test_gpu_ssl_comparison_runs_end_to_end_on_the_cpu(tiny_dataset, tmp_path):
+    """bench/gpu_ssl.sh at tiny size on the CPU, as a lent GPU would run it at the gpu preset's: the control
+    without pretraining, one MoCo pretraining on train/ + the corpus shared by two seeds (copied, not redone),
+    every run exported, distillation pooled over the seeds, the results packed for the trip back."""
+    import json
+    import os
+    import subprocess
+    import tarfile
+
+    corpus = _outside_corpus(tmp_path / "corpus")
+    work, out = tmp_path / "work", tmp_path / "out"
+    env = {**os.environ, "PRESET": "tiny", "DEVICE": "cpu", "PRETRAIN_EPOCHS": "1", "PRETRAIN_SIZE": "32",
+           "SEEDS": "0 1", "DATA": str(tiny_dataset), "CORPUS": str(corpus), "WORK": str(work), "OUT": str(out),
+           "DEADLINE": "900", "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_ssl.sh"
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
+    log = (out / "gpu_ssl.log").read_text()
+    assert done.returncode == 0, log[-3000:]
+    for run in ("control", "moco-seed0", "moco-seed1"):
+        card = json.loads((work / run / "model_card.json").read_text())
+        assert set(card["models"]) == {"teacher", "student", "student_baseline"}, run
+        assert card["models"]["teacher"]["test"]["auc"] is not None
+    pretrain = {run: json.loads((work / run / "pretrain" / "done.json").read_text())
+                for run in ("moco-seed0", "moco-seed1")}
+    assert pretrain["moco-seed0"] == pretrain["moco-seed1"]  # one pretraining, copied
+    assert pretrain["moco-seed0"]["unlabeled_images"] == 4 and pretrain["moco-seed0"]["epochs"] == 1
+    configs = {run: json.loads((work / f"{run}.config.json").read_text()) for run in ("control", "moco-seed1")}
+    assert configs["moco-seed1"]["ssl_method"] == "moco" and configs["moco-seed1"]["seed"] == 1
+    assert configs["control"]["pretrain"]["epochs"] == 0 and configs["control"]["unlabeled"] == []
+    assert "pooled" in log and "moco-seed1" in log and "test AUC" in log
+    with tarfile.open(out / "ssl_runs.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"control/model_card.json", "moco-seed0/model_card.json", "moco-seed1/model_card.json"} <= names

@@ -12,15 +12,16 @@
 # device call with carry=["data", ".whl"] and the command `bash bench/gpu_ssl.sh 2>&1 | tail -n 80`.
 # Back in $OUT: gpu_ssl.log (all of this script's output) and ssl_runs.tgz (each run's model card, config,
 # progress, per-phase done.json and log). Settings (environment):
-#   PRETRAIN_EPOCHS (30) PRETRAIN_SIZE (96) SEEDS ("0 1 2") CONTROL (1) DEADLINE (540 s: parallel runs still
-#   going then are stopped, what finished is collected) DATA CORPUS WORK OUT PRESET (gpu) DEVICE (cuda)
+#   PRETRAIN_EPOCHS (30) PRETRAIN_SIZE (96) SEEDS ("0 1 2") CONTROL (1) PRETRAIN_DEADLINE (300 s: the
+#   pretraining is stopped then, its last epoch kept) DEADLINE (540 s from the start: runs still going then are
+#   stopped, what finished is collected) DATA CORPUS WORK OUT PRESET (gpu) DEVICE (cuda)
 # CPU smoke, what tests/test_bench.py runs: PRESET=tiny DEVICE=cpu PRETRAIN_EPOCHS=1 SEEDS="0 1" DATA=.. CORPUS=..
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=$(realpath "${DATA:-data/chest_xray}"); CORPUS=$(realpath "${CORPUS:-data/unlabeled_cxr}")
 WORK=${WORK:-/tmp/ssl}; OUT=${OUT:-/tmp/out}; PRESET=${PRESET:-gpu}; DEVICE=${DEVICE:-cuda}
 SEEDS=${SEEDS:-0 1 2}; PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-30}; PRETRAIN_SIZE=${PRETRAIN_SIZE:-96}
-CONTROL=${CONTROL:-1}; DEADLINE=${DEADLINE:-540}
+CONTROL=${CONTROL:-1}; DEADLINE=${DEADLINE:-540}; PRETRAIN_DEADLINE=${PRETRAIN_DEADLINE:-300}
 mkdir -p "$WORK" "$OUT"
 exec > >(tee -a "$OUT/gpu_ssl.log") 2>&1
 start=$(date +%s)
@@ -63,8 +64,10 @@ if [ "$CONTROL" = 1 ]; then
   run control & pids+=($!)
 fi
 echo "[$(elapsed) s] MoCo pretraining: $PRETRAIN_EPOCHS epochs at $PRETRAIN_SIZE px on $DATA/train + $CORPUS"
-python3 -m kd pretrain --config "$WORK/moco-seed$first.config.json" --data "$DATA" --out "$WORK/moco-seed$first" \
-  > "$WORK/pretrain.log" 2>&1 || { tail -n 20 "$WORK/pretrain.log"; echo "pretraining failed"; }
+timeout -s INT "$PRETRAIN_DEADLINE" python3 -m kd pretrain --config "$WORK/moco-seed$first.config.json" \
+  --data "$DATA" --out "$WORK/moco-seed$first" > "$WORK/pretrain.log" 2>&1 \
+  || { tail -n 20 "$WORK/pretrain.log"; echo "pretraining failed or passed PRETRAIN_DEADLINE ($PRETRAIN_DEADLINE s):" \
+       "a second call resumes it with kd pretrain --resume on the same folder"; }
 tail -n 3 "$WORK/pretrain.log"
 if [ -f "$WORK/moco-seed$first/pretrain/done.json" ]; then
   echo "[$(elapsed) s] pretraining done; fine-tuning, distillation, labels-only student for seeds: $SEEDS"

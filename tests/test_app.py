@@ -786,6 +786,21 @@ def test_the_plan_under_the_form_follows_the_fields_and_names_what_will_not_run(
     assert "Full pipeline" in at.selectbox(key="train_command").options
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_the_plan_says_when_this_cpu_will_train_in_float32(app_env, monkeypatch, native):
+    """The cpu preset's time assumes bf16 autocast; on a CPU without native bf16 the run trains in float32
+    (kd.distributed.bf16_autocast), and the plan says so before Start rather than after an hour."""
+    from kd import distributed
+
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    at = open_page(start_app(), "pages/train.py")
+    plan = lambda: [m.value for m in at.markdown if "**This run**" in m.value][0]  # noqa: E731
+    assert ("On this machine: float32: bf16 was asked, but this CPU has no native bf16" in plan()) is not native
+    at.selectbox(key="train_preset").set_value("tiny").run()  # asks for no bf16: nothing to say
+    assert "On this machine" not in plan()
+
+
 def test_using_a_run_without_a_refusal_check_says_diagnose_will_not_predict(app_env):
     import shutil
 

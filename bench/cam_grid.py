@@ -12,7 +12,8 @@ the image on every side (kd.cam.border_share; a uniform map has 0.36); how far t
 student's maps of one image agree (Pearson correlation, kd.cam.agreement); and the CAM's time per image. Images: a seeded sample of the patient-level validation split
 (the card's seed and fraction), PNEUMONIA and NORMAL alternately; border share on --limit of them, ROAD
 (the expensive part) on the first --road-limit; every option sees the same images and the same
-imputation noise.
+imputation noise. Per model, also the share of the score's input-gradient energy inside the lung fields (where
+the score is sensitive, whatever the map; what Config.lung_gradient_weight trains).
 
 The rule that picks kd.cam.DEFAULT_CAM (printed at the end; fixed before the in-lung shares were measured):
 among the options whose native grid is at least 14x14 at the card's input size and whose ROAD is above zero for
@@ -44,6 +45,7 @@ from kd import cam, preprocess
 from kd.cache import build_cache
 from kd.data import samples_for
 from kd.serving import load_pair
+from kd.losses import outside_lung_gradient_share
 from kd.lungs import in_lung_share, lung_mask
 
 UNIFORM_BORDER = 1 - (1 - 2 * 0.1) ** 2
@@ -128,6 +130,22 @@ def measure(loaded, squares: np.ndarray, option: str, road_limit: int, percentil
             "empty_maps": sum(b is None for b in borders), "cam_ms": 1000 * seconds / len(squares)}
 
 
+def gradient_in_lungs(loaded, squares: np.ndarray, masks: list[np.ndarray], batch: int = 16) -> float:
+    """Mean share of the served score's input-gradient energy inside the lung fields (1 - kd.losses.lung_gradient's
+    share outside, of the PNEUMONIA logit margin): where the score is sensitive, whatever map a method draws, and
+    what Config.lung_gradient_weight trains. Sensitivity spread evenly scores the masks' mean area."""
+    total = 0.0
+    for start in range(0, len(squares), batch):
+        x = torch.cat([preprocess.to_tensor(s) for s in squares[start:start + batch]]).requires_grad_(True)
+        lungs = torch.from_numpy(np.stack(masks[start:start + batch]).astype(np.float32))[:, None]
+        lungs = torch.nn.functional.interpolate(lungs, size=x.shape[-2:], mode="nearest")  # kd.lungs' grid -> input
+        with loaded.lock, torch.enable_grad():
+            logits = loaded.model(x)
+            outside = outside_lung_gradient_share(logits[:, cam.PNEUMONIA] - logits[:, 1 - cam.PNEUMONIA], x, lungs)
+        total += (1.0 - outside.item()) * len(x)
+    return total / len(squares)
+
+
 ROLE_KEYS = ("teacher", "student")
 
 
@@ -181,6 +199,9 @@ def main(argv=None) -> dict:
     print(f"{len(squares)} validation images ({int(labels.sum())} PNEUMONIA) at {size} px, ROAD percentiles "
           f"{args.percentiles}; border = share of map mass on the outer 10% (uniform map: {UNIFORM_BORDER:.2f}); "
           f"lungs = share inside the lung fields (kd.lungs; uniform map: {uniform_lung:.3f})")
+    evidence = {role: gradient_in_lungs(pair.models[role], squares, masks) for role in args.roles}
+    print("  input-gradient energy of the score inside the lungs: "
+          + ", ".join(f"{role} {v:.3f}" for role, v in evidence.items()), flush=True)
     results = {}
     for option in args.options:
         grid = cam.CAM_OPTIONS[option].grid(size)
@@ -226,7 +247,7 @@ def main(argv=None) -> dict:
     print(f"\nchosen: {best} ({cam.CAM_OPTIONS[best].source(size)}): {why}; kd.cam.DEFAULT_CAM is "
           f"{cam.DEFAULT_CAM!r}")
     out = {"n": len(squares), "input_size": size, "percentiles": args.percentiles, "results": results,
-           "uniform_in_lung_share": uniform_lung, "chosen": best, "rule": why}
+           "uniform_in_lung_share": uniform_lung, "gradient_in_lungs": evidence, "chosen": best, "rule": why}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out

@@ -105,6 +105,36 @@ def test_cam_grid_reports_the_in_lung_share_and_merges_an_earlier_run(kd_tiny, t
     assert "in-lung share" in capsys.readouterr().out
 
 
+def test_gradient_in_lungs_is_the_share_of_the_score_sensitivity_on_the_lungs(kd_tiny):
+    """cam_grid.gradient_in_lungs against plain math: a score linear in the pixels, sum(w * x), has input gradient
+    w, so its energy inside the mask is sum(w^2 * mask) / sum(w^2) (after the input normalisation's scale, the
+    same on every pixel); and the bench reports it per model."""
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import cam_grid
+
+    rng = np.random.default_rng(0)
+    w = torch.from_numpy(rng.normal(size=(16, 16)).astype(np.float32))
+
+    class Linear(torch.nn.Module):
+        def forward(self, x):
+            score = (x[:, 0] * w).sum((1, 2))
+            return torch.stack([torch.zeros_like(score), score], 1)  # PNEUMONIA margin = score
+
+    squares = rng.integers(0, 255, size=(5, 16, 16), dtype=np.uint8)
+    masks = [(rng.random((16, 16)) > 0.6).astype(np.float32) for _ in range(5)]
+    loaded = SimpleNamespace(model=Linear(), lock=threading.Lock())
+    expected = np.mean([float(((w ** 2) * torch.from_numpy(m)).sum() / (w ** 2).sum()) for m in masks])
+    assert cam_grid.gradient_in_lungs(loaded, squares, masks, batch=2) == pytest.approx(expected, rel=1e-5)
+    out = cam_grid.main(["--weights", str(kd_tiny.weights), "--data", str(kd_tiny.data), "--limit", "2",
+                         "--road-limit", "1", "--percentiles", "50", "--threads", "1", "--options", "layer2 GradCAM"])
+    assert set(out["gradient_in_lungs"]) == {"teacher", "student"}
+    assert all(0 <= v <= 1 for v in out["gradient_in_lungs"].values())
+
+
 def test_the_choice_is_the_most_in_lung_map_that_still_explains_the_score():
     import sys
 

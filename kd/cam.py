@@ -3,8 +3,8 @@
 The maps come from pytorch_grad_cam, for the PNEUMONIA logit of both models, so the two maps answer the
 same question: which regions raise the pneumonia score. Where they come from is a choice (CAM_OPTIONS: a
 method on one or several ResNet stages); a stage's native grid is the input size / 8 (layer2), / 16
-(layer3) or / 32 (layer4): at 160 px 20x20, 10x10, 5x5. DEFAULT_CAM was chosen by bench/cam_grid.py
-(ROAD faithfulness and the map's mass on the image border, on validation); the plain names "GradCAM" and
+(layer3) or / 32 (layer4): at 160 px 20x20, 10x10, 5x5 (layer1, / 4: 40x40). DEFAULT_CAM was chosen by
+bench/cam_grid.py (ROAD faithfulness and the map's mass inside the lung fields, on validation); the plain names "GradCAM" and
 "GradCAM++" still mean that method on layer4. The CAM forward pass also gives the probability, so
 diagnosing costs one forward and one backward per model. Overlays are drawn on the X-ray at
 DISPLAY_SIZE (at least), not at the model's input size, so the picture a clinician reads stays sharp
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # kd.serving draws its diagnoses with this module: the names 
     from kd.serving import LoadedModel, ModelPair
 
 METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}  # on layer4, the names the app has always passed
-_CAM_CLASSES = {**METHODS, "LayerCAM": LayerCAM}
+_CAM_CLASSES = {**METHODS, "LayerCAM": LayerCAM, "HiResCAM": HiResCAM}
 STAGE_HALVINGS = {"layer1": 2, "layer2": 3, "layer3": 4, "layer4": 5}  # stride-2 steps before each ResNet stage's output
 
 
@@ -41,7 +41,7 @@ class CamOption:
     """A CAM method on the last block of one or several ResNet stages (several: their maps, each scaled
     to [0, 1], are averaged at the input size)."""
 
-    method: str  # GradCAM, GradCAM++ or LayerCAM (Jiang et al. 2021: meant for shallower stages)
+    method: str  # GradCAM, GradCAM++, LayerCAM (Jiang et al. 2021: meant for shallower stages) or HiResCAM
     layers: tuple[str, ...]
     smooth: str = ""  # "eigen": first principal component of the weighted activations; "aug": mean over 6 test-
     # time augmentations (flips, brightness; 6x the time); pytorch_grad_cam's eigen_smooth / aug_smooth
@@ -75,11 +75,16 @@ CAM_OPTIONS = {  # measured by bench/cam_grid.py
     "layer2 GradCAM aug": CamOption("GradCAM", ("layer2",), "aug"),
     "layer2 GradCAM++": CamOption("GradCAM++", ("layer2",)),
     "layer3 GradCAM++": CamOption("GradCAM++", ("layer3",)),
+    # HiResCAM (Draelos & Carin 2020): the gradient times the activation element by element, not a channel's mean
+    # gradient times its map, so the map keeps where within the grid the score is sensitive
+    "layer2 HiResCAM": CamOption("HiResCAM", ("layer2",)),
+    "layer1 HiResCAM": CamOption("HiResCAM", ("layer1",)),
 }
 # chosen by bench/cam_grid.py's rule on validation (shipped weights, 160 px): among options with a native grid of
-# at least 14x14 and ROAD above zero for both models, the highest in-lung share (kd.lungs). Its share is below a
-# uniform map's (README "Which heat map"); the figures live in bench/cam_grid_shipped.json, not here
-DEFAULT_CAM = "layer2 GradCAM"
+# at least 14x14 and ROAD above zero for both models, the highest in-lung share (kd.lungs). The only such option
+# whose share is above a uniform map's for both models (README "Which heat map"); the figures live in
+# bench/cam_grid_shipped.json, not here
+DEFAULT_CAM = "layer1 HiResCAM"
 
 
 def cam_option(method: str) -> CamOption:

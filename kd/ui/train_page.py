@@ -87,7 +87,7 @@ def plan_summary(preset_name: str, command_label: str, epochs: int | None = None
         text += " Not run: " + "; ".join(skipped) + "."
     precision = training_precision_here(cfg.cpu_bf16)
     if precision.startswith("float32:"):  # the preset's time assumed a bf16 it will not get on this machine
-        text += f" On this machine: {precision}, so expect it to take longer than the preset's figure."
+        text += f" On this machine: {precision}, so expect the float32 time."
     return text
 
 

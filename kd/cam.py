@@ -31,9 +31,47 @@ from kd.metrics import softmax_pneumonia
 if TYPE_CHECKING:  # kd.serving draws its diagnoses with this module: the names only, not an import cycle
     from kd.serving import LoadedModel, ModelPair
 
+class SmoothGrad:
+    """Smilkov et al. 2017, "SmoothGrad: removing noise by adding noise": the mean absolute gradient of the
+    target's score with respect to the input pixels over noisy copies of the input. Not a map of a stage's
+    activations but of where the score itself is sensitive, at the input's resolution (what
+    kd.losses.lung_gradient constrains in training). Shaped like pytorch_grad_cam's classes (a context manager
+    called with the input and targets, `outputs` the clean pass's logits), so that explain() draws it as them."""
+
+    samples = 16
+    noise = 0.15  # std of the added noise as a share of the input's range (the paper's 10-20 %)
+
+    def __init__(self, model: torch.nn.Module, target_layers=None):
+        self.model = model
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __call__(self, input_tensor: torch.Tensor, targets, eigen_smooth: bool = False,
+                 aug_smooth: bool = False) -> np.ndarray:
+        x = input_tensor
+        with torch.no_grad():  # the clean pass first: the probability, and a stage hook sees this image
+            self.outputs = self.model(x)
+        generator = torch.Generator().manual_seed(0)  # the same noise every time: the same map for the same image
+        sigma = self.noise * float(x.max() - x.min())
+        maps = []
+        for image, target in zip(x, targets):
+            noisy = image[None] + sigma * torch.randn((self.samples, *image.shape), generator=generator)
+            noisy.requires_grad_(True)
+            scores = target(self.model(noisy))  # the target's logit of every noisy copy
+            (grad,) = torch.autograd.grad(scores.sum(), noisy)
+            m = grad.abs().mean(0).sum(0)
+            maps.append((m / m.max().clamp_min(1e-12)).numpy())
+        return np.stack(maps)
+
+
 METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}  # on layer4, the names the app has always passed
-_CAM_CLASSES = {**METHODS, "LayerCAM": LayerCAM, "HiResCAM": HiResCAM}
-STAGE_HALVINGS = {"layer1": 2, "layer2": 3, "layer3": 4, "layer4": 5}  # stride-2 steps before each ResNet stage's output
+_CAM_CLASSES = {**METHODS, "LayerCAM": LayerCAM, "HiResCAM": HiResCAM, "SmoothGrad": SmoothGrad}
+# stride-2 steps before each ResNet stage's output ("input": the pixels themselves, for input-gradient maps)
+STAGE_HALVINGS = {"input": 0, "layer1": 2, "layer2": 3, "layer3": 4, "layer4": 5}
 
 
 @dataclass(frozen=True)
@@ -79,6 +117,7 @@ CAM_OPTIONS = {  # measured by bench/cam_grid.py
     # gradient times its map, so the map keeps where within the grid the score is sensitive
     "layer2 HiResCAM": CamOption("HiResCAM", ("layer2",)),
     "layer1 HiResCAM": CamOption("HiResCAM", ("layer1",)),
+    "input SmoothGrad": CamOption("SmoothGrad", ("input",)),
 }
 # chosen by bench/cam_grid.py's rule on validation (shipped weights, 160 px): among options with a native grid of
 # at least 14x14 and ROAD above zero for both models, the highest in-lung share (kd.lungs). The only such option
@@ -130,7 +169,7 @@ def explain(loaded: LoadedModel, x: torch.Tensor, method: str = DEFAULT_CAM,
     on error."""
     option = cam_option(method)
     model = loaded.model
-    layers = [getattr(model, name)[-1] for name in option.layers]
+    layers = [getattr(model, name)[-1] for name in option.layers if name != "input"]
     with loaded.lock, torch.enable_grad(), _stage_hook(model, stage_hook), \
             _CAM_CLASSES[option.method](model=model, target_layers=layers) as cam:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -37,9 +37,9 @@ def test_border_share_is_the_mass_on_the_outer_tenth():
 @pytest.mark.parametrize("size", [160, 128, 224, 100])
 def test_native_grid_is_the_feature_map_of_the_stages_used(size):
     model = build("resnet18").eval()
-    sides = {}
+    sides = {"input": size}  # an input-gradient map's grid is the input's
     hooks = [getattr(model, name).register_forward_hook(lambda m, i, o, name=name: sides.__setitem__(name, o.shape[-1]))
-             for name in cam.STAGE_HALVINGS]
+             for name in cam.STAGE_HALVINGS if name != "input"]
     with torch.no_grad():
         model(torch.zeros(1, 1, size, size))
     for h in hooks:
@@ -54,6 +54,27 @@ def test_the_default_map_has_a_native_grid_of_at_least_14x14_at_the_shipped_size
     option = cam.CAM_OPTIONS[cam.DEFAULT_CAM]
     assert option.grid(size) >= 14, option.source(size)
     assert f"{option.grid(size)}x{option.grid(size)}" in option.source(size)
+
+
+def test_smoothgrad_of_a_linear_score_is_its_weights():
+    """cam.SmoothGrad against plain math: the gradient of sum(w * x) is w whatever noise is added, so the map is
+    |w| / max |w|; the logits it keeps are the clean input's."""
+    w = torch.randn(1, 12, 12, generator=torch.Generator().manual_seed(0))
+
+    class Linear(torch.nn.Module):
+        def forward(self, x):
+            score = (x * w).sum((1, 2, 3))
+            return torch.stack([-score, score], 1)
+
+    x = torch.randn(2, 1, 12, 12)
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with cam.SmoothGrad(Linear()) as smooth:
+        maps = smooth(x, [ClassifierOutputTarget(1)] * 2)
+    expected = (w.abs() / w.abs().max())[0].numpy()
+    assert maps.shape == (2, 12, 12) and np.allclose(maps[0], expected, atol=1e-6) and np.allclose(maps[1], expected, atol=1e-6)
+    assert torch.allclose(smooth.outputs, Linear()(x))
+    assert cam.CAM_OPTIONS["input SmoothGrad"].grid(160) == 160
 
 
 def test_plain_method_names_still_mean_layer4():

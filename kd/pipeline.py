@@ -214,9 +214,9 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
         precision = distributed.training_precision(device, cfg.cpu_bf16)
         reporter.start(state="running", phases=list(phases), device=str(device), world_size=dist.world_size,
                        error=None, precision=precision)
-        if progress and dist.is_main:
-            print(f"training precision: {precision}", file=sys.stderr)
         data = RunData(cfg, dist, progress)
+        if progress and dist.is_main:  # once the data is usable: a bad dataset's message comes first and alone
+            print(f"training precision: {precision}", file=sys.stderr)
         if dist.is_main:
             write_json_atomic(out / "split.json", {name: {"patients": sorted({s.patient for s in ss}),
                                                           **describe(ss)} for name, ss in data.splits.items()})

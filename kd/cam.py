@@ -83,6 +83,10 @@ class CamOption:
     layers: tuple[str, ...]
     smooth: str = ""  # "eigen": first principal component of the weighted activations; "aug": mean over 6 test-
     # time augmentations (flips, brightness; 6x the time); pytorch_grad_cam's eigen_smooth / aug_smooth
+    # scale by the map's 99th percentile instead of its maximum (values above it count as the most): for maps made
+    # of a few sharp peaks (HiResCAM on an early stage), where scaling by the one highest peak leaves the rest
+    # invisible on the overlay. Monotone, so the map's ranking (what ROAD reads) keeps its order
+    robust_scale: bool = False
 
     def grid(self, input_size: int) -> int:
         """Side of the finest native grid among its stages (each stride-2 step rounds up)."""
@@ -91,7 +95,8 @@ class CamOption:
     def source(self, input_size: int) -> str:
         g = self.grid(input_size)
         smoothed = {"eigen": ", eigen-smoothed", "aug": ", averaged over 6 augmentations"}.get(self.smooth, "")
-        return f"{self.method} on {'+'.join(self.layers)}{smoothed}, native grid {g}x{g} at {input_size} px"
+        scaled = ", scaled to its 99th percentile" if self.robust_scale else ""
+        return f"{self.method} on {'+'.join(self.layers)}{smoothed}{scaled}, native grid {g}x{g} at {input_size} px"
 
 
 def _halve(n: int, times: int) -> int:
@@ -115,8 +120,8 @@ CAM_OPTIONS = {  # measured by bench/cam_grid.py
     "layer3 GradCAM++": CamOption("GradCAM++", ("layer3",)),
     # HiResCAM (Draelos & Carin 2020): the gradient times the activation element by element, not a channel's mean
     # gradient times its map, so the map keeps where within the grid the score is sensitive
-    "layer2 HiResCAM": CamOption("HiResCAM", ("layer2",)),
-    "layer1 HiResCAM": CamOption("HiResCAM", ("layer1",)),
+    "layer2 HiResCAM": CamOption("HiResCAM", ("layer2",), robust_scale=True),
+    "layer1 HiResCAM": CamOption("HiResCAM", ("layer1",), robust_scale=True),
     "input SmoothGrad": CamOption("SmoothGrad", ("input",)),
 }
 # chosen by bench/cam_grid.py's rule on validation (shipped weights, 160 px): among options with a native grid of
@@ -181,7 +186,10 @@ def explain(loaded: LoadedModel, x: torch.Tensor, method: str = DEFAULT_CAM,
                 logits = model(x).detach().float().cpu().numpy()
         else:
             logits = cam.outputs.detach().float().cpu().numpy()
-    return float(softmax_pneumonia(logits, loaded.calibration_temperature)[0]), maps[0]
+    m = maps[0]
+    if option.robust_scale:
+        m = np.clip(m / max(float(np.percentile(m, 99)), 1e-12), 0.0, 1.0).astype(m.dtype)
+    return float(softmax_pneumonia(logits, loaded.calibration_temperature)[0]), m
 
 
 @contextmanager
@@ -225,7 +233,7 @@ def overlay(picture: np.ndarray, cam: np.ndarray, opacity: float = 0.4, strength
 # jet, the overlay's colour map, as a CSS gradient for the scale drawn beside the maps (matplotlib's jet stops)
 JET_STOPS = ("#00007f", "#0000ff", "#007fff", "#00ffff", "#7fff7f", "#ffff00", "#ff7f00", "#ff0000", "#7f0000")
 MAP_MEANING = ("Colour: where the model's evidence for PNEUMONIA lies in this image, relative to its own strongest "
-               "point (blue: little, red: the most). It is not a probability and not an outline of a lesion; each "
+               "evidence (blue: little, red: the most). It is not a probability and not an outline of a lesion; each "
                "map is scaled on its own image, so two maps' reds are not comparable.")
 FADE_MEANING = (" Faded by the model's probability: the map of a case at 0 % is drawn faint (15 % strength), one "
                 "at 100 % at full strength.")

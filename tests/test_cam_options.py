@@ -77,6 +77,24 @@ def test_smoothgrad_of_a_linear_score_is_its_weights():
     assert cam.CAM_OPTIONS["input SmoothGrad"].grid(160) == 160
 
 
+def test_hirescam_maps_are_scaled_by_their_99th_percentile(kd_tiny, monkeypatch):
+    """A map of a few sharp peaks is drawn scaled by its 99th percentile, not its one highest value, so the rest
+    of it shows on the overlay; the same map otherwise (a monotone change: ROAD reads the same ranking)."""
+    import dataclasses
+
+    from tests.fixtures.xray_fixtures import jpeg_bytes, xray_like_array
+
+    pair = load_pair(kd_tiny.weights)
+    square, _ = pair.prepare(jpeg_bytes(xray_like_array(128, 128, seed=4)))
+    loaded = pair.models["teacher"]
+    _, robust = cam.explain(loaded, preprocess.to_tensor(square), "layer1 HiResCAM")
+    plain_option = dataclasses.replace(cam.CAM_OPTIONS["layer1 HiResCAM"], robust_scale=False)
+    monkeypatch.setitem(cam.CAM_OPTIONS, "layer1 HiResCAM", plain_option)
+    _, plain = cam.explain(loaded, preprocess.to_tensor(square), "layer1 HiResCAM")
+    assert np.allclose(robust, np.clip(plain / np.percentile(plain, 99), 0, 1), atol=1e-5)
+    assert (robust >= 1 - 1e-6).mean() >= 0.01 and robust.mean() > plain.mean()
+
+
 def test_plain_method_names_still_mean_layer4():
     assert cam.cam_option("GradCAM") == cam.CamOption("GradCAM", ("layer4",))
     assert cam.cam_option("GradCAM++").layers == ("layer4",)

@@ -4,8 +4,8 @@ The maps come from pytorch_grad_cam, for the PNEUMONIA logit of both models, so 
 same question: which regions raise the pneumonia score. Where they come from is a choice (CAM_OPTIONS: a
 method on one or several ResNet stages); a stage's native grid is the input size / 8 (layer2), / 16
 (layer3) or / 32 (layer4): at 160 px 20x20, 10x10, 5x5 (layer1, / 4: 40x40). DEFAULT_CAM was chosen by
-bench/cam_grid.py (ROAD faithfulness and the map's mass inside the lung fields, on validation); the plain names "GradCAM" and
-"GradCAM++" still mean that method on layer4. The CAM forward pass also gives the probability, so
+bench/cam_grid.py (ROAD faithfulness and the map's mass inside the lung fields, on validation); the plain
+names "GradCAM" and "GradCAM++" still mean that method on layer4. The CAM forward pass also gives the probability, so
 diagnosing costs one forward and one backward per model. Overlays are drawn on the X-ray at
 DISPLAY_SIZE (at least), not at the model's input size, so the picture a clinician reads stays sharp
 when the models run at 128 px.
@@ -77,7 +77,7 @@ STAGE_HALVINGS = {"input": 0, "layer1": 2, "layer2": 3, "layer3": 4, "layer4": 5
 @dataclass(frozen=True)
 class CamOption:
     """A CAM method on the last block of one or several ResNet stages (several: their maps, each scaled
-    to [0, 1], are averaged at the input size)."""
+    to [0, 1], are averaged at the input size), or a gradient method on the input pixels ("input")."""
 
     method: str  # GradCAM, GradCAM++, LayerCAM (Jiang et al. 2021: meant for shallower stages) or HiResCAM
     layers: tuple[str, ...]

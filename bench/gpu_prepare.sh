@@ -2,8 +2,8 @@
 # Here, on the CPU machine, before a lent GPU session: put what bench/gpu.sh needs inside the checkout,
 # git-ignored, so that the device tool's `carry` takes it along (../shared does not travel):
 #   data/chest_xray/{train,val,test}   the 224 px train split (42 MB), the official 16-image val and the test half
-#   .whl/                         lightly, the one package kd's training path needs that the device image lacks
-#                                 (it has torch, torchvision, pytorch_lightning, safetensors, scikit-learn, tqdm)
+#   .whl/                         the packages kd's training path needs that the device image lacks (CARRIED below;
+#                                 it has torch, torchvision, pytorch_lightning, safetensors, scikit-learn, opencv, tqdm)
 #   bash bench/gpu_prepare.sh [SHARED_CHEST_XRAY]
 # For issue 18's comparison (bench/gpu_ssl.sh) the outside corpus travels too, and both are re-encoded small
 # enough for the 64 MiB (bench/pack_images.py: grey JPEG at the longer side training reads):
@@ -36,10 +36,19 @@ done
 if [ -n "${CORPUS:-}" ]; then
   python3 bench/pack_images.py "$CORPUS" data/unlabeled_cxr --side "${CORPUS_SIDE:-96}" --quality "${CORPUS_QUALITY:-75}"
 fi
-LIGHTLY=$(python3 -c "import importlib.metadata as m; print(m.version('lightly'))")
+# what kd's training, export and refusal-check path imports that the device image lacks (its package list in the
+# device tool's KINDS.md): lightly (SSL), pydantic and its own needs (the model card's schema), grad-cam and ttach
+# (kd.cam, imported by the refusal check's fitting); at the versions installed here, for the device's Python 3.12
+CARRIED="lightly pydantic pydantic_core annotated-types typing-inspection typing_extensions grad-cam ttach"
 rm -rf .whl
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl "lightly==$LIGHTLY"
+for name in $CARRIED; do
+  version=$(python3 -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d .whl "$name==$version" 2>/dev/null \
+    || python3 -m pip wheel -q --no-deps -w .whl "$name==$version"  # published as source only (grad-cam): pure Python
+done
+ls .whl | grep -q -v -- '-py3-none-any.whl$\|-cp312-' && { echo "a wheel in .whl/ is for neither any Python nor 3.12" >&2; exit 1; }
 { git check-ignore -q data && git check-ignore -q .whl; } || { echo "data/ or .whl/ is not git-ignored: it would travel as tracked work" >&2; exit 1; }
 du -sh data .whl
 tracked=$(git ls-files -z -- ':!weights/*.safetensors' | du -cb --files0-from=- | tail -1 | cut -f1)

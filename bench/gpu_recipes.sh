@@ -9,7 +9,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
+if [ -d .whl ] && ! python3 -c "import lightly, pydantic, pytorch_grad_cam" 2>/dev/null; then
+  # the packages the device image lacks (bench/gpu_prepare.sh); a machine that has them keeps its own
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi

@@ -26,7 +26,8 @@ mkdir -p "$WORK" "$OUT"
 exec > >(tee -a "$OUT/gpu_ssl.log") 2>&1
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
-if [ -d .whl ]; then  # lightly, which the device image lacks (bench/gpu_prepare.sh)
+if [ -d .whl ] && ! python3 -c "import lightly, pydantic, pytorch_grad_cam" 2>/dev/null; then
+  # the packages the device image lacks (bench/gpu_prepare.sh); a machine that has them keeps its own
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -141,7 +141,8 @@ def gradient_in_lungs(loaded, squares: np.ndarray, masks: list[np.ndarray], batc
         lungs = torch.nn.functional.interpolate(lungs, size=x.shape[-2:], mode="nearest")  # kd.lungs' grid -> input
         with loaded.lock, torch.enable_grad():
             logits = loaded.model(x)
-            outside = outside_lung_gradient_share(logits[:, cam.PNEUMONIA] - logits[:, 1 - cam.PNEUMONIA], x, lungs)
+            outside = outside_lung_gradient_share(logits[:, cam.PNEUMONIA] - logits[:, 1 - cam.PNEUMONIA], x, lungs,
+                                                  create_graph=False)  # a measurement: no second-order graph
         total += (1.0 - outside.item()) * len(x)
     return total / len(squares)
 

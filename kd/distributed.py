@@ -47,11 +47,16 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
     return dict(zip(keys, t.tolist()))
 
 
+def auto_device_type() -> str:
+    """What --device auto trains on here: "cuda" when a GPU is present, else "cpu" (no side effects)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present; under torchrun each process takes its LOCAL_RANK GPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("CUDA was requested but no GPU is available; use --device cpu or auto.")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+    if name == "cuda" or (name == "auto" and auto_device_type() == "cuda"):
         index = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(index)
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
@@ -77,11 +82,16 @@ def bf16_autocast(device: torch.device, asked: bool) -> bool:
     return asked and cpu_has_native_bf16()
 
 
+def bf16_falls_back(device: torch.device, asked: bool) -> bool:
+    """bf16 was asked for CPU training, and this CPU will train in float32 instead (no native bf16)."""
+    return device.type == "cpu" and asked and not bf16_autocast(device, asked)
+
+
 def training_precision(device: torch.device, asked: bool) -> str:
     """What bf16_autocast chose, in words for the run's status, the Train page and the console."""
     if bf16_autocast(device, asked):
         return "bf16 autocast"
-    if device.type == "cpu" and asked:
+    if bf16_falls_back(device, asked):
         return ("float32: bf16 was asked, but this CPU has no native bf16 (AVX512-BF16 or AMX), where emulated "
                 "bf16 is several times slower")
     return "float32"

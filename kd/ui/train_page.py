@@ -85,19 +85,14 @@ def plan_summary(preset_name: str, command_label: str, epochs: int | None = None
                if COMMANDS[command_label] != "pretrain" else "."))
     if skipped:
         text += " Not run: " + "; ".join(skipped) + "."
-    precision = training_precision_here(cfg.cpu_bf16)
-    if precision.startswith("float32:"):  # the preset's time assumed a bf16 it will not get on this machine
-        text += f" On this machine: {precision}, so expect the float32 time."
-    return text
-
-
-def training_precision_here(cpu_bf16: bool) -> str:
-    """kd.distributed.training_precision on the device a job started here would train on."""
     import torch
 
     from kd import distributed
 
-    return distributed.training_precision(torch.device("cuda" if torch.cuda.is_available() else "cpu"), cpu_bf16)
+    device = torch.device(distributed.auto_device_type())  # where a job started here trains
+    if distributed.bf16_falls_back(device, cfg.cpu_bf16):  # the preset's time assumed a bf16 it will not get here
+        text += f" On this machine: {distributed.training_precision(device, cfg.cpu_bf16)}, so expect the float32 time."
+    return text
 
 
 def preset_defaults(name: str) -> dict:

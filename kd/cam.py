@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.functional import gaussian_blur
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
@@ -31,15 +32,11 @@ from kd.metrics import softmax_pneumonia
 if TYPE_CHECKING:  # kd.serving draws its diagnoses with this module: the names only, not an import cycle
     from kd.serving import LoadedModel, ModelPair
 
-class SmoothGrad:
-    """Smilkov et al. 2017, "SmoothGrad: removing noise by adding noise": the mean absolute gradient of the
-    target's score with respect to the input pixels over noisy copies of the input. Not a map of a stage's
-    activations but of where the score itself is sensitive, at the input's resolution (what
-    kd.losses.lung_gradient constrains in training). Shaped like pytorch_grad_cam's classes (a context manager
-    called with the input and targets, `outputs` the clean pass's logits), so that explain() draws it as them."""
-
-    samples = 16
-    noise = 0.15  # std of the added noise as a share of the input's range (the paper's 10-20 %)
+class InputGradientMap:
+    """A map of the score's gradient with respect to the input pixels, at the input's resolution (not of a stage's
+    activations), shaped like pytorch_grad_cam's classes (a context manager called with the input and targets,
+    `outputs` the clean pass's logits) so that explain() draws it as them. Each method is `image_map`: one image
+    [1, C, H, W] and its target -> the map [H, W] (>= 0, any scale)."""
 
     def __init__(self, model: torch.nn.Module, target_layers=None):
         self.model = model
@@ -50,26 +47,72 @@ class SmoothGrad:
     def __exit__(self, *exc):
         return False
 
+    def image_map(self, image: torch.Tensor, target) -> torch.Tensor:
+        raise NotImplementedError
+
     def __call__(self, input_tensor: torch.Tensor, targets, eigen_smooth: bool = False,
                  aug_smooth: bool = False) -> np.ndarray:
-        x = input_tensor
         with torch.no_grad():  # the clean pass first: the probability, and a stage hook sees this image
-            self.outputs = self.model(x)
-        generator = torch.Generator().manual_seed(0)  # the same noise every time: the same map for the same image
-        sigma = self.noise * float(x.max() - x.min())
+            self.outputs = self.model(input_tensor)
         maps = []
-        for image, target in zip(x, targets):
-            noisy = image[None] + sigma * torch.randn((self.samples, *image.shape), generator=generator)
-            noisy.requires_grad_(True)
-            scores = target(self.model(noisy))  # the target's logit of every noisy copy
-            (grad,) = torch.autograd.grad(scores.sum(), noisy)
-            m = grad.abs().mean(0).sum(0)
+        for image, target in zip(input_tensor, targets):
+            m = self.image_map(image[None], target).detach()
             maps.append((m / m.max().clamp_min(1e-12)).numpy())
         return np.stack(maps)
 
 
+class SmoothGrad(InputGradientMap):
+    """Smilkov et al. 2017, "SmoothGrad: removing noise by adding noise": the mean absolute gradient of the
+    target's score with respect to the input pixels over noisy copies of the input: where the score is sensitive
+    (what kd.losses.lung_gradient constrains in training), not which way."""
+
+    samples = 16
+    noise = 0.15  # std of the added noise as a share of the input's range (the paper's 10-20 %)
+
+    def image_map(self, image: torch.Tensor, target) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)  # the same noise every time: the same map for the same image
+        sigma = self.noise * float(image.max() - image.min())
+        noisy = image + sigma * torch.randn((self.samples, *image.shape[1:]), generator=generator)
+        noisy.requires_grad_(True)
+        (grad,) = torch.autograd.grad(target(self.model(noisy)).sum(), noisy)  # the target's logit of every copy
+        return grad.abs().mean(0).sum(0)
+
+
+class IntegratedGradients(InputGradientMap):
+    """Sundararajan et al. 2017, "Axiomatic Attribution for Deep Networks", from a blurred copy of the image
+    (Xu et al. 2020, "Attribution in Scale and Space"): each pixel's share of the score's rise from the blurred
+    image to the image itself, (x - blurred) times the mean gradient along the straight path between them; the
+    shares add up to that rise (completeness). A blurred baseline is what ROAD removes a pixel towards (its
+    neighbours' values), so where this map is high, removing the pixels lowers the score. The signed shares are
+    pooled over a neighbourhood (the same blur) so that the map shows regions, not single pixels, and the positive
+    part is drawn: the evidence for PNEUMONIA."""
+
+    steps = 8  # midpoints of the path: exact for a score quadratic in the pixels
+    blur_fraction = 1 / 32  # the blur's sigma as a share of the image side (4 px at 128, 5 px at 160)
+
+    def blur(self, x: torch.Tensor) -> torch.Tensor:
+        sigma = max(0.5, self.blur_fraction * x.shape[-1])
+        kernel = 2 * math.ceil(2 * sigma) + 1
+        return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
+
+    def attributions(self, x: torch.Tensor, target) -> torch.Tensor:
+        """Per-pixel shares [H, W] (summed over channels) of target(model(x)) - target(model(blur(x))) for one
+        image [1, C, H, W]: the path's points go through the model as one batch."""
+        baseline = self.blur(x)
+        delta = x - baseline
+        alphas = (torch.arange(self.steps, dtype=x.dtype) + 0.5) / self.steps
+        points = (baseline + alphas[:, None, None, None] * delta).contiguous(memory_format=torch.channels_last)
+        points.requires_grad_(True)
+        (grad,) = torch.autograd.grad(target(self.model(points)).sum(), points)
+        return (delta[0] * grad.mean(0)).sum(0)
+
+    def image_map(self, image: torch.Tensor, target) -> torch.Tensor:
+        return self.blur(self.attributions(image, target)[None, None])[0, 0].clamp_min(0)
+
+
 METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}  # on layer4, the names the app has always passed
-_CAM_CLASSES = {**METHODS, "LayerCAM": LayerCAM, "HiResCAM": HiResCAM, "SmoothGrad": SmoothGrad}
+_CAM_CLASSES = {**METHODS, "LayerCAM": LayerCAM, "HiResCAM": HiResCAM, "SmoothGrad": SmoothGrad,
+                "IntegratedGradients": IntegratedGradients}
 # stride-2 steps before each ResNet stage's output ("input": the pixels themselves, for input-gradient maps)
 STAGE_HALVINGS = {"input": 0, "layer1": 2, "layer2": 3, "layer3": 4, "layer4": 5}
 
@@ -123,6 +166,7 @@ CAM_OPTIONS = {  # measured by bench/cam_grid.py
     "layer2 HiResCAM": CamOption("HiResCAM", ("layer2",), robust_scale=True),
     "layer1 HiResCAM": CamOption("HiResCAM", ("layer1",), robust_scale=True),
     "input SmoothGrad": CamOption("SmoothGrad", ("input",)),
+    "input IntegratedGradients": CamOption("IntegratedGradients", ("input",), robust_scale=True),
 }
 # chosen by bench/cam_grid.py's rule on validation (shipped weights, 160 px): among options with a native grid of
 # at least 14x14 and ROAD above zero for both models, the highest in-lung share (kd.lungs). The only such option

@@ -207,3 +207,46 @@ def test_cam_montage_draws_the_samples_with_their_lung_masks(kd_tiny, tmp_path, 
                               "--out", str(tmp_path / "m.jpg")])
     assert (tmp_path / "m.jpg").stat().st_size > 0 and set(means) == {"NORMAL", "PNEUMONIA"}
     assert "in-lung share" in capsys.readouterr().out
+
+
+def test_integrated_gradients_add_up_to_the_scores_rise_from_the_blurred_image():
+    """cam.IntegratedGradients against plain math: for a score quadratic in the pixels, sum(w * x^2), the path's
+    midpoints integrate the gradient exactly, so each pixel's share is w * (x^2 - b^2) for the blurred image b, and
+    the shares add up to score(x) - score(b) (completeness)."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    w = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(1)).double()
+
+    class Quadratic(torch.nn.Module):
+        def forward(self, x):
+            score = (w * x * x).sum((1, 2, 3))
+            return torch.stack([-score, score], 1)
+
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(2)).double()
+    ig = cam.IntegratedGradients(Quadratic())
+    b = ig.blur(x)
+    shares = ig.attributions(x, ClassifierOutputTarget(1))
+    assert torch.allclose(shares, (w * (x * x - b * b))[0, 0], atol=1e-10)
+    assert torch.isclose(shares.sum(), Quadratic()(x)[0, 1] - Quadratic()(b)[0, 1], atol=1e-9)
+    assert not torch.allclose(b, x)
+
+
+def test_the_integrated_gradients_map_draws_the_pixels_that_raise_the_score():
+    """Its map is the positive part of the shares pooled by the blur, scaled to [0, 1]: a score that rises with
+    the brightness of the left half only lights the left half's edges, never the right half."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    class LeftHalf(torch.nn.Module):
+        def forward(self, x):
+            score = x[..., :, :32].pow(2).sum((1, 2, 3))
+            return torch.stack([-score, score], 1)
+
+    x = torch.zeros(1, 1, 64, 64)
+    x[..., 20:44, 8:24] = 1.0  # a bright patch on the left
+    x[..., 20:44, 40:56] = 1.0  # and one on the right
+    with cam.IntegratedGradients(LeftHalf()) as ig:
+        maps = ig(x, [ClassifierOutputTarget(1)])
+    assert maps.shape == (1, 64, 64) and maps.max() == pytest.approx(1.0) and maps.min() >= 0
+    assert maps[0, :, :32].sum() > 0 and maps[0, :, 36:].sum() == 0
+    assert torch.allclose(ig.outputs, LeftHalf()(x))
+    assert cam.CAM_OPTIONS["input IntegratedGradients"].grid(160) == 160

@@ -15,12 +15,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 import common
 from kd import cam, preprocess, serving
 from kd.serving import NotChestXray, load_pair
-from kd.lungs import in_lung_share, lung_mask
+from kd.lungs import in_lung_share, lung_mask, outline
 
 TILE = 224
 
@@ -30,10 +30,8 @@ def tile(d: serving.Diagnosis, role: str, mask: np.ndarray) -> np.ndarray:
     square = np.asarray(Image.fromarray(d.square).resize((TILE, TILE)))
     heat = np.asarray(Image.fromarray(view.cam.astype(np.float32)).resize((TILE, TILE), Image.Resampling.BILINEAR))
     rgb = cam.overlay(square, heat, 0.5, cam.fade_strength(view.probability))
-    edge = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((TILE, TILE))) > 127
-    border = edge & ~np.asarray(Image.fromarray(edge.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(3))).astype(bool)
     rgb = rgb.copy()
-    rgb[border] = 255
+    rgb[outline(mask, (TILE, TILE), width=1)] = 255
     return rgb
 
 

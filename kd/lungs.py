@@ -102,3 +102,15 @@ def in_lung_share(cam: np.ndarray, mask: np.ndarray) -> float | None:
         cam = np.asarray(Image.fromarray(cam).resize(mask.shape[::-1], Image.Resampling.BILINEAR)).clip(0, None)
     total = float(cam.sum())
     return None if total <= 1e-9 else float(cam[mask].sum() / total)
+
+
+def outline(mask: np.ndarray, shape: tuple[int, int], width: int = 2) -> np.ndarray:
+    """Boolean [h, w] border of the mask drawn on a picture of `shape` (the mask stretched to it, as the maps are):
+    the pixels inside the mask within `width` px of its edge. What the app and the montage outline the lung fields
+    with."""
+    from PIL import ImageFilter
+
+    h, w = shape
+    inside = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 127
+    eroded = np.asarray(Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(2 * width + 1)))
+    return inside & (eroded < 128)

@@ -25,6 +25,7 @@ from kd.checkpoint import CheckpointError, file_in_folder, load_weights
 from kd.framing import STAGE as FRAMING_STAGE
 from kd.framing import FramingCheck
 from kd.framing import load as load_framing
+from kd.lungs import in_lung_share, lung_mask
 from kd.metrics import is_pneumonia, softmax_pneumonia
 from kd.model_card import CARD_FILE, ModelCard, read_card
 from kd.models import build
@@ -271,6 +272,7 @@ class ModelView:
     threshold: float
     cam: np.ndarray  # the app draws it over Diagnosis.picture at the opacity chosen (kd.cam.overlay)
     seconds: float
+    in_lungs: float | None = None  # share of the map's mass on Diagnosis.lungs (kd.lungs.in_lung_share); None: empty
 
 
 @dataclass
@@ -291,6 +293,8 @@ class Diagnosis:
     agreement: dict[str, float]
     picture: np.ndarray  # the same X-ray at display resolution, under the overlays
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went: decoding, check, each model
+    # the estimated lung fields on `square` (kd.lungs.lung_mask): where a map that reads the lungs should lie
+    lungs: np.ndarray | None = None
 
     @property
     def same_decision(self) -> bool:
@@ -404,6 +408,7 @@ def diagnose_screened(pair: ModelPair, screened: Screened, method: str = cam.DEF
 def _diagnosis(pair: ModelPair, screened: Screened, method: str, done: dict) -> Diagnosis:
     x = preprocess.to_tensor(screened.square)
     views, spent = {}, dict(screened.seconds)
+    lungs = lung_mask(screened.square)
     for role, loaded in pair.models.items():
         if role in done:
             p, heat, spent[role] = done[role]
@@ -411,9 +416,10 @@ def _diagnosis(pair: ModelPair, screened: Screened, method: str, done: dict) -> 
             t0 = time.perf_counter()
             p, heat = cam.explain(loaded, x, method)
             spent[role] = time.perf_counter() - t0
-        views[role] = ModelView(p, decide(p, loaded.threshold), loaded.threshold, heat, spent[role])
+        views[role] = ModelView(p, decide(p, loaded.threshold), loaded.threshold, heat, spent[role],
+                                in_lung_share(heat, lungs))
     return Diagnosis(screened.square, screened.xray, views, cam.agreement(views["teacher"].cam, views["student"].cam),
-                     screened.picture, spent)
+                     screened.picture, spent, lungs)
 
 
 def time_note(seconds: dict[str, float]) -> str:

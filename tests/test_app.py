@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from kd import cam, jobs, serving  # noqa: E402
+from kd import cam, jobs, lungs, serving  # noqa: E402
 from kd import runs as kruns  # noqa: E402
 from kd.config import PRESETS  # noqa: E402
 from kd.data import LAYOUT_HELP, stratified_sample  # noqa: E402
@@ -128,6 +128,42 @@ def test_upload_png_and_dicom_shows_both_models(app_env):
     at.slider(key="cam_opacity").set_value(0.8).run()
     assert not at.exception and len(at.image) == 4
     assert all("LayerCAM on layer3" in c for i in at.image for c in i.captions)
+
+
+def test_each_map_says_how_much_of_it_lies_on_the_outlined_lung_fields(app_env):
+    """Under each map: its share on the estimated lung fields against an even spread (what the app computed, not a
+    fixed figure), the outline drawn in white on the overlay, and the outline's toggle."""
+    at = start_app()
+    at.file_uploader(key="uploads").set_value([("chest.png", xray_png(), "image/png")]).run()
+    assert not at.exception and not at.error
+    pair, _ = served.load_models(app_env.weights)
+    d = ui_diagnose.diagnose_bytes(pair, xray_png(), "chest.png", cam.DEFAULT_CAM).diagnosis
+    assert d.lungs is not None and d.lungs.any()
+    captions = [c.value for c in at.caption if "outlined lung fields" in str(c.value)]
+    assert len(captions) == 2  # one under each model's map
+    for role, caption in zip(served.ROLES, captions):
+        share = d.views[role].in_lungs
+        assert share == pytest.approx(lungs.in_lung_share(d.views[role].cam, d.lungs))
+        assert f"{share:.0%} of this map" in caption and f"an even spread: {d.lungs.mean():.0%}" in caption
+        assert ("outside the lungs" in caption) == (share < d.lungs.mean())
+    result = ui_diagnose.CaseResult("chest.png", cam.DEFAULT_CAM, d)
+    drawn, plain = (ui_diagnose.overlay_image(result, "teacher", 0.0, lungs=flag) for flag in (True, False))
+    white = (drawn == 255).all(-1) & ~(plain == 255).all(-1)
+    assert white.sum() > 0 and (white == lungs.outline(d.lungs, drawn.shape[:2]) & ~(plain == 255).all(-1)).all()
+    assert at.checkbox(key="cam_lungs").value is True
+    at.checkbox(key="cam_lungs").uncheck().run()
+    assert not at.exception and len(at.image) == 2
+
+
+def test_the_lung_share_caption_cautions_only_below_an_even_spread():
+    mask = np.zeros((10, 10), bool)
+    mask[2:8, 2:5] = True  # 18 % of the area
+    on = serving.ModelView(0.9, "PNEUMONIA", 0.5, np.zeros((10, 10)), 0.1, in_lungs=0.62)
+    off = serving.ModelView(0.9, "PNEUMONIA", 0.5, np.zeros((10, 10)), 0.1, in_lungs=0.05)
+    assert ui_diagnose.lung_share_text(on, mask) == "62% of this map lies on the outlined lung fields (an even spread: 18%)."
+    assert "5% of this map" in ui_diagnose.lung_share_text(off, mask) and "outside the lungs" in ui_diagnose.lung_share_text(off, mask)
+    assert ui_diagnose.lung_share_text(serving.ModelView(0.1, "NORMAL", 0.5, np.zeros((10, 10)), 0.1), mask) is None
+    assert ui_diagnose.lung_share_text(on, np.zeros((10, 10), bool)) is None
 
 
 def test_an_empty_heat_map_is_explained_and_agreement_not_claimed(app_env, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kd import lungs
 from kd.lungs import SIZE, in_lung_share, lung_mask
 from tests.fixtures.xray_fixtures import LUNG_RADII, LUNGS, _unit_grid, xray_like_array
 
@@ -45,3 +46,16 @@ def test_in_lung_share_is_the_maps_mass_inside_the_mask():
     real = lung_mask(xray_like_array(256, 256, seed=4))
     assert in_lung_share(spine, real) == 0.0
     assert in_lung_share(real.astype(np.float32)[::4, ::4], real) > 0.8  # another grid: resized onto the mask
+
+
+def test_the_outline_is_the_masks_edge_stretched_to_the_picture():
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 1:4] = True
+    edge = lungs.outline(mask, (80, 160), width=2)
+    assert edge.shape == (80, 160)
+    inside = np.zeros((80, 160), bool)
+    inside[20:60, 20:80] = True  # the mask stretched: 10 px a row, 20 px a column
+    ring = inside.copy()
+    ring[22:58, 22:78] = False
+    assert (edge == ring).all()
+    assert not lungs.outline(np.zeros((8, 8), bool), (16, 16)).any()

@@ -16,7 +16,7 @@ opacity = middle.slider("Heat map opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacit
                         help="0 shows the X-ray alone.")
 fade = right.checkbox("Fade by probability", value=True, key="cam_fade",
                       help="Draw each map at a strength that follows its model's probability of pneumonia.")
-lungs = far.checkbox("Outline lung fields", value=True, key="cam_lungs", help=diagnose.LUNGS_HELP)
+outline_lungs = far.checkbox("Outline lung fields", value=True, key="cam_lungs", help=diagnose.LUNGS_HELP)
 diagnose.render_colour_scale(fade)
 
 upload_tab, dataset_tab = st.tabs(["Upload X-rays", "Pick a dataset case"])
@@ -33,7 +33,7 @@ with weights_status:
     served.require_refusal_check(pair)
 
 with upload_tab:
-    diagnose.render_uploads(pair, files, method, opacity, fade, lungs)
+    diagnose.render_uploads(pair, files, method, opacity, fade, outline_lungs)
 
 with dataset_tab:
     root, data_problem = state.dataset_state()
@@ -50,4 +50,4 @@ with dataset_tab:
                             format_func=lambda p: data_page.case_label(samples[p]))
         if path:
             result = diagnose.diagnose_sample(pair, samples[path], method, memo=diagnose.session_memo())
-            diagnose.render_case(result, pair, opacity, fade, lungs)
+            diagnose.render_case(result, pair, opacity, fade, outline_lungs)

@@ -147,7 +147,7 @@ def test_each_map_says_how_much_of_it_lies_on_the_outlined_lung_fields(app_env):
         assert f"{share:.0%} of this map" in caption and f"an even spread: {d.lungs.mean():.0%}" in caption
         assert ("outside the lungs" in caption) == (share < d.lungs.mean())
     result = ui_diagnose.CaseResult("chest.png", cam.DEFAULT_CAM, d)
-    drawn, plain = (ui_diagnose.overlay_image(result, "teacher", 0.0, lungs=flag) for flag in (True, False))
+    drawn, plain = (ui_diagnose.overlay_image(result, "teacher", 0.0, outline_lungs=flag) for flag in (True, False))
     white = (drawn == 255).all(-1) & ~(plain == 255).all(-1)
     assert white.sum() > 0 and (white == lungs.outline(d.lungs, drawn.shape[:2]) & ~(plain == 255).all(-1)).all()
     assert at.checkbox(key="cam_lungs").value is True
@@ -158,11 +158,14 @@ def test_each_map_says_how_much_of_it_lies_on_the_outlined_lung_fields(app_env):
 def test_the_lung_share_caption_cautions_only_below_an_even_spread():
     mask = np.zeros((10, 10), bool)
     mask[2:8, 2:5] = True  # 18 % of the area
-    on = serving.ModelView(0.9, "PNEUMONIA", 0.5, np.zeros((10, 10)), 0.1, in_lungs=0.62)
-    off = serving.ModelView(0.9, "PNEUMONIA", 0.5, np.zeros((10, 10)), 0.1, in_lungs=0.05)
-    assert ui_diagnose.lung_share_text(on, mask) == "62% of this map lies on the outlined lung fields (an even spread: 18%)."
-    assert "5% of this map" in ui_diagnose.lung_share_text(off, mask) and "outside the lungs" in ui_diagnose.lung_share_text(off, mask)
-    assert ui_diagnose.lung_share_text(serving.ModelView(0.1, "NORMAL", 0.5, np.zeros((10, 10)), 0.1), mask) is None
+    heat = np.zeros((10, 10))
+    on = serving.ModelView(0.9, "PNEUMONIA", 0.5, heat, 0.1, in_lungs=0.62)
+    off = serving.ModelView(0.9, "PNEUMONIA", 0.5, heat, 0.1, in_lungs=0.05)
+    assert ui_diagnose.lung_share_text(on, mask) == ("62% of this map lies on the outlined lung fields "
+                                                      "(an even spread: 18%).")
+    caution = ui_diagnose.lung_share_text(off, mask)
+    assert "5% of this map" in caution and "outside the lungs" in caution
+    assert ui_diagnose.lung_share_text(serving.ModelView(0.1, "NORMAL", 0.5, heat, 0.1), mask) is None
     assert ui_diagnose.lung_share_text(on, np.zeros((10, 10), bool)) is None
 
 

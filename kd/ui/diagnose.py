@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from kd import cam, preprocess, serving
-from kd import lungs as kd_lungs
+from kd import cam, lungs, preprocess, serving
 from kd import data as kdata
 from kd.serving import ModelPair, NotChestXray
 from kd.ood import REASON_END
@@ -139,15 +138,16 @@ def diagnose_sample(pair: ModelPair, sample: kdata.Sample, method: str = cam.DEF
     return diagnose_file(pair, sample.path, method, memo, truth=kdata.CLASSES[sample.label])
 
 
-def overlay_image(result: CaseResult, role: str, opacity: float, fade: bool = True, lungs: bool = True) -> np.ndarray:
-    """The X-ray with `role`'s map; `fade`: drawn at kd.cam.fade_strength of its probability; `lungs`: the estimated
-    lung fields (Diagnosis.lungs) outlined in white."""
+def overlay_image(result: CaseResult, role: str, opacity: float, fade: bool = True,
+                  outline_lungs: bool = True) -> np.ndarray:
+    """The X-ray with `role`'s map; `fade`: drawn at kd.cam.fade_strength of its probability; `outline_lungs`: the
+    estimated lung fields (Diagnosis.lungs) outlined in white."""
     d = result.diagnosis
     view = d.views[role]
     rgb = cam.overlay(d.picture, view.cam, opacity, cam.fade_strength(view.probability) if fade else 1.0)
-    if lungs and d.lungs is not None and d.lungs.any():
+    if outline_lungs and d.lungs is not None and d.lungs.any():
         rgb = rgb.copy()
-        rgb[kd_lungs.outline(d.lungs, rgb.shape[:2])] = 255
+        rgb[lungs.outline(d.lungs, rgb.shape[:2])] = 255
     return rgb
 
 
@@ -157,13 +157,13 @@ LUNGS_HELP = ("Lung fields: estimated from the X-ray's own brightness profiles (
               "share of the area on it.")
 
 
-def lung_share_text(view: serving.ModelView, lungs: np.ndarray | None) -> str | None:
+def lung_share_text(view: serving.ModelView, mask: np.ndarray | None) -> str | None:
     """How much of a map lies on the estimated lung fields, against an even spread; a caution when less does than
     an even spread would put there (the evidence then lies mostly on the shoulders, the diaphragm, the spine or the
     film's markers, a sign of a shortcut, not of the lungs' findings). None when there is no map or no outline."""
-    if view.in_lungs is None or lungs is None or not lungs.any():
+    if view.in_lungs is None or mask is None or not mask.any():
         return None
-    even = float(lungs.mean())
+    even = float(mask.mean())
     text = f"{view.in_lungs:.0%} of this map lies on the outlined lung fields (an even spread: {even:.0%})."
     if view.in_lungs < even:
         text += (" :orange[Less than an even spread: most of this model's evidence here lies outside the lungs "
@@ -190,7 +190,8 @@ def decision_badge(decision: str) -> str:
     return f":red-badge[{decision}]" if decision == "PNEUMONIA" else f":green-badge[{decision}]"
 
 
-def render_uploads(pair: ModelPair, files, method: str, opacity: float, fade: bool = True, lungs: bool = True) -> None:
+def render_uploads(pair: ModelPair, files, method: str, opacity: float, fade: bool = True,
+                   outline_lungs: bool = True) -> None:
     """Each uploaded file diagnosed and drawn in turn, under a progress bar that names the file at work."""
     if not files:
         return
@@ -200,7 +201,7 @@ def render_uploads(pair: ModelPair, files, method: str, opacity: float, fade: bo
     for i, upload in enumerate(files):
         bar.progress(i / n, text=f"Diagnosing {upload.name} ({i + 1} of {n})...")
         results.append(diagnose_bytes(pair, upload.getvalue(), upload.name, method, memo=session_memo()))
-        render_case(results[-1], pair, opacity, fade, lungs)
+        render_case(results[-1], pair, opacity, fade, outline_lungs)
     bar.progress(1.0, text=outcome_summary(results))
 
 
@@ -216,7 +217,7 @@ def outcome_summary(results: list[CaseResult]) -> str:
 
 
 def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4, fade: bool = True,
-                lungs: bool = True) -> None:
+                outline_lungs: bool = True) -> None:
     """One image: teacher and student side by side, then how far they agree. Errors stay in this box."""
     with st.container(border=True):
         title = f"**{result.name}**"
@@ -248,7 +249,7 @@ def render_case(result: CaseResult, pair: ModelPair, opacity: float = 0.4, fade:
                 right.metric("Time", f"{view.seconds:.2f} s", help="prediction and heat map on this machine")
                 st.markdown(f"Decision: {decision_badge(view.decision)} &nbsp; rule: "
                             f"{cam.decision_rule(view.threshold)} (the model card's threshold)")
-                st.image(overlay_image(result, role, opacity, fade, lungs), width=380,
+                st.image(overlay_image(result, role, opacity, fade, outline_lungs), width=380,
                          caption=f"{ROLE_LABEL[role]} · heat map for PNEUMONIA: "
                                  f"{cam.cam_option(result.method).source(pair.input_size)}"
                                  + (f" · drawn at {cam.fade_strength(view.probability):.0%} strength" if fade else ""))

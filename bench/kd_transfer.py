@@ -12,12 +12,18 @@ weights' teacher's, and that ensemble is compared with the labels-only student t
 al. 2017, "Simple and scalable predictive uncertainty estimation using deep ensembles": a mean of
 independently trained networks).
 
+`--scratch RUN`: the same recipe and seed with `--student-init scratch` (issue 18's third item: does the
+teacher's stem help?): its labels-only student (its `student_baseline`, or its `student` when the run was trained
+with alpha 1, the labels alone) and its distilled student, each against its teacher-stem twin here; then the
+teacher and the distilled student against the labels-only student from scratch.
+
 `--seeds RUN ...`: runs of the same recipe with other training seeds (same validation split); each one's
 distilled - labels-only is printed, then the mean over all seeds (the weights' own included) with a pooled 95 % CI
 (kd.metrics.pooled_auc_difference: every seed scored on the same patient resamples), what issue 18's target reads.
 
     python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
                                 [--ensemble runs/teacher-seed1 runs/teacher-seed2] [--seeds RUN ...]
+                                [--scratch RUN]
 """
 from __future__ import annotations
 
@@ -36,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ensemble", nargs="*", default=[], help="run folders of more teachers (other seeds)")
     ap.add_argument("--seeds", nargs="*", default=[], help="run folders of the same recipe with other seeds: "
                     "distilled - labels-only per seed and pooled")
+    ap.add_argument("--scratch", help="a run of the same recipe and seed whose students started from scratch "
+                    "(--student-init scratch): each against its teacher-stem twin, and the teacher and the distilled "
+                    "student against the labels-only student from scratch")
     args = ap.parse_args(argv)
 
     import torch
@@ -90,6 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         for r in ("student", "student_baseline"):
             models[f"{r}@seed{seed}"] = load(Path(run), member["models"][r])
             temperatures[f"{r}@seed{seed}"] = member["models"][r].get("calibration_temperature", 1.0)
+    if args.scratch:
+        member = read_card(args.scratch).document
+        scratch_cfg = member.get("config", {})
+        if scratch_cfg.get("student_init") != "scratch" or not same_recipe(member, args.scratch, set()):
+            print(f"{args.scratch}: not a run of this recipe with --student-init scratch")
+            return 1
+        # alpha 1 trains the run's "distilled" student on the labels alone: that one is a labels-only student
+        as_role = {"student_baseline": "student_baseline",
+                   "student": "student_baseline" if scratch_cfg.get("alpha") == 1.0 else "student"}
+        for r in (r for r in ("student_baseline", "student") if r in member["models"]):
+            models[f"{as_role[r]}_scratch"] = load(Path(args.scratch), member["models"][r])
+            temperatures[f"{as_role[r]}_scratch"] = member["models"][r].get("calibration_temperature", 1.0)
     print(f"weights {weights} ({size} px, contrast {contrast}); CIs: patient-level bootstrap, {args.n_boot} resamples")
     for split in args.splits:
         samples = samples_for(args.data, split, *split_settings(cfg))
@@ -105,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         aucs = "  ".join(f"{r} {metrics.rank_auc(y, p[r]):.4f}" for r in p)
         print(f"\n{split} ({len(y)} images, {len(set(patients))} patients): AUC {aucs}")
         for a, b in (("student_baseline", "student"), ("student_baseline", "teacher"),
-                     ("student_baseline", "teacher_ensemble"), ("teacher", "teacher_ensemble")):
-            if b in p:
+                     ("student_baseline", "teacher_ensemble"), ("teacher", "teacher_ensemble"),
+                     ("student_baseline_scratch", "student_baseline"), ("student_scratch", "student"),
+                     ("student_baseline_scratch", "teacher"), ("student_baseline_scratch", "student")):
+            if a in p and b in p:
                 d, lo, hi = metrics.paired_auc_difference(y, p[a], p[b], n_boot=args.n_boot, groups=patients)
                 print(f"  {b} - {a}: {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
         if len(seeds) > 1:

@@ -222,6 +222,36 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     assert "not one recipe" in capsys.readouterr().out
 
 
+def test_kd_transfer_compares_students_from_scratch_with_their_teacher_stem_twins(tiny_run, tmp_path, capsys):
+    """--scratch: a run with --student-init scratch; its labels-only student (a student trained with alpha 1 counts
+    as one) against the teacher-stem one, and the teacher and the distilled student against it. The run's own
+    students under the scratch run's name compare to +0.0000; a run that did not start from scratch is refused."""
+    import json
+
+    import kd_transfer
+
+    data, weights = tiny_run
+    member = tmp_path / "scratch"
+    member.mkdir()
+    card = json.loads((weights / "model_card.json").read_text())
+    card["config"].update(student_init="scratch", alpha=1.0)
+    card["models"] = {"student": card["models"]["student_baseline"]}
+    (member / card["models"]["student"]["file"]).symlink_to(weights / card["models"]["student"]["file"])
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
+                             "--scratch", str(member)]) == 0
+    out = capsys.readouterr().out
+    assert "student_baseline - student_baseline_scratch: +0.0000" in out
+    for line in ("teacher - student_baseline_scratch", "student - student_baseline_scratch"):
+        assert line in out, line
+    assert "student - student_scratch" not in out  # no distilled student from scratch in that run
+    card["config"]["student_init"] = "teacher-stem"
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",
+                             "--scratch", str(member)]) == 1
+    assert "not a run of this recipe with --student-init scratch" in capsys.readouterr().out
+
+
 def test_predict_bulk_bench_times_both_paths(kd_tiny, capsys, monkeypatch):
     import predict_bulk
 

@@ -3,7 +3,7 @@ refusal check), the decision rule, and an upload's way from bytes to a decision:
 probabilities and both heat maps) and `predict_bytes` / `predict_files` (`kd predict`). Whole image sets are scored
 by kd.scoring and kd.evaluate; the heat maps themselves are kd.cam's.
 
-The walk of one upload, downward: bytes -> kd.preprocess (decoded once) -> the teacher's Grad-CAM forward pass, whose
+The walk of one upload, downward: bytes -> kd.preprocess (decoded once) -> the teacher's heat-map forward pass, whose
 own layer3 output is the refusal check's and the framing warnings' input (kd.ood, kd.framing: no second teacher pass)
 -> the rest of that pass and its backward (kd.cam) -> the student's -> a Diagnosis."""
 from __future__ import annotations
@@ -343,7 +343,7 @@ def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = c
     """Bytes of an upload -> both predictions and both heat maps, or NotChestXray / preprocess.ImageError.
 
     The bytes are decoded once (display_pixels says when a JPEG's picture needs its own decode), and the refusal
-    check reads the teacher's layer3 map from the Grad-CAM forward pass itself: a refused picture stops that pass
+    check reads the teacher's layer3 map from the heat map's forward pass itself: a refused picture stops that pass
     there, before any probability, and an accepted one costs no separate teacher pass for the check."""
     if pair.ood is None or not _shares_stage(pair) or cam.cam_option(method).smooth == "aug":
         # no check (refuse it), a check on another stage than the framing probes' (weights fitted before), or a
@@ -356,7 +356,7 @@ def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = c
 
     checked: dict = {}
 
-    def check(maps: torch.Tensor) -> None:  # the teacher's layer3 output, inside its Grad-CAM forward pass
+    def check(maps: torch.Tensor) -> None:  # the teacher's layer3 output, inside its heat map's forward pass
         t = time.perf_counter()
         maps = maps.detach().float()
         with torch.inference_mode():
@@ -374,7 +374,7 @@ def diagnose(pair: ModelPair, data: bytes, name: str = "upload", method: str = c
         [why], _ = screen_squares(pair, square[None], refused.maps)
         raise NotChestXray(why) from None
     if "seconds" not in checked:  # never a probability without the check
-        raise RuntimeError(f"the refusal check did not see the teacher's {FRAMING_STAGE} in its Grad-CAM pass")
+        raise RuntimeError(f"the refusal check did not see the teacher's {FRAMING_STAGE} in its heat map's pass")
     teacher_seconds = time.perf_counter() - t1 - checked["seconds"]
     if checked["warnings"]:
         xray = dataclasses.replace(xray, warnings=tuple(xray.warnings) + checked["warnings"])

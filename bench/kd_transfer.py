@@ -12,6 +12,10 @@ weights' teacher's, and that ensemble is compared with the labels-only student t
 al. 2017, "Simple and scalable predictive uncertainty estimation using deep ensembles": a mean of
 independently trained networks).
 
+`--labels-only RUN`: the labels-only student from another run of the same recipe, seed and init, trained with
+`--alpha 1` (its "distilled" student then learns from the labels alone): what `kd distill`, which trains no
+baseline of its own, is compared with.
+
 `--scratch RUN`: the same recipe and seed with `--student-init scratch` (issue 18's third item: does the
 teacher's stem help?): its labels-only student (its `student_baseline`, or its `student` when the run was trained
 with alpha 1, the labels alone) and its distilled student, each against its teacher-stem twin here; then the
@@ -23,7 +27,7 @@ distilled - labels-only is printed, then the mean over all seeds (the weights' o
 
     python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
                                 [--ensemble runs/teacher-seed1 runs/teacher-seed2] [--seeds RUN ...]
-                                [--scratch RUN]
+                                [--labels-only RUN] [--scratch RUN]
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ensemble", nargs="*", default=[], help="run folders of more teachers (other seeds)")
     ap.add_argument("--seeds", nargs="*", default=[], help="run folders of the same recipe with other seeds: "
                     "distilled - labels-only per seed and pooled")
+    ap.add_argument("--labels-only", help="a run of the same recipe, seed and init trained with --alpha 1 (the labels "
+                    "alone): its student is the labels-only student (`kd distill` trains no baseline of its own)")
     ap.add_argument("--scratch", help="a run of the same recipe and seed whose students started from scratch "
                     "(--student-init scratch): each against its teacher-stem twin, and the teacher and the distilled "
                     "student against the labels-only student from scratch")
@@ -62,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     card = read_card(weights).document
     size, contrast, cfg = card["input"]["size"], card["input"].get("contrast", "none"), card.get("config", {})
     roles = [r for r in ("teacher", "student", "student_baseline") if r in card["models"]]
-    if "student_baseline" not in roles:
-        print(f"{weights} has no student_baseline: nothing to compare")
-        return 1
     device = torch.device("cpu")
     def load(folder: Path, entry: dict) -> torch.nn.Module:
         return load_weights(build(entry["architecture"]), folder / entry["file"]).eval() \
@@ -81,6 +84,18 @@ def main(argv: list[str] | None = None) -> int:
             return False
         return True
 
+    if args.labels_only:
+        member = read_card(args.labels_only).document
+        member_cfg = member.get("config", {})
+        if member_cfg.get("alpha") != 1.0 or member_cfg.get("student_init") != cfg.get("student_init") \
+                or not same_recipe(member, args.labels_only, {"student"}):
+            print(f"{args.labels_only}: not a student of this recipe and init trained on the labels alone (alpha 1)")
+            return 1
+        models["student_baseline"] = load(Path(args.labels_only), member["models"]["student"])
+        temperatures["student_baseline"] = member["models"]["student"].get("calibration_temperature", 1.0)
+    if "student_baseline" not in models:
+        print(f"{weights} has no student_baseline (and no --labels-only run): nothing to compare")
+        return 1
     for i, run in enumerate(args.ensemble, start=1):
         member = read_card(run).document
         if not same_recipe(member, run, {"teacher"}):

@@ -252,6 +252,34 @@ def test_kd_transfer_compares_students_from_scratch_with_their_teacher_stem_twin
     assert "not a run of this recipe with --student-init scratch" in capsys.readouterr().out
 
 
+def test_kd_transfer_takes_the_labels_only_student_from_a_run_trained_with_alpha_1(tiny_run, tmp_path, capsys):
+    """--labels-only: a run of the same recipe and init trained with alpha 1 stands in for the labels-only student
+    (`kd distill` trains none); the weights' own labels-only student under that run's name gives the same
+    difference as without it; a run trained with the teacher's term (alpha below 1) is refused."""
+    import json
+    import re
+
+    import kd_transfer
+
+    data, weights = tiny_run
+    args = ["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50"]
+    assert kd_transfer.main(args) == 0
+    own = re.search(r"student - student_baseline: ([+-][0-9.]+)", capsys.readouterr().out).group(1)
+    member = tmp_path / "labels-only"
+    member.mkdir()
+    card = json.loads((weights / "model_card.json").read_text())
+    card["config"]["alpha"] = 1.0
+    card["models"] = {"student": card["models"]["student_baseline"]}
+    (member / card["models"]["student"]["file"]).symlink_to(weights / card["models"]["student"]["file"])
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(args + ["--labels-only", str(member)]) == 0
+    assert f"student - student_baseline: {own}" in capsys.readouterr().out
+    card["config"]["alpha"] = 0.5
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(args + ["--labels-only", str(member)]) == 1
+    assert "trained on the labels alone" in capsys.readouterr().out
+
+
 def test_predict_bulk_bench_times_both_paths(kd_tiny, capsys, monkeypatch):
     import predict_bulk
 

@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         models["student_baseline"] = load(Path(args.labels_only), member["models"]["student"])
         temperatures["student_baseline"] = member["models"]["student"].get("calibration_temperature", 1.0)
-    if "student_baseline" not in models:
-        print(f"{weights} has no student_baseline (and no --labels-only run): nothing to compare")
+    if "student_baseline" not in models and not args.scratch:
+        print(f"{weights} has no student_baseline (and no --labels-only or --scratch run): nothing to compare")
         return 1
     for i, run in enumerate(args.ensemble, start=1):
         member = read_card(run).document

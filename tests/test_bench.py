@@ -245,6 +245,11 @@ def test_kd_transfer_compares_students_from_scratch_with_their_teacher_stem_twin
     for line in ("teacher - student_baseline_scratch", "student - student_baseline_scratch"):
         assert line in out, line
     assert "student - student_scratch" not in out  # no distilled student from scratch in that run
+    card["config"]["alpha"] = 0.5  # now its student is a distilled one: the pair item 3 asks about
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
+                             "--scratch", str(member)]) == 0
+    assert "student - student_scratch" in capsys.readouterr().out
     card["config"]["student_init"] = "teacher-stem"
     (member / "model_card.json").write_text(json.dumps(card))
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",

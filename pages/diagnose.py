@@ -16,7 +16,7 @@ opacity = middle.slider("Heat map opacity", 0.0, 1.0, 0.4, 0.05, key="cam_opacit
                         help="0 shows the X-ray alone.")
 fade = right.checkbox("Fade by probability", value=True, key="cam_fade",
                       help="Draw each map at a strength that follows its model's probability of pneumonia.")
-outline_lungs = far.checkbox("Outline lung fields", value=True, key="cam_lungs", help=diagnose.LUNGS_HELP)
+outline_lungs = far.checkbox("Lung outline", value=True, key="cam_lungs", help=diagnose.LUNGS_HELP)
 diagnose.render_colour_scale(fade)
 
 upload_tab, dataset_tab = st.tabs(["Upload X-rays", "Pick a dataset case"])

@@ -283,6 +283,12 @@ class Screened:
     xray: preprocess.XRay  # with the decoder's and the framing check's warnings
     picture: np.ndarray  # the same X-ray at display resolution, under the overlays
     seconds: dict[str, float]  # "decoding", "refusal check"
+    # the estimated lung fields on `square` (kd.lungs.lung_mask): estimated once per upload, not per heat-map method
+    lungs: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.lungs is None:
+            self.lungs = lung_mask(self.square)
 
 
 @dataclass
@@ -304,7 +310,7 @@ class Diagnosis:
     def screened(self) -> Screened:
         """What a change of heat-map method starts from (diagnose_screened): nothing of it is computed again."""
         return Screened(self.square, self.xray, self.picture,
-                        {k: v for k, v in self.seconds.items() if k in ("decoding", "refusal check")})
+                        {k: v for k, v in self.seconds.items() if k in ("decoding", "refusal check")}, self.lungs)
 
 
 def display_picture(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -408,7 +414,7 @@ def diagnose_screened(pair: ModelPair, screened: Screened, method: str = cam.DEF
 def _diagnosis(pair: ModelPair, screened: Screened, method: str, done: dict) -> Diagnosis:
     x = preprocess.to_tensor(screened.square)
     views, spent = {}, dict(screened.seconds)
-    lungs = lung_mask(screened.square)
+    lungs = screened.lungs
     for role, loaded in pair.models.items():
         if role in done:
             p, heat, spent[role] = done[role]

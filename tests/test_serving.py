@@ -80,6 +80,7 @@ def test_a_change_of_method_starts_from_the_screened_upload(pair):
     with counted(pair) as calls:
         other = serving.diagnose_screened(pair, d.screened, "layer3 GradCAM")
     assert calls["teacher.layer4"] == 1 and other.picture is d.picture and other.xray is d.xray
+    assert other.lungs is d.lungs  # the lung fields are estimated once per upload, not per method
     assert set(other.seconds) == {"decoding", "refusal check", "teacher", "student"}
 
 

@@ -73,8 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         return load_weights(build(entry["architecture"]), folder / entry["file"]).eval() \
             .to(memory_format=torch.channels_last)
 
-    models = {r: load(weights, card["models"][r]) for r in roles}
-    temperatures = {r: card["models"][r].get("calibration_temperature", 1.0) for r in roles}
+    models, temperatures = {}, {}
+
+    def add(name: str, folder: Path, entry: dict) -> None:
+        """A model of some run under `name`, with its calibration temperature."""
+        models[name] = load(folder, entry)
+        temperatures[name] = entry.get("calibration_temperature", 1.0)
+
+    for r in roles:
+        add(r, weights, card["models"][r])
     def same_recipe(member: dict, run: str, needs: set) -> bool:
         """Same input size, contrast and validation split as the weights, and the models `needs` there."""
         if (member["input"]["size"], member["input"].get("contrast", "none")) != (size, contrast) \
@@ -91,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 or not same_recipe(member, args.labels_only, {"student"}):
             print(f"{args.labels_only}: not a student of this recipe and init trained on the labels alone (alpha 1)")
             return 1
-        models["student_baseline"] = load(Path(args.labels_only), member["models"]["student"])
-        temperatures["student_baseline"] = member["models"]["student"].get("calibration_temperature", 1.0)
+        add("student_baseline", Path(args.labels_only), member["models"]["student"])
     if "student_baseline" not in models and not args.scratch:
         print(f"{weights} has no student_baseline (and no --labels-only or --scratch run): nothing to compare")
         return 1
@@ -101,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if not same_recipe(member, run, {"teacher"}):
             return 1
         role = f"teacher_seed{member.get('config', {}).get('seed', i)}"
-        models[role] = load(Path(run), member["models"]["teacher"])
-        temperatures[role] = member["models"]["teacher"].get("calibration_temperature", 1.0)
+        add(role, Path(run), member["models"]["teacher"])
         roles.append(role)
     seeds = [str(card.get("config", {}).get("seed", 0))]
     for run in args.seeds:
@@ -112,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = str(member.get("config", {}).get("seed", "?"))
         seeds.append(seed)
         for r in ("student", "student_baseline"):
-            models[f"{r}@seed{seed}"] = load(Path(run), member["models"][r])
-            temperatures[f"{r}@seed{seed}"] = member["models"][r].get("calibration_temperature", 1.0)
+            add(f"{r}@seed{seed}", Path(run), member["models"][r])
     if args.scratch:
         member = read_card(args.scratch).document
         scratch_cfg = member.get("config", {})
@@ -124,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         as_role = {"student_baseline": "student_baseline",
                    "student": "student_baseline" if scratch_cfg.get("alpha") == 1.0 else "student"}
         for r in (r for r in ("student_baseline", "student") if r in member["models"]):
-            models[f"{as_role[r]}_scratch"] = load(Path(args.scratch), member["models"][r])
-            temperatures[f"{as_role[r]}_scratch"] = member["models"][r].get("calibration_temperature", 1.0)
+            add(f"{as_role[r]}_scratch", Path(args.scratch), member["models"][r])
     print(f"weights {weights} ({size} px, contrast {contrast}); CIs: patient-level bootstrap, {args.n_boot} resamples")
     for split in args.splits:
         samples = samples_for(args.data, split, *split_settings(cfg))

@@ -4,8 +4,9 @@ background jobs and torchrun alike.
 AdamW (fused) with linear warm-up then cosine decay (per step), gradient clipping, channels_last on every
 device (the fast layout for convolutions on CPU and GPU), bf16 autocast on CUDA (and on the CPU when asked:
 `bf16`, and only where the CPU has native bf16: kd.distributed.bf16_autocast), DDP when launched by
-torchrun. After each epoch the full training state is written atomically, so a killed run resumes from its last epoch. Batch order and augmentation are
-drawn from (seed, phase, epoch, rank), which makes a resumed run bit-identical on CPU.
+torchrun. After each epoch the full training state is written atomically, so a killed run resumes from its
+last epoch. Batch order and augmentation are drawn from (seed, phase, epoch, rank), which makes a resumed run
+bit-identical on CPU.
 """
 from __future__ import annotations
 

@@ -21,13 +21,16 @@ teacher's stem help?): its labels-only student (its `student_baseline`, or its `
 with alpha 1, the labels alone) and its distilled student, each against its teacher-stem twin here; then the
 teacher and the distilled student against the labels-only student from scratch.
 
+`--tta`: each model also scored as the mean logit over kd.augment.TTA_VIEWS (the whole image, a closer and a wider
+framing, four small shifts): is the teacher, scored that way, a better one to distil from?
+
 `--seeds RUN ...`: runs of the same recipe with other training seeds (same validation split); each one's
 distilled - labels-only is printed, then the mean over all seeds (the weights' own included) with a pooled 95 % CI
 (kd.metrics.pooled_auc_difference: every seed scored on the same patient resamples), what issue 18's target reads.
 
     python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
                                 [--ensemble runs/teacher-seed1 runs/teacher-seed2] [--seeds RUN ...]
-                                [--labels-only RUN] [--scratch RUN]
+                                [--labels-only RUN] [--scratch RUN] [--tta]
 """
 from __future__ import annotations
 
@@ -51,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", help="a run of the same recipe and seed whose students started from scratch "
                     "(--student-init scratch): each against its teacher-stem twin, and the teacher and the distilled "
                     "student against the labels-only student from scratch")
+    ap.add_argument("--tta", action="store_true", help="also score each model as the mean over kd.augment.TTA_VIEWS")
     args = ap.parse_args(argv)
 
     import torch
 
     from kd import metrics
+    from kd.augment import TTA_VIEWS
     from kd.cache import ImageSet, build_cache
     from kd.checkpoint import load_weights
     from kd.data import samples_for, split_settings
@@ -137,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         patients = [samples[r].patient for r in images.rows]
         p = {r: metrics.softmax_pneumonia(predict_logits(m, images, size, device), temperatures[r])
              for r, m in models.items()}
-        members = [r for r in p if r.startswith("teacher")]
+        if args.tta:
+            p.update({f"{r}_tta": metrics.softmax_pneumonia(predict_logits(models[r], images, size, device,
+                                                                           views=TTA_VIEWS), temperatures[r])
+                      for r in ("teacher", "student", "student_baseline") if r in models})
+        members = [r for r in p if r.startswith("teacher") and not r.endswith("_tta")]
         if len(members) > 1:
             p["teacher_ensemble"] = sum(p[r] for r in members) / len(members)
         y = images.labels
@@ -146,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         for a, b in (("student_baseline", "student"), ("student_baseline", "teacher"),
                      ("student_baseline", "teacher_ensemble"), ("teacher", "teacher_ensemble"),
                      ("student_baseline_scratch", "student_baseline"), ("student_scratch", "student"),
-                     ("student_baseline_scratch", "teacher"), ("student_baseline_scratch", "student")):
+                     ("student_baseline_scratch", "teacher"), ("student_baseline_scratch", "student"),
+                     ("teacher", "teacher_tta"), ("student_baseline", "teacher_tta"),
+                     ("student_baseline_tta", "teacher_tta"), ("student", "student_tta")):
             if a in p and b in p:
                 d, lo, hi = metrics.paired_auc_difference(y, p[a], p[b], n_boot=args.n_boot, groups=patients)
                 print(f"  {b} - {a}: {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")

@@ -127,3 +127,26 @@ def center(images: torch.Tensor, out_size: int) -> torch.Tensor:
     if x.shape[-1] != out_size:
         x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
     return standardize(x)
+
+
+# Test-time views (area scale, horizontal and vertical shift as a share of the image): the whole image, a closer
+# and a wider framing, and four small shifts, all inside the training augmentation's range (kd.config.AugmentConfig:
+# crop 0.5-1.1, shift +-0.06). Their mean logit is a prediction that depends less on how the child was framed.
+TTA_VIEWS = ((1.0, 0.0, 0.0), (0.8, 0.0, 0.0), (1.1, 0.0, 0.0),
+             (1.0, 0.04, 0.0), (1.0, -0.04, 0.0), (1.0, 0.0, 0.04), (1.0, 0.0, -0.04))
+
+
+def fixed_view(images: torch.Tensor, out_size: int, scale: float, dx: float, dy: float) -> torch.Tensor:
+    """uint8 [B, H, W] -> normalised [B, 1, out, out]: the crop of `scale` of the area (> 1: zoomed out into a black
+    border) shifted by (dx, dy) of the image, as Augment draws it, without randomness. The whole image (1, 0, 0) is
+    `center`."""
+    if (scale, dx, dy) == (1.0, 0.0, 0.0):
+        return center(images, out_size)
+    b, side = images.shape[0], math.sqrt(scale)
+    theta = torch.tensor([[side, 0.0, 2 * dx], [0.0, side, 2 * dy]], device=images.device).expand(b, 2, 3)
+    x = images.unsqueeze(1).float() / 255
+    if x.shape[-2:] != (out_size, out_size):  # resized first, antialiased, as `center` does
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+    grid = F.affine_grid(theta, [b, 1, out_size, out_size], align_corners=False)
+    return standardize(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+

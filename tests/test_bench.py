@@ -193,6 +193,24 @@ def test_kd_transfer_compares_students_and_a_teacher_ensemble(tiny_run, tmp_path
 
 
 
+def test_kd_transfer_scores_each_model_over_test_time_views_too(tiny_run, capsys):
+    """--tta: each model also as its mean logit over kd.augment.TTA_VIEWS, and the TTA teacher against the
+    labels-only student (scored either way) and against the plain teacher."""
+    import re
+
+    import kd_transfer
+
+    data, weights = tiny_run
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
+                             "--tta"]) == 0
+    out = capsys.readouterr().out
+    aucs = dict(re.findall(r"(\w+) (0\.\d{4}|1\.0000)", out.split("AUC", 1)[1].splitlines()[0]))
+    assert {"teacher", "teacher_tta", "student_tta", "student_baseline_tta"} <= set(aucs)
+    for line in ("teacher_tta - teacher", "teacher_tta - student_baseline:", "teacher_tta - student_baseline_tta",
+                 "student_tta - student"):
+        assert line in out, line
+
+
 def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     """--seeds: each run's distilled - labels-only, then the mean over the seeds with its pooled CI; the same run
     under another seed's name pools to its own difference. A run without a labels-only student is refused."""

@@ -323,3 +323,45 @@ def test_the_lung_gradient_penalty_joins_the_distillation_loss_on_the_served_stu
     shares = [e["lung_gradient_share"] for e in steps if e["phase"] == "distill"]
     assert shares and all(0 <= s <= 1 for s in shares)
     assert not any("lung_cam_balance" in e for e in steps)
+
+
+def test_test_time_views_are_fixed_crops_and_shifts_of_the_whole_image():
+    """kd.augment.fixed_view: (1, 0, 0) is the whole image; a shift of dx moves the content by dx of the width the
+    other way (the view looks further right); a closer view magnifies about the centre."""
+    from kd.augment import TTA_VIEWS, center, fixed_view
+
+    img = torch.zeros(1, 160, 160, dtype=torch.uint8)
+    img[:, :, 78:82] = 255  # a bright vertical band at the centre
+    assert torch.equal(fixed_view(img, 160, 1.0, 0.0, 0.0), center(img, 160))
+
+    def band(x: torch.Tensor) -> float:  # the band's centre column
+        profile = x[0, 0].mean(0)
+        profile = profile - profile.min()
+        return float((profile * torch.arange(160)).sum() / profile.sum())
+
+    middle = band(center(img, 160))
+    assert band(fixed_view(img, 160, 1.0, 0.05, 0.0)) == pytest.approx(middle - 8, abs=0.25)
+    assert band(fixed_view(img, 160, 1.0, -0.05, 0.0)) == pytest.approx(middle + 8, abs=0.25)
+    wide = torch.zeros(1, 160, 160, dtype=torch.uint8)
+    wide[:, :, 40:120] = 255  # 80 px wide; at 0.64 of the area (side 0.8) it fills 100 px
+    closer = fixed_view(wide, 160, 0.64, 0.0, 0.0)[0, 0, 80]
+    assert int((closer > closer.min() + 0.5 * (closer.max() - closer.min())).sum()) == pytest.approx(100, abs=2)
+    assert fixed_view(img, 128, *TTA_VIEWS[2]).shape == (1, 1, 128, 128)  # any input size to the model's
+
+
+def test_scoring_with_views_is_the_mean_logit_over_them():
+    from kd.augment import fixed_view
+    from kd.cache import ImageSet
+    from kd.scoring import predict_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 5, stride=4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    pixels = np.stack([xray_like_array(96, 96, seed=s) for s in range(3)])
+    images = ImageSet(images=pixels, labels=np.array([0, 1, 1]), rows=np.arange(3))
+    views = ((1.0, 0.0, 0.0), (0.8, 0.03, -0.02))
+    got = predict_logits(model, images, 64, torch.device("cpu"), views=views)
+    x = torch.from_numpy(pixels)
+    with torch.no_grad():
+        expected = torch.stack([model(fixed_view(x, 64, *v)) for v in views]).mean(0).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, predict_logits(model, images, 64, torch.device("cpu")))

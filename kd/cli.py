@@ -30,10 +30,11 @@ def _train_parser(sub, name: str, help: str):
     p.add_argument("--alpha", type=float, help="weight of the label loss in distillation (0-1)")
     p.add_argument("--hint-weight", type=float, help="weight of the FitNets layer4 feature hint (0 = off)")
     p.add_argument("--teacher-targets", choices=TEACHER_TARGETS,
-                   help="distillation: teacher run on every augmented view (online) or its logits computed once (cached)")
+                   help="distillation: teacher run on every augmented view (online), its logits computed once (cached), "
+                        "or computed once as its mean over 7 framings of each image (cached-tta)")
     p.add_argument("--extra-teachers", nargs="*", default=None, metavar="WEIGHTS",
                    help="more teachers' teacher.safetensors (other seeds): their logits are averaged with this "
-                        "run's teacher's into the distillation targets (needs --teacher-targets cached)")
+                        "run's teacher's into the distillation targets (needs --teacher-targets cached or cached-tta)")
     p.add_argument("--seed", type=int, help="training seed (initialisation, augmentation, batch order)")
     p.add_argument("--split-seed", type=int, help="seed of the patient-level validation split (default 0; "
                    "independent of --seed, so runs with different seeds share one validation split)")

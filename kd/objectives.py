@@ -332,12 +332,13 @@ def _as_served(model: nn.Module):
 
 
 def cache_teacher_logits(teachers: nn.Module | Sequence[nn.Module], images: ImageSet, image_size: int,
-                         device: torch.device, batch_size: int = 64) -> ImageSet:
+                         device: torch.device, batch_size: int = 64, views=None) -> ImageSet:
     """The same images carrying the frozen teacher's logits on their un-augmented view, computed once; for
-    several teachers (an ensemble, Config.extra_teachers) the mean of their logits."""
+    several teachers (an ensemble, Config.extra_teachers) the mean of their logits; with `views`
+    (kd.augment.TTA_VIEWS) each teacher's mean over those fixed views."""
     members = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
     logits = np.zeros((len(images), 2), dtype=np.float64)
     for teacher in members:
         teacher = teacher.to(device).to(memory_format=torch.channels_last)  # the fast layout for CPU convolutions
-        logits += predict_logits(teacher, images, image_size, device, batch_size)
+        logits += predict_logits(teacher, images, image_size, device, batch_size, views=views)
     return dataclasses.replace(images, teacher_logits=(logits / len(members)).astype(np.float32))

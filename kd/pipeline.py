@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from kd import distributed, locks, statefile
-from kd.augment import Augment
+from kd.augment import TTA_VIEWS, Augment
 from kd.cache import ImageSet
 from kd.checkpoint import load_weights, save_weights, write_json_atomic
 from kd.config import PHASES, PROBE, Config, PhaseConfig
@@ -158,7 +158,7 @@ def probe_teacher(teacher: torch.nn.Module, cfg: Config, train: ImageSet, ctx: V
 def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: ImageSet, class_weight: torch.Tensor,
                       device: torch.device, reporter: Reporter | None = None):
     """A new student (stem copied from the teacher unless cfg.student_init is "scratch") and its objective for phase `name` (distill, or the
-    labels-only baseline), with the training set it sees: under cfg.teacher_targets == "cached" that set
+    labels-only baseline), with the training set it sees: under cached teacher targets that set
     carries the teacher's logits, computed here. Returns (objective, train, seconds spent caching)."""
     phase = cfg.phase(name)
     student = build_student()
@@ -172,13 +172,14 @@ def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: I
     objective = DistillationObjective(student, teacher, phase.image_size, class_weight, cfg.temperature, cfg.alpha,
                                       cfg.hint_weight, augmentation, cfg.label_smoothing, cfg.lung_cam_weight,
                                       cfg.lung_cam_stage, cfg.lung_gradient_weight).use_ema(cfg.ema_decay)
-    if cfg.teacher_targets != "cached":
+    if not cfg.cached_targets:
         return objective, train, 0.0
     teachers = [teacher] + [_load("teacher", Path(path)) for path in cfg.extra_teachers]
     if reporter is not None:
         reporter.log("teacher_targets", phase=name, images=len(train), teachers=len(teachers))
     t0 = time.time()
-    train = cache_teacher_logits(teachers, train, phase.image_size, device, max(phase.batch_size, 64))
+    train = cache_teacher_logits(teachers, train, phase.image_size, device, max(phase.batch_size, 64),
+                                 views=TTA_VIEWS if cfg.teacher_targets == "cached-tta" else None)
     return objective, train, time.time() - t0
 
 

@@ -43,7 +43,9 @@ with st.container(border=True):  # no st.form: the plan below follows every fiel
         "Teacher outputs during distillation", list(train_page.TEACHER_TARGET_LABELS), horizontal=True, index=0,
         key="train_teacher_targets", format_func=train_page.TEACHER_TARGET_LABELS.get,
         help="Online: the teacher sees every augmented view the student sees (consistent teaching). Cached: its "
-             "outputs on each un-augmented image are computed once: faster, see the README for what it costs.")
+             "outputs on each un-augmented image are computed once: faster, see the README for what it costs. "
+             "Cached over 7 framings: its mean output over the whole image, a closer and a wider framing and four "
+             "small shifts.")
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     unlabeled = c1.text_area(
         "Unlabeled X-ray folders (one per line, optional)", key="train_unlabeled", height=68,

@@ -233,6 +233,37 @@ def test_distill_with_cached_teacher_targets(tiny_run, tmp_path, monkeypatch):
     assert 0 < done["prep_seconds"] and done["seconds"] == done["prep_seconds"] + sum(h["seconds"] for h in done["history"])
 
 
+def test_teacher_targets_over_test_time_views_are_the_teachers_mean_over_them(tiny_run, tmp_path, monkeypatch):
+    """--teacher-targets cached-tta: what the student matches is the teacher's mean logit over kd.augment.TTA_VIEWS
+    of each training image, computed once."""
+    import numpy as np
+    import torch
+
+    from kd import objectives, pipeline
+    from kd.augment import TTA_VIEWS
+    from kd.scoring import predict_logits
+
+    cached = []
+    real = objectives.cache_teacher_logits
+
+    def spy(teachers, images, image_size, device, batch_size=64, views=None):
+        out = real(teachers, images, image_size, device, batch_size, views=views)
+        cached.append((teachers[0], images, image_size, views, out.teacher_logits))
+        return out
+
+    monkeypatch.setattr(pipeline, "cache_teacher_logits", spy)
+    data, out, _ = _distill_after_tiny_finetune(tiny_run, tmp_path, monkeypatch)
+    assert main(["distill", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
+                 "--teacher-targets", "cached-tta", "--no-baseline"]) == 0
+    (teacher, images, size, views, logits), = cached
+    assert views == TTA_VIEWS
+    expected = predict_logits(teacher, images, size, torch.device("cpu"), views=TTA_VIEWS)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(logits, predict_logits(teacher, images, size, torch.device("cpu")), atol=1e-5)
+    assert json.loads((out / "config.json").read_text())["teacher_targets"] == "cached-tta"
+    assert (out / "distill" / "student.safetensors").exists()
+
+
 def test_cpu_bf16_without_native_bf16_trains_in_float32(tiny_run, tmp_path, monkeypatch, capsys):
     """--cpu-bf16 on a CPU without native bf16 (AVX2 only): emulated bf16 made training steps 6-12x slower than
     float32 (bench/cpu_bf16.py), so no step runs under autocast, and the run says why in its status, on the

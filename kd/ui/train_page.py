@@ -27,7 +27,8 @@ COMMANDS = {  # the phases each runs, and which of them the preset skips, are sa
 }
 DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 TEACHER_TARGET_LABELS = {None: "The preset's choice (cpu: cached, gpu: online)",
-                         "online": "Online (teacher on every augmented view)", "cached": "Cached (computed once, faster)"}
+                         "online": "Online (teacher on every augmented view)", "cached": "Cached (computed once, faster)",
+                         "cached-tta": "Cached over 7 framings of each image (a steadier teacher, 7x the caching)"}
 RUN_NAME_KEY = "kd_run_name"
 _NEXT_RUN_NAME = "_kd_next_run_name"
 WATCH_KEY = "kd_watch_run"

@@ -21,6 +21,9 @@ teacher's stem help?): its labels-only student (its `student_baseline`, or its `
 with alpha 1, the labels alone) and its distilled student, each against its teacher-stem twin here; then the
 teacher and the distilled student against the labels-only student from scratch.
 
+`--variant RUN`: a run of the same recipe and seed that changes one distillation lever (e.g. `--teacher-targets
+cached-tta`): its distilled student against this one's and against the labels-only student.
+
 `--tta`: each model also scored as the mean logit over kd.augment.TTA_VIEWS (the whole image, a closer and a wider
 framing, four small shifts): is the teacher, scored that way, a better one to distil from?
 
@@ -30,7 +33,7 @@ distilled - labels-only is printed, then the mean over all seeds (the weights' o
 
     python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
                                 [--ensemble runs/teacher-seed1 runs/teacher-seed2] [--seeds RUN ...]
-                                [--labels-only RUN] [--scratch RUN] [--tta]
+                                [--labels-only RUN] [--scratch RUN] [--variant RUN] [--tta]
 """
 from __future__ import annotations
 
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", help="a run of the same recipe and seed whose students started from scratch "
                     "(--student-init scratch): each against its teacher-stem twin, and the teacher and the distilled "
                     "student against the labels-only student from scratch")
+    ap.add_argument("--variant", help="a run of the same recipe and seed with one distillation lever changed: its "
+                    "distilled student against this one's and against the labels-only student")
     ap.add_argument("--tta", action="store_true", help="also score each model as the mean over kd.augment.TTA_VIEWS")
     args = ap.parse_args(argv)
 
@@ -134,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
                    "student": "student_baseline" if scratch_cfg.get("alpha") == 1.0 else "student"}
         for r in (r for r in ("student_baseline", "student") if r in member["models"]):
             add(f"{as_role[r]}_scratch", Path(args.scratch), member["models"][r])
+    if args.variant:
+        member = read_card(args.variant).document
+        if member.get("config", {}).get("seed") != cfg.get("seed") or not same_recipe(member, args.variant, {"student"}):
+            print(f"{args.variant}: not a run of this recipe and seed")
+            return 1
+        add("student_variant", Path(args.variant), member["models"]["student"])
     print(f"weights {weights} ({size} px, contrast {contrast}); CIs: patient-level bootstrap, {args.n_boot} resamples")
     for split in args.splits:
         samples = samples_for(args.data, split, *split_settings(cfg))
@@ -157,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                      ("student_baseline_scratch", "student_baseline"), ("student_scratch", "student"),
                      ("student_baseline_scratch", "teacher"), ("student_baseline_scratch", "student"),
                      ("teacher", "teacher_tta"), ("student_baseline", "teacher_tta"),
-                     ("student_baseline_tta", "teacher_tta"), ("student", "student_tta")):
+                     ("student_baseline_tta", "teacher_tta"), ("student", "student_tta"),
+                     ("student", "student_variant"), ("student_baseline", "student_variant"),
+                     ("student_baseline_scratch", "student_variant")):
             if a in p and b in p:
                 d, lo, hi = metrics.paired_auc_difference(y, p[a], p[b], n_boot=args.n_boot, groups=patients)
                 print(f"  {b} - {a}: {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")

@@ -211,6 +211,34 @@ def test_kd_transfer_scores_each_model_over_test_time_views_too(tiny_run, capsys
         assert line in out, line
 
 
+def test_kd_transfer_compares_a_variant_runs_distilled_student(tiny_run, tmp_path, capsys):
+    """--variant: the distilled student of a run of the same recipe and seed with one lever changed, against this
+    run's and against the labels-only student; the run's own student under the variant's name compares to +0.0000,
+    and a run of another seed is refused."""
+    import json
+
+    import kd_transfer
+
+    data, weights = tiny_run
+    member = tmp_path / "variant"
+    member.mkdir()
+    card = json.loads((weights / "model_card.json").read_text())
+    card["config"]["teacher_targets"] = "cached-tta"
+    card["models"] = {"student": card["models"]["student"]}
+    (member / card["models"]["student"]["file"]).symlink_to(weights / card["models"]["student"]["file"])
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
+                             "--variant", str(member)]) == 0
+    out = capsys.readouterr().out
+    assert "student_variant - student: +0.0000 (95% CI +0.0000 to +0.0000)" in out
+    assert "student_variant - student_baseline:" in out
+    card["config"]["seed"] = 3
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",
+                             "--variant", str(member)]) == 1
+    assert "not a run of this recipe and seed" in capsys.readouterr().out
+
+
 def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     """--seeds: each run's distilled - labels-only, then the mean over the seeds with its pooled CI; the same run
     under another seed's name pools to its own difference. A run without a labels-only student is refused."""

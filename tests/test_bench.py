@@ -211,6 +211,19 @@ def test_kd_transfer_scores_each_model_over_test_time_views_too(tiny_run, capsys
         assert line in out, line
 
 
+def _one_student_run(weights, folder, role: str, **config) -> dict:
+    """A run folder whose only model, its "student", is the tiny run's `role` model, its card's config changed by
+    `config` (as if trained with those settings); returns that card."""
+    import json
+
+    folder.mkdir()
+    card = json.loads((weights / "model_card.json").read_text())
+    card["config"].update(config)
+    card["models"] = {"student": card["models"][role]}
+    (folder / card["models"]["student"]["file"]).symlink_to(weights / card["models"]["student"]["file"])
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return card
+
 def test_kd_transfer_compares_a_variant_runs_distilled_student(tiny_run, tmp_path, capsys):
     """--variant: the distilled student of a run of the same recipe and seed with one lever changed, against this
     run's and against the labels-only student; the run's own student under the variant's name compares to +0.0000,
@@ -221,12 +234,7 @@ def test_kd_transfer_compares_a_variant_runs_distilled_student(tiny_run, tmp_pat
 
     data, weights = tiny_run
     member = tmp_path / "variant"
-    member.mkdir()
-    card = json.loads((weights / "model_card.json").read_text())
-    card["config"]["teacher_targets"] = "cached-tta"
-    card["models"] = {"student": card["models"]["student"]}
-    (member / card["models"]["student"]["file"]).symlink_to(weights / card["models"]["student"]["file"])
-    (member / "model_card.json").write_text(json.dumps(card))
+    card = _one_student_run(weights, member, "student", teacher_targets="cached-tta")
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
                              "--variant", str(member)]) == 0
     out = capsys.readouterr().out
@@ -278,12 +286,7 @@ def test_kd_transfer_compares_students_from_scratch_with_their_teacher_stem_twin
 
     data, weights = tiny_run
     member = tmp_path / "scratch"
-    member.mkdir()
-    card = json.loads((weights / "model_card.json").read_text())
-    card["config"].update(student_init="scratch", alpha=1.0)
-    card["models"] = {"student": card["models"]["student_baseline"]}
-    (member / card["models"]["student"]["file"]).symlink_to(weights / card["models"]["student"]["file"])
-    (member / "model_card.json").write_text(json.dumps(card))
+    card = _one_student_run(weights, member, "student_baseline", student_init="scratch", alpha=1.0)
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
                              "--scratch", str(member)]) == 0
     out = capsys.readouterr().out

@@ -275,7 +275,7 @@ def _state(at: AppTest) -> str | None:
 def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
     at = open_page(start_app(), "pages/train.py")
     _fill_tiny_form(at, "apptest")
-    at.radio(key="train_teacher_targets").set_value("cached")
+    at.radio(key="train_teacher_targets").set_value("cached-tta")  # the teacher's mean over 7 framings
     corpus = app_env.tmp / "outside"  # an unlabeled folder for pretraining and distillation's transfer set
     corpus.mkdir()
     for i in range(3):
@@ -286,7 +286,7 @@ def test_training_from_the_train_page_shows_progress_and_finishes(app_env):
     assert not at.exception
     assert any("Started pipeline" in s for s in alerts(at, "success")), alerts(at, "error")
     saved = json.loads((app_env.runs / "apptest" / "config.json").read_text())
-    assert saved["teacher_targets"] == "cached"
+    assert saved["teacher_targets"] == "cached-tta"
     assert saved["unlabeled"] == [str(corpus.resolve())] and saved["distill_unlabeled"] is True
 
     _fill_tiny_form(at, "second")  # one job at a time

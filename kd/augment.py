@@ -149,4 +149,3 @@ def fixed_view(images: torch.Tensor, out_size: int, scale: float, dx: float, dy:
         x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
     grid = F.affine_grid(theta, [b, 1, out_size, out_size], align_corners=False)
     return standardize(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-

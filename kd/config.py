@@ -99,7 +99,8 @@ class Config:
     # online: the teacher sees each augmented view the student sees (Beyer et al. 2022, consistent teaching);
     # cached: the teacher's logits on the un-augmented image, computed once (cheaper, "fixed teacher");
     # cached-tta: the same, as the teacher's mean logit over kd.augment.TTA_VIEWS (7 framings, 7x the caching): on
-    # validation the shipped teacher scored that way gains more AUC than the students do (bench/kd_transfer.py --tta)
+    # validation the shipped teacher scored that way gains more AUC than the students do, on the test half neither
+    # gains (bench/kd_transfer.py --tta, README): off in the presets
     teacher_targets: str = "online"
     # more fine-tuned teachers (teacher.safetensors files of other runs: other seeds of the same recipe) whose
     # logits are averaged with this run's teacher's into the cached distillation targets: an ensemble distilled
@@ -181,7 +182,7 @@ class Config:
                              "use teacher targets 'online' with a hint weight above 0")
         if self.extra_teachers and not self.cached_targets:
             raise ValueError("an ensemble of teachers is distilled through its averaged cached logits: "
-                             "use teacher targets 'cached' with extra_teachers")
+                             "use teacher targets 'cached' or 'cached-tta' with extra_teachers")
         for path in self.extra_teachers:
             if not Path(path).is_file():
                 raise ValueError(f"extra teacher weights not found: {path} (give the teacher.safetensors of a "

@@ -424,7 +424,7 @@ def test_an_ensemble_of_teachers_is_refused_without_cached_targets_or_weights(tm
     weights.write_bytes(b"x")
     assert main(["distill", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",
                  "--teacher-targets", "online", "--extra-teachers", str(weights)]) == 1
-    assert "use teacher targets 'cached' with extra_teachers" in capsys.readouterr().err
+    assert "use teacher targets 'cached' or 'cached-tta' with extra_teachers" in capsys.readouterr().err
     assert main(["distill", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny",
                  "--teacher-targets", "cached", "--extra-teachers", str(tmp_path / "gone.safetensors")]) == 1
     assert "extra teacher weights not found" in capsys.readouterr().err

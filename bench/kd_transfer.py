@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             p.update({f"{r}_tta": metrics.softmax_pneumonia(predict_logits(models[r], images, size, device,
                                                                            views=TTA_VIEWS), temperatures[r])
                       for r in ("teacher", "student", "student_baseline") if r in models})
-        members = [r for r in p if r.startswith("teacher") and not r.endswith("_tta")]
+        members = [r for r in roles if r.startswith("teacher")]  # the weights' teacher and --ensemble's
         if len(members) > 1:
             p["teacher_ensemble"] = sum(p[r] for r in members) / len(members)
         y = images.labels

@@ -121,12 +121,17 @@ SUPERVISED = Augment()
 SSL = Augment(scale=(0.25, 1.0), rotation=15.0, translate=0.08, brightness=0.4, contrast_jitter=0.4)
 
 
+def _resized(images: torch.Tensor, out_size: int) -> torch.Tensor:
+    """uint8 [B, H, W] -> [B, 1, out, out] in [0, 1], antialiased: what every evaluation view starts from."""
+    x = images.unsqueeze(1).float() / 255
+    if x.shape[-2:] != (out_size, out_size):
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
 def center(images: torch.Tensor, out_size: int) -> torch.Tensor:
     """Evaluation view: the whole image at out_size, normalised (no randomness)."""
-    x = images.unsqueeze(1).float() / 255
-    if x.shape[-1] != out_size:
-        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
-    return standardize(x)
+    return standardize(_resized(images, out_size))
 
 
 # Test-time views (area scale, horizontal and vertical shift as a share of the image): the whole image, a closer
@@ -144,8 +149,6 @@ def fixed_view(images: torch.Tensor, out_size: int, scale: float, dx: float, dy:
         return center(images, out_size)
     b, side = images.shape[0], math.sqrt(scale)
     theta = torch.tensor([[side, 0.0, 2 * dx], [0.0, side, 2 * dy]], device=images.device).expand(b, 2, 3)
-    x = images.unsqueeze(1).float() / 255
-    if x.shape[-2:] != (out_size, out_size):  # resized first, antialiased, as `center` does
-        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
     grid = F.affine_grid(theta, [b, 1, out_size, out_size], align_corners=False)
-    return standardize(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    return standardize(F.grid_sample(_resized(images, out_size), grid, mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))

@@ -3,10 +3,10 @@
 The maps are for the PNEUMONIA logit of both models, so the two maps answer the same question: which regions
 raise the pneumonia score. Where they come from is a choice (CAM_OPTIONS): a Grad-CAM-family method of
 pytorch_grad_cam on one or several ResNet stages, whose native grid is the input size / 4 (layer1), / 8 (layer2),
-/ 16 (layer3) or / 32 (layer4): at 160 px 40x40, 20x20, 10x10, 5x5; or a map of the score's gradient with
-respect to the pixels themselves (InputGradientMap: SmoothGrad, integrated gradients), at the input's
-resolution. DEFAULT_CAM was chosen by bench/cam_grid.py (ROAD faithfulness and the map's mass inside the lung
-fields, on validation); the plain names "GradCAM" and "GradCAM++" still mean that method on layer4. The map's
+/ 16 (layer3) or / 32 (layer4): at 160 px 40x40, 20x20, 10x10, 5x5; or a map on the pixels themselves, of the
+score's gradient with respect to them or of what removing a patch of them does to the score (InputMap: SmoothGrad,
+integrated gradients, occlusion), at the input's resolution. DEFAULT_CAM was chosen by bench/cam_grid.py (ROAD
+faithfulness and the map's mass inside the lung fields, on validation); the plain names "GradCAM" and "GradCAM++" still mean that method on layer4. The map's
 first forward pass also gives the probability (and the refusal check its features, kd.serving), so diagnosing
 costs that pass and the method's backward passes per model. Overlays are drawn on the X-ray at DISPLAY_SIZE (at
 least), not at the model's input size, so the picture a clinician reads stays sharp when the models run at 128
@@ -34,10 +34,10 @@ from kd.metrics import softmax_pneumonia
 if TYPE_CHECKING:  # kd.serving draws its diagnoses with this module: the names only, not an import cycle
     from kd.serving import LoadedModel, ModelPair
 
-class InputGradientMap:
-    """A map of the score's gradient with respect to the input pixels, at the input's resolution (not of a stage's
-    activations), shaped like pytorch_grad_cam's classes (a context manager called with the input and targets,
-    `outputs` the clean pass's logits) so that explain() draws it as them. Each method is `image_map`: one image
+class InputMap:
+    """A map on the input pixels, at the input's resolution (not of a stage's activations): from the score's
+    gradient with respect to them, or from occluding them; shaped like pytorch_grad_cam's classes (a context
+    manager called with the input and targets, `outputs` the clean pass's logits) so that explain() draws it as them. Each method is `image_map`: one image
     [1, C, H, W] and its target -> the map [H, W] (>= 0, any scale)."""
 
     def __init__(self, model: torch.nn.Module, target_layers=None):
@@ -63,7 +63,7 @@ class InputGradientMap:
         return np.stack(maps)
 
 
-class SmoothGrad(InputGradientMap):
+class SmoothGrad(InputMap):
     """Smilkov et al. 2017, "SmoothGrad: removing noise by adding noise": the mean absolute gradient of the
     target's score with respect to the input pixels over noisy copies of the input: where the score is sensitive
     (what kd.losses.lung_gradient constrains in training), not which way."""
@@ -80,7 +80,7 @@ class SmoothGrad(InputGradientMap):
         return grad.abs().mean(0).sum(0)
 
 
-class IntegratedGradients(InputGradientMap):
+class IntegratedGradients(InputMap):
     """Sundararajan et al. 2017, "Axiomatic Attribution for Deep Networks", from a blurred copy of the image
     (Xu et al. 2020, "Attribution in Scale and Space"): each pixel's share of the score's rise from the blurred
     image to the image itself, (x - blurred) times the mean gradient along the straight path between them; the
@@ -112,10 +112,52 @@ class IntegratedGradients(InputGradientMap):
         return self.blur(self.attributions(image, target)[None, None])[0, 0].clamp_min(0)
 
 
+class Occlusion(InputMap):
+    """Zeiler & Fergus 2014, "Visualizing and Understanding Convolutional Networks": the score's drop when a square
+    patch is replaced by the same region of a heavily blurred copy (the picture without the patch's structure), for
+    patches half a patch apart; each pixel gets the mean drop (its positive part) of the patches over it. Not a
+    gradient: what removing a region does to the score, what ROAD measures, at one forward pass per patch (225 at
+    160 px), so seconds per map on a CPU."""
+
+    patch_fraction = 1 / 8  # the patch's side as a share of the image side (20 px at 160); the fill's blur sigma
+    batch = 32
+
+    def patches(self, side: int) -> tuple[int, list[tuple[int, int]]]:
+        """The patch side and the top-left corners of the patches: half a patch apart, the last one at the edge."""
+        patch = max(2, round(self.patch_fraction * side))
+        starts = list(range(0, side - patch + 1, max(1, patch // 2)))
+        starts += [side - patch] if starts[-1] != side - patch else []
+        return patch, [(r, c) for r in starts for c in starts]
+
+    @staticmethod
+    def fill(image: torch.Tensor, patch: int) -> torch.Tensor:
+        """What an occluded patch shows: the image blurred with a sigma of one patch side."""
+        sigma = float(patch)
+        kernel = min(2 * math.ceil(2 * sigma) + 1, 2 * ((image.shape[-1] - 1) // 2) + 1)  # reflect padding < side
+        return gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+
+    @torch.no_grad()
+    def image_map(self, image: torch.Tensor, target) -> torch.Tensor:
+        patch, corners = self.patches(image.shape[-1])
+        filled = self.fill(image, patch)
+        clean = target(self.model(image.contiguous(memory_format=torch.channels_last))).reshape(-1)[0]
+        total, count = torch.zeros(image.shape[-2:]), torch.zeros(image.shape[-2:])
+        for start in range(0, len(corners), self.batch):
+            chunk = corners[start:start + self.batch]
+            where = torch.zeros(len(chunk), 1, *image.shape[-2:], dtype=torch.bool)
+            for i, (r, c) in enumerate(chunk):
+                where[i, :, r:r + patch, c:c + patch] = True
+            views = torch.where(where, filled, image).contiguous(memory_format=torch.channels_last)
+            drops = (clean - target(self.model(views))).clamp_min(0)
+            total += (drops[:, None, None] * where[:, 0]).sum(0)
+            count += where[:, 0].sum(0)
+        return total / count
+
+
 METHODS = {"GradCAM": GradCAM, "GradCAM++": GradCAMPlusPlus}  # on layer4, the names the app has always passed
 _CAM_CLASSES = {**METHODS, "LayerCAM": LayerCAM, "HiResCAM": HiResCAM, "SmoothGrad": SmoothGrad,
-                "IntegratedGradients": IntegratedGradients}
-# stride-2 steps before each ResNet stage's output ("input": the pixels themselves, for input-gradient maps)
+                "IntegratedGradients": IntegratedGradients, "Occlusion": Occlusion}
+# stride-2 steps before each ResNet stage's output ("input": the pixels themselves, for InputMap methods)
 STAGE_HALVINGS = {"input": 0, "layer1": 2, "layer2": 3, "layer3": 4, "layer4": 5}
 
 
@@ -169,6 +211,7 @@ CAM_OPTIONS = {  # measured by bench/cam_grid.py
     "layer1 HiResCAM": CamOption("HiResCAM", ("layer1",), robust_scale=True),
     "input SmoothGrad": CamOption("SmoothGrad", ("input",)),
     "input IntegratedGradients": CamOption("IntegratedGradients", ("input",), robust_scale=True),
+    "input Occlusion": CamOption("Occlusion", ("input",)),
 }
 # chosen by bench/cam_grid.py's rule on validation (shipped weights, 160 px): among options with a native grid of
 # at least 14x14 and ROAD above zero for both models, the highest in-lung share (kd.lungs). Integrated gradients

@@ -231,9 +231,14 @@ def test_integrated_gradients_add_up_to_the_scores_rise_from_the_blurred_image()
     assert not torch.allclose(b, x)
 
 
-def test_the_integrated_gradients_map_draws_the_pixels_that_raise_the_score():
-    """Its map is the positive part of the shares pooled by the blur, scaled to [0, 1]: a score that rises with
-    the brightness of the left half only lights the left half's edges, never the right half."""
+@pytest.mark.parametrize("method, option, quiet_from", [
+    (cam.IntegratedGradients, "input IntegratedGradients", 36),  # its pooling blur reaches 4 px past the half
+    (cam.Occlusion, "input Occlusion", 40),  # patches of 8 px reaching into the left half start before column 32
+])
+def test_an_input_map_draws_the_pixels_that_raise_the_score(method, option, quiet_from):
+    """Integrated gradients' map is the positive part of the shares pooled by the blur; occlusion's, the positive
+    drops of the patches; both scaled to [0, 1]. A score that rises with the brightness of the left half only
+    lights the left half's patch, never the right half's."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     class LeftHalf(torch.nn.Module):
@@ -244,9 +249,59 @@ def test_the_integrated_gradients_map_draws_the_pixels_that_raise_the_score():
     x = torch.zeros(1, 1, 64, 64)
     x[..., 20:44, 8:24] = 1.0  # a bright patch on the left
     x[..., 20:44, 40:56] = 1.0  # and one on the right
-    with cam.IntegratedGradients(LeftHalf()) as ig:
-        maps = ig(x, [ClassifierOutputTarget(1)])
+    with method(LeftHalf()) as m:
+        maps = m(x, [ClassifierOutputTarget(1)])
     assert maps.shape == (1, 64, 64) and maps.max() == pytest.approx(1.0) and maps.min() >= 0
-    assert maps[0, :, :32].sum() > 0 and maps[0, :, 36:].sum() == 0
-    assert torch.allclose(ig.outputs, LeftHalf()(x))
-    assert cam.CAM_OPTIONS["input IntegratedGradients"].grid(160) == 160
+    assert maps[0, :, :32].sum() > 0 and maps[0, :, quiet_from:].sum() == 0
+    assert torch.allclose(m.outputs, LeftHalf()(x))
+    assert cam.CAM_OPTIONS[option].grid(160) == 160
+
+
+def test_occlusion_is_the_mean_score_drop_of_the_patches_over_each_pixel():
+    """cam.Occlusion against plain math: for a linear score sum(w * x), replacing patch P by the blurred copy f
+    drops the score by sum over P of w * (x - f); each pixel's value is the mean of the positive drops of the
+    patches that cover it, patches half a patch apart with the last one at the edge."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    w = torch.randn(1, 1, 20, 20, generator=torch.Generator().manual_seed(3)).double()
+
+    class Linear(torch.nn.Module):
+        def forward(self, x):
+            score = (w * x).sum((1, 2, 3))
+            return torch.stack([-score, score], 1)
+
+    x = torch.randn(1, 1, 20, 20, generator=torch.Generator().manual_seed(4)).double()
+    occlusion = cam.Occlusion(Linear())
+    occlusion.patch_fraction = 0.25  # patches of 5 px, 2 px apart: starts 0, 2, ..., 14 and 15 at the edge
+    patch, corners = occlusion.patches(20)
+    assert patch == 5 and sorted({r for r, _ in corners}) == [0, 2, 4, 6, 8, 10, 12, 14, 15]
+    f = occlusion.fill(x, patch)
+    expected, count = np.zeros((20, 20)), np.zeros((20, 20))
+    for r, c in corners:
+        drop = float((w * (x - f))[0, 0, r:r + patch, c:c + patch].sum())
+        expected[r:r + patch, c:c + patch] += max(drop, 0.0)
+        count[r:r + patch, c:c + patch] += 1
+    got = occlusion.image_map(x, ClassifierOutputTarget(1))
+    assert np.allclose(got.numpy(), expected / count, atol=1e-9) and got.max() > 0
+
+
+def test_corner_bench_blurs_only_the_corners_and_reports_each_model(kd_tiny, capsys):
+    """bench/corners.py: the top (or bottom) two corners, a fifth of the side each, become Occlusion's fill and
+    nothing else changes; on the tiny weights it reports AUC and margin changes for teacher and student."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import corners
+
+    x = torch.randn(2, 1, 40, 40, generator=torch.Generator().manual_seed(5))
+    top = corners.blurred_corners(x, "top")
+    fill = cam.Occlusion.fill(x, 5)  # 40 / 8
+    changed = (top != x).any(0)[0]
+    assert changed[:8, :8].all() and changed[:8, 32:].all() and not changed[8:].any() and not changed[:, 8:32].any()
+    assert torch.equal(top[..., :8, :8], fill[..., :8, :8])
+    assert not (corners.blurred_corners(x, "bottom") != x).any(0)[0][:32].any()
+    out = corners.main(["--weights", str(kd_tiny.weights), "--data", str(kd_tiny.data)])
+    assert set(out) == {"teacher", "student"}
+    for role in out.values():
+        assert set(role) == {"plain", *corners.REGIONS} and all(0 <= r["auc"] <= 1 for r in role.values())
+    assert "bottom corners blurred (control)" in capsys.readouterr().out

@@ -6,11 +6,11 @@ pytorch_grad_cam on one or several ResNet stages, whose native grid is the input
 / 16 (layer3) or / 32 (layer4): at 160 px 40x40, 20x20, 10x10, 5x5; or a map on the pixels themselves, of the
 score's gradient with respect to them or of what removing a patch of them does to the score (InputMap: SmoothGrad,
 integrated gradients, occlusion), at the input's resolution. DEFAULT_CAM was chosen by bench/cam_grid.py (ROAD
-faithfulness and the map's mass inside the lung fields, on validation); the plain names "GradCAM" and "GradCAM++" still mean that method on layer4. The map's
-first forward pass also gives the probability (and the refusal check its features, kd.serving), so diagnosing
-costs that pass and the method's backward passes per model. Overlays are drawn on the X-ray at DISPLAY_SIZE (at
-least), not at the model's input size, so the picture a clinician reads stays sharp when the models run at 128
-px.
+faithfulness and the map's mass inside the lung fields, on validation); the plain names "GradCAM" and "GradCAM++"
+still mean that method on layer4. The map's first forward pass also gives the probability (and the refusal check
+its features, kd.serving), so diagnosing costs that pass and the method's further passes per model. Overlays are
+drawn on the X-ray at DISPLAY_SIZE (at least), not at the model's input size, so the picture a clinician reads
+stays sharp when the models run at 128 px.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ if TYPE_CHECKING:  # kd.serving draws its diagnoses with this module: the names 
 class InputMap:
     """A map on the input pixels, at the input's resolution (not of a stage's activations): from the score's
     gradient with respect to them, or from occluding them; shaped like pytorch_grad_cam's classes (a context
-    manager called with the input and targets, `outputs` the clean pass's logits) so that explain() draws it as them. Each method is `image_map`: one image
-    [1, C, H, W] and its target -> the map [H, W] (>= 0, any scale)."""
+    manager called with the input and targets, `outputs` the clean pass's logits) so that explain() draws it as
+    them. Each method is `image_map`: one image [1, C, H, W] and its target -> the map [H, W] (>= 0, any scale)."""
 
     def __init__(self, model: torch.nn.Module, target_layers=None):
         self.model = model

@@ -23,11 +23,11 @@ from kd.ui.served import ROLE_LABEL, ROLES, architecture
 CAM_METHODS = (cam.DEFAULT_CAM, *(name for name in cam.CAM_OPTIONS if name != cam.DEFAULT_CAM))
 CAM_HELP = ("Where the heat map comes from, for the PNEUMONIA output of each model: integrated gradients (each "
             "pixel's share of the score's rise from a blurred copy of the X-ray to the X-ray itself), SmoothGrad, "
-            "occlusion (the score's drop when each patch is blurred away: the most literal, about 10 s a teacher map "
-            "on a 2-core CPU), or a Grad-CAM-family method on one or several ResNet stages (layer1: a grid of the input / 4, "
-            "layer2: / 8, layer3: / 16, layer4: / 32). The default was chosen on validation X-rays by how faithfully "
-            "it explains the score (ROAD) and how much of it lies on the lungs (bench/cam_grid.py; README, \"Which "
-            "heat map\").")
+            "occlusion (the score's drop when each patch is blurred away: the most literal, about 10 s a teacher "
+            "map on a 2-core CPU), or a Grad-CAM-family method on one or several ResNet stages (layer1: a grid of "
+            "the input / 4, layer2: / 8, layer3: / 16, layer4: / 32). The default was chosen on validation X-rays by "
+            "how faithfully it explains the score (ROAD) and how much of it lies on the lungs (bench/cam_grid.py; "
+            "README, \"Which heat map\").")
 MEMO_KEY = "_kd_diagnoses"
 MEMO_SIZE = 48  # decoded uploads and diagnoses remembered per session (by bytes digest; memory only)
 UPLOAD_LABEL = f"Chest X-rays ({preprocess.FORMAT_NAMES}); several at once are fine"

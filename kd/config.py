@@ -96,6 +96,10 @@ class Config:
     # margin) outside the lung fields (kd.losses.lung_gradient; Ross et al. 2017): a lever on where the evidence
     # lies, not on how the map is drawn (issue 20). 0 = off
     lung_gradient_weight: float = 0.0
+    # distillation adds this weight x the mean squared change of the student's PNEUMONIA logit margin when
+    # everything outside the lung fields is replaced by occlusion's blurred fill (kd.losses.outside_reliance): a
+    # lever on which regions the score needs, what occlusion and ROAD measure (issue 20). 0 = off
+    outside_reliance_weight: float = 0.0
     # online: the teacher sees each augmented view the student sees (Beyer et al. 2022, consistent teaching);
     # cached: the teacher's logits on the un-augmented image, computed once (cheaper, "fixed teacher");
     # cached-tta: the same, as the teacher's mean logit over kd.augment.TTA_VIEWS (7 framings, 7x the caching): on
@@ -171,6 +175,11 @@ class Config:
         """The teacher's logits are computed once before distillation ("cached" or "cached-tta")."""
         return self.teacher_targets.startswith("cached")
 
+    @property
+    def lung_penalties(self) -> bool:
+        """Any of distillation's issue-20 levers on where the student's evidence lies is on."""
+        return self.lung_cam_weight > 0 or self.lung_gradient_weight > 0 or self.outside_reliance_weight > 0
+
     def validate(self) -> None:
         """Raise ValueError with a human message for settings that cannot train."""
         if self.ssl_method not in SSL_METHODS:
@@ -192,9 +201,12 @@ class Config:
                              f"(got {self.lung_cam_weight}, {self.lung_cam_stage!r})")
         if self.lung_gradient_weight < 0:
             raise ValueError(f"the lung input-gradient penalty needs a weight >= 0 (got {self.lung_gradient_weight})")
-        if (self.lung_cam_weight > 0 or self.lung_gradient_weight > 0) and self.hint_weight > 0:
+        if self.outside_reliance_weight < 0:
+            raise ValueError("the outside-the-lungs reliance penalty needs a weight >= 0 "
+                             f"(got {self.outside_reliance_weight})")
+        if self.lung_penalties and self.hint_weight > 0:
             raise ValueError("the lung penalties and the FitNets hint are not combined: set hint_weight to 0, or "
-                             "lung_cam_weight and lung_gradient_weight to 0")
+                             "lung_cam_weight, lung_gradient_weight and outside_reliance_weight to 0")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be between 0 and 1 (got {self.alpha})")
         if self.temperature <= 0:

@@ -27,7 +27,8 @@ from kd import augment, metrics
 from kd.cache import ImageSet
 from kd.data import PNEUMONIA
 from kd.scoring import predict_logits
-from kd.losses import HintLoss, distillation_loss, outside_lung_balance, outside_lung_gradient_share
+from kd.losses import (HintLoss, distillation_loss, outside_lung_balance, outside_lung_gradient_share,
+                       outside_lung_reliance)
 from kd.models import STAGES, embed, feature_dim, feature_map
 
 
@@ -253,11 +254,12 @@ class DistillationObjective(Objective):
     def __init__(self, student: nn.Module, teacher: nn.Module, image_size: int, class_weight: torch.Tensor,
                  temperature: float, alpha: float, hint_weight: float = 0.0,
                  augmentation: augment.Augment = augment.SUPERVISED, label_smoothing: float = 0.0,
-                 lung_cam_weight: float = 0.0, lung_cam_stage: str = "layer2", lung_gradient_weight: float = 0.0):
+                 lung_cam_weight: float = 0.0, lung_cam_stage: str = "layer2", lung_gradient_weight: float = 0.0,
+                 outside_reliance_weight: float = 0.0):
         super().__init__(image_size)
         self.student, self.teacher = student, teacher
         self.lung_cam_weight, self.lung_cam_stage = lung_cam_weight, lung_cam_stage
-        self.lung_gradient_weight = lung_gradient_weight
+        self.lung_gradient_weight, self.outside_reliance_weight = lung_gradient_weight, outside_reliance_weight
         self.augmentation, self.label_smoothing = augmentation, label_smoothing
         deactivate_requires_grad(self.teacher)
         self.temperature, self.alpha, self.hint_weight = temperature, alpha, hint_weight
@@ -271,7 +273,7 @@ class DistillationObjective(Objective):
 
     def forward(self, images, labels, generator, teacher_logits=None):
         lungs = None
-        if self.lung_cam_weight or self.lung_gradient_weight:
+        if self.lung_cam_weight or self.lung_gradient_weight or self.outside_reliance_weight:
             x, lungs = self.augmentation(images, self.image_size, generator, lungs=True)
         else:
             x = self.augmentation(images, self.image_size, generator)
@@ -289,6 +291,10 @@ class DistillationObjective(Objective):
             share = self.lung_gradient_share(x, lungs)
             stats["lung_gradient_share"] = share.detach()
             penalty = penalty + self.lung_gradient_weight * share
+        if self.outside_reliance_weight:
+            reliance = self.outside_reliance(x, lungs)
+            stats["outside_reliance"] = reliance.detach()
+            penalty = penalty + self.outside_reliance_weight * reliance
         s_logits, s_map = logits_and_stage(self.student, x)
         loss = distillation_loss(s_logits, teacher_logits.float(), labels, self.temperature, self.alpha,
                                  self.class_weight, self.label_smoothing)
@@ -315,6 +321,18 @@ class DistillationObjective(Objective):
             x = x.detach().requires_grad_(True)
             logits = self.student(x)
             return outside_lung_gradient_share(logits[:, PNEUMONIA] - logits[:, 1 - PNEUMONIA], x, lungs)
+
+    def outside_reliance(self, x: torch.Tensor, lungs: torch.Tensor) -> torch.Tensor:
+        """kd.losses.outside_reliance of the served score (the PNEUMONIA logit margin), from the student as the app
+        runs it, as lung_cam_balance; the outside is replaced by occlusion's fill (kd.cam.Occlusion: a blur with a
+        sigma of an eighth of the side)."""
+        sigma = x.shape[-1] / 8
+        fill = augment.gaussian_blur(x, torch.full((len(x),), sigma, device=x.device, dtype=x.dtype), sigma)
+        with _as_served(self.student):
+            def margin(v: torch.Tensor) -> torch.Tensor:
+                logits = self.student(v.contiguous(memory_format=torch.channels_last))
+                return logits[:, PNEUMONIA] - logits[:, 1 - PNEUMONIA]
+            return outside_lung_reliance(margin, x, lungs, fill)
 
     def validate(self, ctx: ValContext) -> dict:
         return _supervised_validate(self.exported()["student"], self.image_size, ctx)

@@ -199,3 +199,29 @@ def test_outside_lung_gradient_share_is_input_gradient_energy_outside_by_plain_m
     assert scaled.item() == pytest.approx(share.item(), rel=1e-5)  # a ratio: scaling the score does not meet it
     only_lungs = outside_lung_gradient_share((x[:, 0, :, 0] ** 2).sum(1), x, lungs)
     assert only_lungs.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_outside_lung_reliance_is_the_scores_squared_change_when_the_outside_is_filled_by_plain_math():
+    from kd.losses import outside_lung_reliance
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 2, 2, requires_grad=True)
+    fill = torch.randn(3, 1, 2, 2)
+    lungs = torch.zeros(3, 1, 2, 2)
+    lungs[..., 0] = 1.0  # left column
+    w = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    calls = []
+
+    def score(v):
+        calls.append(len(v))
+        return (w * v[:, 0]).sum((1, 2))
+
+    reliance = outside_lung_reliance(score, x, lungs, fill)
+    with torch.no_grad():  # a linear score changes by w * (x - fill) summed over the outside (right) column
+        change = (w[:, 1] * (x - fill)[:, 0, :, 1]).sum(1)
+    assert reliance.item() == pytest.approx(change.pow(2).mean().item(), rel=1e-5)
+    assert calls == [6]  # both views in one call
+    reliance.backward()
+    assert x.grad[..., 1].abs().sum() > 0 and x.grad[..., 0].abs().sum() == 0  # only outside pixels are pushed
+    reads_lungs = outside_lung_reliance(lambda v: (w * v[:, 0])[..., 0].sum(1), x, lungs, fill)
+    assert reads_lungs.item() == pytest.approx(0.0, abs=1e-7)  # a score that reads only the lungs meets it

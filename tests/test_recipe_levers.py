@@ -276,29 +276,32 @@ def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student
 def test_a_run_with_the_lung_cam_penalty_logs_the_share_outside_the_lungs(tmp_path):
     import json
 
+    steps = _penalised_run_steps(tmp_path, lung_cam_weight=1.0)
+    shares = [e["lung_cam_balance"] for e in steps if e["phase"] == "distill"]
+    assert shares and all(-1 <= s <= 1 for s in shares)
+    assert not any("lung_cam_balance" in e for e in steps if e["phase"] == "finetune")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lung_cam_weight"] == 1.0
+
+
+def _penalised_run_steps(tmp_path, **penalty) -> list[dict]:
+    """The step events of a tiny fine-tuning and distillation run with one of the lung penalties on."""
+    import json
+
     from kd.pipeline import run
     from tests.fixtures.xray_fixtures import write_kermany_dataset
 
     data = write_kermany_dataset(tmp_path / "data", n_per_class=(8, 8), size=40)
     out = tmp_path / "run"
-    cfg = preset("tiny", data=str(data), out=str(out), device="cpu", lung_cam_weight=1.0, teacher_targets="cached")
-    run(cfg, phases=("finetune", "distill"), progress=False)
-    steps = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines() if '"step"' in x]
-    shares = [e["lung_cam_balance"] for e in steps if e["phase"] == "distill"]
-    assert shares and all(-1 <= s <= 1 for s in shares)
-    assert not any("lung_cam_balance" in e for e in steps if e["phase"] == "finetune")
-    assert json.loads((out / "config.json").read_text())["lung_cam_weight"] == 1.0
+    run(preset("tiny", data=str(data), out=str(out), device="cpu", teacher_targets="cached", **penalty),
+        phases=("finetune", "distill"), progress=False)
+    return [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines() if '"step"' in x]
 
 
 def test_the_lung_gradient_penalty_joins_the_distillation_loss_on_the_served_student(tmp_path):
     """Config.lung_gradient_weight: the share of the student's input-gradient energy outside the lungs, measured
     in evaluation mode (as the app runs it), is added to the loss with its weight and trains the student; a
     run logs it per step; a negative weight or the hint beside it is refused."""
-    import json
-
     from kd.losses import outside_lung_gradient_share
-    from kd.pipeline import run
-    from tests.fixtures.xray_fixtures import write_kermany_dataset
 
     def by_hand(served, view, lungs):
         v = view.detach().requires_grad_(True)
@@ -314,15 +317,37 @@ def test_the_lung_gradient_penalty_joins_the_distillation_loss_on_the_served_stu
     with pytest.raises(ValueError, match="not combined"):
         preset("tiny", lung_gradient_weight=1.0, hint_weight=1.0, teacher_targets="online")
 
-    data = write_kermany_dataset(tmp_path / "data", n_per_class=(8, 8), size=40)
-    out = tmp_path / "run"
-    cfg = preset("tiny", data=str(data), out=str(out), device="cpu", lung_gradient_weight=1.0,
-                 teacher_targets="cached")
-    run(cfg, phases=("finetune", "distill"), progress=False)
-    steps = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines() if '"step"' in x]
+    steps = _penalised_run_steps(tmp_path, lung_gradient_weight=1.0)
     shares = [e["lung_gradient_share"] for e in steps if e["phase"] == "distill"]
     assert shares and all(0 <= s <= 1 for s in shares)
     assert not any("lung_cam_balance" in e for e in steps)
+
+
+def test_the_outside_reliance_penalty_joins_the_distillation_loss_on_the_served_student(tmp_path):
+    """Config.outside_reliance_weight: the served student's squared change of the PNEUMONIA margin when the view's
+    outside-the-lungs pixels are replaced by occlusion's blurred fill is added to the loss with its weight and
+    trains the student; a run logs it per step; a negative weight or the hint beside it is refused."""
+    from kd import augment
+    from kd.losses import outside_lung_reliance
+
+    def by_hand(served, view, lungs):
+        sigma = view.shape[-1] / 8
+        fill = augment.gaussian_blur(view, torch.full((len(view),), sigma), sigma)
+        return outside_lung_reliance(lambda v: served(v)[:, 1] - served(v)[:, 0], view, lungs, fill)
+
+    reliance, loss, stats, plain = _one_penalised_distillation_step("outside_reliance_weight", 2.0, by_hand)
+    assert stats["outside_reliance"] > 0
+    assert stats["outside_reliance"].item() == pytest.approx(reliance.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(plain.item() + 2.0 * reliance.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="outside-the-lungs"):
+        preset("tiny", outside_reliance_weight=-1.0)
+    with pytest.raises(ValueError, match="not combined"):
+        preset("tiny", outside_reliance_weight=1.0, hint_weight=1.0, teacher_targets="online")
+
+    steps = _penalised_run_steps(tmp_path, outside_reliance_weight=1.0)
+    reliances = [e["outside_reliance"] for e in steps if e["phase"] == "distill"]
+    assert reliances and all(r >= 0 for r in reliances)
+    assert not any("outside_reliance" in e for e in steps if e["phase"] == "finetune")
 
 
 def test_test_time_views_are_fixed_crops_and_shifts_of_the_whole_image():

@@ -97,8 +97,9 @@ class Config:
     # lies, not on how the map is drawn (issue 20). 0 = off
     lung_gradient_weight: float = 0.0
     # distillation adds this weight x the mean squared change of the student's PNEUMONIA logit margin when
-    # everything outside the lung fields is replaced by occlusion's blurred fill (kd.losses.outside_reliance): a
-    # lever on which regions the score needs, what occlusion and ROAD measure (issue 20). 0 = off
+    # everything outside the lung fields is replaced by occlusion's blurred fill, over the margin's variance in the
+    # batch (kd.losses.outside_reliance): a lever on which regions the score needs, what occlusion and ROAD measure
+    # (issue 20). Measured on a probe it moved the evidence further off the lungs (README "Which heat map"). 0 = off
     outside_reliance_weight: float = 0.0
     # online: the teacher sees each augmented view the student sees (Beyer et al. 2022, consistent teaching);
     # cached: the teacher's logits on the un-augmented image, computed once (cheaper, "fixed teacher");

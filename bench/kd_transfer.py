@@ -24,6 +24,10 @@ teacher and the distilled student against the labels-only student from scratch.
 `--variant RUN`: a run of the same recipe and seed that changes one distillation lever (e.g. `--teacher-targets
 cached-tta`): its distilled student against this one's and against the labels-only student.
 
+`--teacher RUN`: the teacher of another run (e.g. another self-supervised pretraining, `kd pretrain` then `kd
+finetune`, same input size, contrast and validation split) in place of the weights' teacher in every comparison:
+is that teacher better than the labels-only student?
+
 `--tta`: each model also scored as the mean logit over kd.augment.TTA_VIEWS (the whole image, a closer and a wider
 framing, four small shifts): is the teacher, scored that way, a better one to distil from?
 
@@ -33,7 +37,7 @@ distilled - labels-only is printed, then the mean over all seeds (the weights' o
 
     python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
                                 [--ensemble runs/teacher-seed1 runs/teacher-seed2] [--seeds RUN ...]
-                                [--labels-only RUN] [--scratch RUN] [--variant RUN] [--tta]
+                                [--labels-only RUN] [--scratch RUN] [--variant RUN] [--teacher RUN] [--tta]
 """
 from __future__ import annotations
 
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                     "student against the labels-only student from scratch")
     ap.add_argument("--variant", help="a run of the same recipe and seed with one distillation lever changed: its "
                     "distilled student against this one's and against the labels-only student")
+    ap.add_argument("--teacher", help="a run whose teacher (same input size, contrast and validation split) replaces "
+                    "the weights' teacher in every comparison")
     ap.add_argument("--tta", action="store_true", help="also score each model as the mean over kd.augment.TTA_VIEWS")
     args = ap.parse_args(argv)
 
@@ -101,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             return False
         return True
 
+    if args.teacher:
+        member = read_card(args.teacher).document
+        if not same_recipe(member, args.teacher, {"teacher"}):
+            return 1
+        add("teacher", Path(args.teacher), member["models"]["teacher"])
+        roles = roles if "teacher" in roles else ["teacher"] + roles
     if args.labels_only:
         member = read_card(args.labels_only).document
         member_cfg = member.get("config", {})

@@ -437,3 +437,32 @@ def test_gpu_ssl_comparison_runs_end_to_end_on_the_cpu(tiny_dataset, tmp_path):
     with tarfile.open(out / "ssl_runs.tgz") as tar:
         names = set(tar.getnames())
     assert {"control/model_card.json", "moco-seed0/model_card.json", "moco-seed1/model_card.json"} <= names
+
+
+def test_kd_transfer_puts_another_runs_teacher_in_the_weights_teachers_place(tiny_run, tmp_path, capsys):
+    """--teacher: the teacher of another run of the same input size, contrast and split (another pretraining)
+    replaces the weights' teacher in every comparison (here the run's own labels-only student stands in as that
+    teacher, so the two compare to exactly +0.0000); a run on another validation split is refused."""
+    import json
+    import re
+
+    import kd_transfer
+
+    data, weights = tiny_run
+    args = ["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50"]
+    assert kd_transfer.main(args) == 0
+    own = re.search(r"teacher - student_baseline: ([+-][0-9.]+)", capsys.readouterr().out).group(1)
+    member = tmp_path / "byol"
+    member.mkdir()
+    card = json.loads((weights / "model_card.json").read_text())
+    card["config"]["ssl_method"] = "byol"
+    card["models"] = {"teacher": card["models"]["student_baseline"]}
+    (member / card["models"]["teacher"]["file"]).symlink_to(weights / card["models"]["teacher"]["file"])
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert own != "+0.0000"  # the run's own teacher differs from its labels-only student
+    assert kd_transfer.main(args + ["--teacher", str(member)]) == 0
+    assert "teacher - student_baseline: +0.0000" in capsys.readouterr().out
+    card["config"]["split_seed"] = 5
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(args + ["--teacher", str(member)]) == 1
+    assert "not one recipe" in capsys.readouterr().out

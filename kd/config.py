@@ -15,6 +15,7 @@ from kd.data import DEFAULT_VAL_FRACTION
 
 SSL_METHODS = ("simclr", "byol", "moco")
 TEACHER_TARGETS = ("online", "cached", "cached-tta")
+OUTSIDE_FILLS = ("blur", "mean")  # what outside_reliance_weight's view shows outside the lungs
 CONTRASTS = ("none", "equalize", "clahe")
 THRESHOLD_RULES = ("youden", "sensitivity", "calibrated-0.5")
 STUDENT_INITS = ("teacher-stem", "scratch")
@@ -101,6 +102,8 @@ class Config:
     # batch (kd.losses.outside_reliance): a lever on which regions the score needs, what occlusion and ROAD measure
     # (issue 20). Measured on a probe it moved the evidence further off the lungs (README "Which heat map"). 0 = off
     outside_reliance_weight: float = 0.0
+    # blur: occlusion's fill (the outside's coarse brightness stays); mean: each image's mean (nothing of it stays)
+    outside_reliance_fill: str = "blur"
     # online: the teacher sees each augmented view the student sees (Beyer et al. 2022, consistent teaching);
     # cached: the teacher's logits on the un-augmented image, computed once (cheaper, "fixed teacher");
     # cached-tta: the same, as the teacher's mean logit over kd.augment.TTA_VIEWS (7 framings, 7x the caching): on
@@ -205,6 +208,9 @@ class Config:
         if self.outside_reliance_weight < 0:
             raise ValueError("the outside-the-lungs reliance penalty needs a weight >= 0 "
                              f"(got {self.outside_reliance_weight})")
+        if self.outside_reliance_fill not in OUTSIDE_FILLS:
+            raise ValueError(f"the outside-the-lungs fill must be one of {', '.join(OUTSIDE_FILLS)}, "
+                             f"not {self.outside_reliance_fill!r}")
         if self.lung_penalties and self.hint_weight > 0:
             raise ValueError("the lung penalties and the FitNets hint are not combined: set hint_weight to 0, or "
                              "lung_cam_weight, lung_gradient_weight and outside_reliance_weight to 0")

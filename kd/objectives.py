@@ -255,11 +255,12 @@ class DistillationObjective(Objective):
                  temperature: float, alpha: float, hint_weight: float = 0.0,
                  augmentation: augment.Augment = augment.SUPERVISED, label_smoothing: float = 0.0,
                  lung_cam_weight: float = 0.0, lung_cam_stage: str = "layer2", lung_gradient_weight: float = 0.0,
-                 outside_reliance_weight: float = 0.0):
+                 outside_reliance_weight: float = 0.0, outside_reliance_fill: str = "blur"):
         super().__init__(image_size)
         self.student, self.teacher = student, teacher
         self.lung_cam_weight, self.lung_cam_stage = lung_cam_weight, lung_cam_stage
         self.lung_gradient_weight, self.outside_reliance_weight = lung_gradient_weight, outside_reliance_weight
+        self.outside_reliance_fill = outside_reliance_fill
         self.augmentation, self.label_smoothing = augmentation, label_smoothing
         deactivate_requires_grad(self.teacher)
         self.temperature, self.alpha, self.hint_weight = temperature, alpha, hint_weight
@@ -325,9 +326,12 @@ class DistillationObjective(Objective):
     def outside_reliance(self, x: torch.Tensor, lungs: torch.Tensor) -> torch.Tensor:
         """kd.losses.outside_reliance of the served score (the PNEUMONIA logit margin), from the student as the app
         runs it, as lung_cam_balance; the outside is replaced by occlusion's fill (kd.cam.Occlusion: a blur with a
-        sigma of an eighth of the side)."""
-        sigma = x.shape[-1] / 8
-        fill = augment.gaussian_blur(x, torch.full((len(x),), sigma, device=x.device, dtype=x.dtype), sigma)
+        sigma of an eighth of the side) or, with the "mean" fill, by each image's mean, which keeps nothing of it."""
+        if self.outside_reliance_fill == "mean":
+            fill = x.mean((1, 2, 3), keepdim=True).expand_as(x)
+        else:
+            sigma = x.shape[-1] / 8
+            fill = augment.gaussian_blur(x, torch.full((len(x),), sigma, device=x.device, dtype=x.dtype), sigma)
         with _as_served(self.student):
             def margin(v: torch.Tensor) -> torch.Tensor:
                 logits = self.student(v.contiguous(memory_format=torch.channels_last))

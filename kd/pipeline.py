@@ -172,7 +172,7 @@ def student_objective(name: str, cfg: Config, teacher: torch.nn.Module, train: I
     objective = DistillationObjective(student, teacher, phase.image_size, class_weight, cfg.temperature, cfg.alpha,
                                       cfg.hint_weight, augmentation, cfg.label_smoothing, cfg.lung_cam_weight,
                                       cfg.lung_cam_stage, cfg.lung_gradient_weight,
-                                      cfg.outside_reliance_weight).use_ema(cfg.ema_decay)
+                                      cfg.outside_reliance_weight, cfg.outside_reliance_fill).use_ema(cfg.ema_decay)
     if not cfg.cached_targets:
         return objective, train, 0.0
     teachers = [teacher] + [_load("teacher", Path(path)) for path in cfg.extra_teachers]

@@ -226,10 +226,11 @@ def test_the_lung_view_moves_with_the_augmented_view_and_leaves_it_unchanged():
     assert not torch.allclose(lungs, F.interpolate(lungs_full, size=64, mode="area"), atol=0.05)  # moved
 
 
-def _one_penalised_distillation_step(penalty, weight, by_hand):
+def _one_penalised_distillation_step(penalty, weight, by_hand, **settings):
     """One distillation step of a fresh student with the heat-map penalty `penalty` (a DistillationObjective
     keyword) at `weight`; `by_hand(served, view, lungs)` computes that penalty by hand on the student as the app
-    serves it (a copy in evaluation mode) for the step's own augmented view. Checks that the step trains the
+    serves it (a copy in evaluation mode) for the step's own augmented view; `settings`: more keywords. Checks that
+    the step trains the
     student and gives it back in training mode; returns (by hand, loss, stats, the same step without it)."""
     from kd.models import build_teacher
     from kd.objectives import DistillationObjective
@@ -240,7 +241,7 @@ def _one_penalised_distillation_step(penalty, weight, by_hand):
     torch.manual_seed(0)
     student, teacher = build_student(), build_teacher()
     make = lambda w: DistillationObjective(student, teacher, 64, class_weights([1, 1]), 4.0, 0.5,  # noqa: E731
-                                           **{penalty: w}).train()
+                                           **{penalty: w}, **settings).train()
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     before = copy.deepcopy(student)
     view, lungs = make(0.0).augmentation(x, 64, g(), lungs=True)
@@ -348,6 +349,23 @@ def test_the_outside_reliance_penalty_joins_the_distillation_loss_on_the_served_
     reliances = [e["outside_reliance"] for e in steps if e["phase"] == "distill"]
     assert reliances and all(r >= 0 for r in reliances)
     assert not any("outside_reliance" in e for e in steps if e["phase"] == "finetune")
+
+
+def test_the_outside_reliance_penalty_can_fill_the_outside_with_the_images_mean():
+    """outside_reliance_fill="mean": the outside shows each view's mean, so nothing of it stays (the blur keeps its
+    coarse brightness); the penalty is computed with that fill; an unknown fill is refused."""
+    from kd.losses import outside_lung_reliance
+
+    def by_hand(served, view, lungs):
+        fill = view.mean((1, 2, 3), keepdim=True).expand_as(view)
+        return outside_lung_reliance(lambda v: served(v)[:, 1] - served(v)[:, 0], view, lungs, fill)
+
+    reliance, loss, stats, plain = _one_penalised_distillation_step("outside_reliance_weight", 2.0, by_hand,
+                                                                    outside_reliance_fill="mean")
+    assert stats["outside_reliance"].item() == pytest.approx(reliance.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(plain.item() + 2.0 * reliance.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="fill must be one of blur, mean"):
+        preset("tiny", outside_reliance_weight=1.0, outside_reliance_fill="zeros")
 
 
 def test_test_time_views_are_fixed_crops_and_shifts_of_the_whole_image():

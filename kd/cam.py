@@ -124,10 +124,15 @@ class Occlusion(InputMap):
 
     def patches(self, side: int) -> tuple[int, list[tuple[int, int]]]:
         """The patch side and the top-left corners of the patches: half a patch apart, the last one at the edge."""
-        patch = max(2, round(self.patch_fraction * side))
+        patch = self.patch_side(side, self.patch_fraction)
         starts = list(range(0, side - patch + 1, max(1, patch // 2)))
         starts += [side - patch] if starts[-1] != side - patch else []
         return patch, [(r, c) for r in starts for c in starts]
+
+    @staticmethod
+    def patch_side(side: int, fraction: float) -> int:
+        """The patch's side in pixels for an image `side` pixels wide and a patch `fraction` of it."""
+        return max(2, round(fraction * side))
 
     @staticmethod
     def fill(image: torch.Tensor, patch: int) -> torch.Tensor:

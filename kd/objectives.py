@@ -321,25 +321,32 @@ class DistillationObjective(Objective):
         with _as_served(self.student):
             x = x.detach().requires_grad_(True)
             logits = self.student(x)
-            return outside_lung_gradient_share(logits[:, PNEUMONIA] - logits[:, 1 - PNEUMONIA], x, lungs)
+            return outside_lung_gradient_share(pneumonia_margin(logits), x, lungs)
 
     def outside_reliance(self, x: torch.Tensor, lungs: torch.Tensor) -> torch.Tensor:
         """kd.losses.outside_reliance of the served score (the PNEUMONIA logit margin), from the student as the app
-        runs it, as lung_cam_balance; the outside is replaced by occlusion's fill (kd.cam.Occlusion: a blur with a
-        sigma of an eighth of the side) or, with the "mean" fill, by each image's mean, which keeps nothing of it."""
+        runs it, as lung_cam_balance; the outside is replaced by occlusion's own fill (kd.cam.Occlusion.fill: the
+        picture blurred with a sigma of one patch) or, with the "mean" fill, by each image's mean, which keeps nothing
+        of it."""
         if self.outside_reliance_fill == "mean":
             fill = x.mean((1, 2, 3), keepdim=True).expand_as(x)
         else:
-            sigma = x.shape[-1] / 8
-            fill = augment.gaussian_blur(x, torch.full((len(x),), sigma, device=x.device, dtype=x.dtype), sigma)
+            from kd.cam import Occlusion  # pytorch_grad_cam is loaded only when this lever is on
+
+            fill = Occlusion.fill(x, Occlusion.patch_side(x.shape[-1], Occlusion.patch_fraction))
         with _as_served(self.student):
-            def margin(v: torch.Tensor) -> torch.Tensor:
-                logits = self.student(v.contiguous(memory_format=torch.channels_last))
-                return logits[:, PNEUMONIA] - logits[:, 1 - PNEUMONIA]
-            return outside_lung_reliance(margin, x, lungs, fill)
+            return outside_lung_reliance(
+                lambda v: pneumonia_margin(self.student(v.contiguous(memory_format=torch.channels_last))),
+                x, lungs, fill)
 
     def validate(self, ctx: ValContext) -> dict:
         return _supervised_validate(self.exported()["student"], self.image_size, ctx)
+
+
+def pneumonia_margin(logits: torch.Tensor) -> torch.Tensor:
+    """The PNEUMONIA logit less the other one, [B]: the served score, of which the probability is a monotone
+    function."""
+    return logits[:, PNEUMONIA] - logits[:, 1 - PNEUMONIA]
 
 
 @contextlib.contextmanager

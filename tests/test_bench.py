@@ -211,16 +211,16 @@ def test_kd_transfer_scores_each_model_over_test_time_views_too(tiny_run, capsys
         assert line in out, line
 
 
-def _one_student_run(weights, folder, role: str, **config) -> dict:
-    """A run folder whose only model, its "student", is the tiny run's `role` model, its card's config changed by
+def _one_model_run(weights, folder, role: str, as_role: str = "student", **config) -> dict:
+    """A run folder whose only model, its `as_role`, is the tiny run's `role` model, its card's config changed by
     `config` (as if trained with those settings); returns that card."""
     import json
 
     folder.mkdir()
     card = json.loads((weights / "model_card.json").read_text())
     card["config"].update(config)
-    card["models"] = {"student": card["models"][role]}
-    (folder / card["models"]["student"]["file"]).symlink_to(weights / card["models"]["student"]["file"])
+    card["models"] = {as_role: card["models"][role]}
+    (folder / card["models"][as_role]["file"]).symlink_to(weights / card["models"][as_role]["file"])
     (folder / "model_card.json").write_text(json.dumps(card))
     return card
 
@@ -234,7 +234,7 @@ def test_kd_transfer_compares_a_variant_runs_distilled_student(tiny_run, tmp_pat
 
     data, weights = tiny_run
     member = tmp_path / "variant"
-    card = _one_student_run(weights, member, "student", teacher_targets="cached-tta")
+    card = _one_model_run(weights, member, "student", teacher_targets="cached-tta")
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
                              "--variant", str(member)]) == 0
     out = capsys.readouterr().out
@@ -286,7 +286,7 @@ def test_kd_transfer_compares_students_from_scratch_with_their_teacher_stem_twin
 
     data, weights = tiny_run
     member = tmp_path / "scratch"
-    card = _one_student_run(weights, member, "student_baseline", student_init="scratch", alpha=1.0)
+    card = _one_model_run(weights, member, "student_baseline", student_init="scratch", alpha=1.0)
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
                              "--scratch", str(member)]) == 0
     out = capsys.readouterr().out
@@ -320,12 +320,7 @@ def test_kd_transfer_takes_the_labels_only_student_from_a_run_trained_with_alpha
     assert kd_transfer.main(args) == 0
     own = re.search(r"student - student_baseline: ([+-][0-9.]+)", capsys.readouterr().out).group(1)
     member = tmp_path / "labels-only"
-    member.mkdir()
-    card = json.loads((weights / "model_card.json").read_text())
-    card["config"]["alpha"] = 1.0
-    card["models"] = {"student": card["models"]["student_baseline"]}
-    (member / card["models"]["student"]["file"]).symlink_to(weights / card["models"]["student"]["file"])
-    (member / "model_card.json").write_text(json.dumps(card))
+    card = _one_model_run(weights, member, "student_baseline", alpha=1.0)
     assert kd_transfer.main(args + ["--labels-only", str(member)]) == 0
     assert f"student - student_baseline: {own}" in capsys.readouterr().out
     card["config"]["alpha"] = 0.5
@@ -453,12 +448,7 @@ def test_kd_transfer_puts_another_runs_teacher_in_the_weights_teachers_place(tin
     assert kd_transfer.main(args) == 0
     own = re.search(r"teacher - student_baseline: ([+-][0-9.]+)", capsys.readouterr().out).group(1)
     member = tmp_path / "byol"
-    member.mkdir()
-    card = json.loads((weights / "model_card.json").read_text())
-    card["config"]["ssl_method"] = "byol"
-    card["models"] = {"teacher": card["models"]["student_baseline"]}
-    (member / card["models"]["teacher"]["file"]).symlink_to(weights / card["models"]["teacher"]["file"])
-    (member / "model_card.json").write_text(json.dumps(card))
+    card = _one_model_run(weights, member, "student_baseline", as_role="teacher", ssl_method="byol")
     assert own != "+0.0000"  # the run's own teacher differs from its labels-only student
     assert kd_transfer.main(args + ["--teacher", str(member)]) == 0
     assert "teacher - student_baseline: +0.0000" in capsys.readouterr().out

@@ -226,12 +226,12 @@ def test_the_lung_view_moves_with_the_augmented_view_and_leaves_it_unchanged():
     assert not torch.allclose(lungs, F.interpolate(lungs_full, size=64, mode="area"), atol=0.05)  # moved
 
 
-def _one_penalised_distillation_step(penalty, weight, by_hand, **settings):
+def _one_penalised_distillation_step(penalty, stat, weight, by_hand, **settings):
     """One distillation step of a fresh student with the heat-map penalty `penalty` (a DistillationObjective
     keyword) at `weight`; `by_hand(served, view, lungs)` computes that penalty by hand on the student as the app
     serves it (a copy in evaluation mode) for the step's own augmented view; `settings`: more keywords. Checks that
-    the step trains the
-    student and gives it back in training mode; returns (by hand, loss, stats, the same step without it)."""
+    the step logs the penalty as `stat` at its by-hand value, adds it to the loss with its weight, trains the
+    student and gives it back in training mode; returns the logged value."""
     from kd.models import build_teacher
     from kd.objectives import DistillationObjective
 
@@ -254,7 +254,9 @@ def _one_penalised_distillation_step(penalty, weight, by_hand, **settings):
     with torch.no_grad():
         student.load_state_dict(before.state_dict())  # the running statistics as they were before that step
         plain, _ = make(0.0)(x, labels, g(), teacher_logits)
-    return expected, loss, stats, plain
+    assert stats[stat].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(plain.item() + weight * expected.item(), rel=1e-4)
+    return stats[stat]
 
 
 def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student():
@@ -265,9 +267,7 @@ def test_the_lung_cam_penalty_joins_the_distillation_loss_and_trains_the_student
         logits, stage = logits_and_stage(served, view, "layer2")  # as the app runs it
         return outside_lung_balance(logits[:, 1], stage, lungs)
 
-    share, loss, stats, plain = _one_penalised_distillation_step("lung_cam_weight", 2.0, by_hand)
-    assert -1 < stats["lung_cam_balance"] < 1 and stats["lung_cam_balance"].item() == pytest.approx(share.item(), rel=1e-4)
-    assert loss.item() == pytest.approx(plain.item() + 2.0 * share.item(), rel=1e-4)
+    assert -1 < _one_penalised_distillation_step("lung_cam_weight", "lung_cam_balance", 2.0, by_hand) < 1
     with pytest.raises(ValueError, match="lung heat-map"):
         preset("tiny", lung_cam_weight=-1.0)
     with pytest.raises(ValueError, match="not combined"):
@@ -309,10 +309,7 @@ def test_the_lung_gradient_penalty_joins_the_distillation_loss_on_the_served_stu
         z = served(v)
         return outside_lung_gradient_share(z[:, 1] - z[:, 0], v, lungs)
 
-    share, loss, stats, plain = _one_penalised_distillation_step("lung_gradient_weight", 3.0, by_hand)
-    assert 0 < stats["lung_gradient_share"] < 1
-    assert stats["lung_gradient_share"].item() == pytest.approx(share.item(), rel=1e-4)
-    assert loss.item() == pytest.approx(plain.item() + 3.0 * share.item(), rel=1e-4)
+    assert 0 < _one_penalised_distillation_step("lung_gradient_weight", "lung_gradient_share", 3.0, by_hand) < 1
     with pytest.raises(ValueError, match="input-gradient"):
         preset("tiny", lung_gradient_weight=-1.0)
     with pytest.raises(ValueError, match="not combined"):
@@ -328,18 +325,14 @@ def test_the_outside_reliance_penalty_joins_the_distillation_loss_on_the_served_
     """Config.outside_reliance_weight: the served student's squared change of the PNEUMONIA margin when the view's
     outside-the-lungs pixels are replaced by occlusion's blurred fill is added to the loss with its weight and
     trains the student; a run logs it per step; a negative weight or the hint beside it is refused."""
-    from kd import augment
+    from kd.cam import Occlusion
     from kd.losses import outside_lung_reliance
 
     def by_hand(served, view, lungs):
-        sigma = view.shape[-1] / 8
-        fill = augment.gaussian_blur(view, torch.full((len(view),), sigma), sigma)
+        fill = Occlusion.fill(view, Occlusion.patch_side(view.shape[-1], Occlusion.patch_fraction))
         return outside_lung_reliance(lambda v: served(v)[:, 1] - served(v)[:, 0], view, lungs, fill)
 
-    reliance, loss, stats, plain = _one_penalised_distillation_step("outside_reliance_weight", 2.0, by_hand)
-    assert stats["outside_reliance"] > 0
-    assert stats["outside_reliance"].item() == pytest.approx(reliance.item(), rel=1e-4)
-    assert loss.item() == pytest.approx(plain.item() + 2.0 * reliance.item(), rel=1e-4)
+    assert _one_penalised_distillation_step("outside_reliance_weight", "outside_reliance", 2.0, by_hand) > 0
     with pytest.raises(ValueError, match="outside-the-lungs"):
         preset("tiny", outside_reliance_weight=-1.0)
     with pytest.raises(ValueError, match="not combined"):
@@ -360,10 +353,8 @@ def test_the_outside_reliance_penalty_can_fill_the_outside_with_the_images_mean(
         fill = view.mean((1, 2, 3), keepdim=True).expand_as(view)
         return outside_lung_reliance(lambda v: served(v)[:, 1] - served(v)[:, 0], view, lungs, fill)
 
-    reliance, loss, stats, plain = _one_penalised_distillation_step("outside_reliance_weight", 2.0, by_hand,
-                                                                    outside_reliance_fill="mean")
-    assert stats["outside_reliance"].item() == pytest.approx(reliance.item(), rel=1e-4)
-    assert loss.item() == pytest.approx(plain.item() + 2.0 * reliance.item(), rel=1e-4)
+    _one_penalised_distillation_step("outside_reliance_weight", "outside_reliance", 2.0, by_hand,
+                                     outside_reliance_fill="mean")
     with pytest.raises(ValueError, match="fill must be one of blur, mean"):
         preset("tiny", outside_reliance_weight=1.0, outside_reliance_fill="zeros")
 

@@ -6,13 +6,15 @@ on validation X-rays with the shipped weights, for teacher and student.
 For each option: the native grid at the card's input size; ROAD faithfulness (Rong et al. 2022: the
 pneumonia score's drop when the pixels the map calls unimportant are removed, minus its drop when the
 important ones are; higher is more faithful; kd.cam.road_scores' metric, pytorch_grad_cam's ROADCombined);
-the share of the map's mass inside the lung fields (kd.lungs: estimated from each image's own intensity
-profiles; a map spread evenly scores the mask's area, printed as "uniform"); the share on the outer 10 % of
+the share of the map's mass inside the lung fields (kd.lungs.lung_mask: estimated from each image's own
+intensity profiles and grey levels; a map spread evenly scores the mask's area, printed as "uniform"), and inside
+their conservative core (kd.lungs.core_mask, the mask of the measurements before 2026-12-05); the share on the outer 10 % of
 the image on every side (kd.cam.border_share; a uniform map has 0.36); how far the teacher's and the
 student's maps of one image agree (Pearson correlation, kd.cam.agreement); and the CAM's time per image. Images: a seeded sample of the patient-level validation split
 (the card's seed and fraction), PNEUMONIA and NORMAL alternately; border share on --limit of them, ROAD
 (the expensive part) on the first --road-limit; every option sees the same images and the same
-imputation noise. Per model, also the share of the score's input-gradient energy inside the lung fields (where
+imputation noise. With --road-from, ROAD is taken from an earlier run's --json on the same images (it does not
+depend on the lung mask), so a new mask can be measured at the cost of the maps alone. Per model, also the share of the score's input-gradient energy inside the lung fields (where
 the score is sensitive, whatever the map; what Config.lung_gradient_weight trains).
 
 The rule that picks kd.cam.DEFAULT_CAM (printed at the end; fixed before the in-lung shares were measured):
@@ -46,7 +48,7 @@ from kd.cache import build_cache
 from kd.data import samples_for
 from kd.serving import load_pair
 from kd.losses import outside_lung_gradient_share
-from kd.lungs import in_lung_share, lung_mask
+from kd.lungs import core_mask, in_lung_share, lung_mask
 
 UNIFORM_BORDER = 1 - (1 - 2 * 0.1) ** 2
 GRID_GOAL = 14
@@ -100,17 +102,19 @@ def sample(data: str, card: dict, limit: int, seed: int = 0):
 
 
 def measure(loaded, squares: np.ndarray, option: str, road_limit: int, percentiles, masks: list[np.ndarray],
-            batch: int = 8) -> dict:
-    """In-lung share and border share of each image's map (None for an empty map) and CAM ms per image on all the
-    squares; ROAD score on the first road_limit of them. `masks`: each square's kd.lungs.lung_mask."""
-    maps, borders, lungs, seconds = [], [], [], 0.0
-    for square, mask in zip(squares, masks):
+            cores: list[np.ndarray], batch: int = 8) -> dict:
+    """In-lung share (inside `masks`, each square's kd.lungs.lung_mask, and inside `cores`, its core_mask) and
+    border share of each image's map (None for an empty map) and CAM ms per image on all the squares; ROAD score on
+    the first road_limit of them."""
+    maps, borders, lungs, in_core, seconds = [], [], [], [], 0.0
+    for square, mask, core in zip(squares, masks, cores):
         t0 = time.perf_counter()
         _, m = cam.explain(loaded, preprocess.to_tensor(square), option)
         seconds += time.perf_counter() - t0
         maps.append(m)
         borders.append(cam.border_share(m))
         lungs.append(in_lung_share(m, mask))
+        in_core.append(in_lung_share(m, core))
     metric = road.ROADCombined(percentiles=list(percentiles))
     scores = []
     for start in range(0, min(road_limit, len(squares)), batch):
@@ -122,9 +126,11 @@ def measure(loaded, squares: np.ndarray, option: str, road_limit: int, percentil
                        loaded.model)
         scores += np.asarray(s, dtype=np.float64).ravel().tolist()
     defined = [b for b in borders if b is not None]
-    in_lungs = [v for v in lungs if v is not None]
-    return {"road": scores, "border": borders, "lung": lungs, "maps": maps, "road_mean": float(np.mean(scores)),
+    in_lungs, in_cores = [v for v in lungs if v is not None], [v for v in in_core if v is not None]
+    return {"road": scores, "border": borders, "lung": lungs, "lung_core": in_core, "maps": maps,
+            "road_mean": float(np.mean(scores)) if scores else None,
             "lung_mean": float(np.mean(in_lungs)) if in_lungs else None,
+            "lung_core_mean": float(np.mean(in_cores)) if in_cores else None,
             "road_sem": float(np.std(scores, ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else 0.0,
             "border_mean": float(np.mean(defined)) if defined else None,
             "empty_maps": sum(b is None for b in borders), "cam_ms": 1000 * seconds / len(squares)}
@@ -185,6 +191,8 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="write every score here")
     p.add_argument("--merge", help="a --json of an earlier run on the same images (same --limit, --road-limit, "
                    "percentiles and weights): its options not measured now join the table and the choice")
+    p.add_argument("--road-from", help="a --json of an earlier run on the same images and weights: ROAD is taken "
+                   "from it, not measured (to measure another lung mask at the cost of the maps alone)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads (1 on a busy machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -195,25 +203,37 @@ def main(argv=None) -> dict:
     cache = build_cache([s.path for s in picked], size, None, progress=False, contrast=pair.contrast)
     squares = np.asarray(cache.images[cache.valid])
     labels = np.array([s.label for s, ok in zip(picked, cache.valid) if ok])
-    masks = [lung_mask(square) for square in squares]
-    uniform_lung = float(np.mean([m.mean() for m in masks]))
+    masks, cores = [lung_mask(square) for square in squares], [core_mask(square) for square in squares]
+    uniform_lung, uniform_core = float(np.mean([m.mean() for m in masks])), float(np.mean([m.mean() for m in cores]))
     print(f"{len(squares)} validation images ({int(labels.sum())} PNEUMONIA) at {size} px, ROAD percentiles "
           f"{args.percentiles}; border = share of map mass on the outer 10% (uniform map: {UNIFORM_BORDER:.2f}); "
-          f"lungs = share inside the lung fields (kd.lungs; uniform map: {uniform_lung:.3f})")
+          f"lungs = share inside the lung fields (kd.lungs; uniform map: {uniform_lung:.3f}; inside their core: "
+          f"{uniform_core:.3f})")
     evidence = {role: gradient_in_lungs(pair.models[role], squares, masks) for role in args.roles}
     print("  input-gradient energy of the score inside the lungs: "
           + ", ".join(f"{role} {v:.3f}" for role, v in evidence.items()), flush=True)
+    earlier = {name: json.loads(Path(name).read_text()) for name in (args.merge, args.road_from) if name}
+    for name, run in earlier.items():
+        if (run["n"], run["input_size"], run["percentiles"]) != (len(squares), size, args.percentiles):
+            raise SystemExit(f"{name} measured other images or settings: cannot be merged")
+    road_from = earlier[args.road_from]["results"] if args.road_from else None
+    if road_from and (missing := [o for o in args.options if o not in road_from]):
+        raise SystemExit(f"--road-from {args.road_from} has no ROAD for {', '.join(missing)}")
     results = {}
     for option in args.options:
         grid = cam.CAM_OPTIONS[option].grid(size)
         results[option] = {"grid": grid}
         for role in args.roles:
-            r = measure(pair.models[role], squares, option, args.road_limit, args.percentiles, masks)
+            r = measure(pair.models[role], squares, option, 0 if road_from else args.road_limit, args.percentiles,
+                        masks, cores)
+            if road_from:
+                r.update({k: road_from[option][role][k] for k in ("road", "road_mean", "road_sem")})
             pneumonia = labels[:len(r["road"])] == 1
             r["road_pneumonia"] = float(np.mean(np.asarray(r["road"])[pneumonia])) if pneumonia.any() else None
             results[option][role] = r
             print(f"  {option:22} {role:8} ROAD {r['road_mean']:+.4f} (±{r['road_sem']:.4f}) lungs "
-                  f"{r['lung_mean'] if r['lung_mean'] is None else round(r['lung_mean'], 3)} border "
+                  f"{r['lung_mean'] if r['lung_mean'] is None else round(r['lung_mean'], 3)} core "
+                  f"{r['lung_core_mean'] if r['lung_core_mean'] is None else round(r['lung_core_mean'], 3)} border "
                   f"{r['border_mean'] if r['border_mean'] is None else round(r['border_mean'], 3)} "
                   f"empty {r['empty_maps']} CAM {r['cam_ms']:.0f} ms/image", flush=True)
         if all(role in results[option] for role in ROLE_KEYS):
@@ -224,22 +244,20 @@ def main(argv=None) -> dict:
         for role in args.roles:
             results[option][role].pop("maps")
     if args.merge:
-        earlier = json.loads(Path(args.merge).read_text())
-        same = (earlier["n"], earlier["input_size"], earlier["percentiles"]) == (len(squares), size, args.percentiles)
-        if not same:
-            raise SystemExit(f"{args.merge} measured other images or settings: cannot be merged")
+        earlier = earlier[args.merge]
         results = {**{k: v for k, v in earlier["results"].items() if k not in results}, **results}
     n_road = min(args.road_limit, len(squares))
     roles = "/".join(args.roles)
     print(f"\n| option | native grid at {size} px | in-lung share ({roles}, {len(squares)} images; uniform "
-          f"{uniform_lung:.3f}) | ROAD ({roles}, {n_road} images) | ROAD on PNEUMONIA | border share | teacher-student "
-          "correlation | empty maps | CAM ms/image |\n|---|---|---|---|---|---|---|---|---|")
+          f"{uniform_lung:.3f}) | in the core (uniform {uniform_core:.3f}) | ROAD ({roles}, {n_road} images) | ROAD on PNEUMONIA | border share | teacher-student "
+          "correlation | empty maps | CAM ms/image |\n|---|---|---|---|---|---|---|---|---|---|")
     for option, res in results.items():
         rs = [res[r] for r in args.roles]
         border = " / ".join("-" if r["border_mean"] is None else f"{r['border_mean']:.3f}" for r in rs)
         lungs = " / ".join("-" if r["lung_mean"] is None else f"{r['lung_mean']:.3f}" for r in rs)
+        core = " / ".join("-" if r.get("lung_core_mean") is None else f"{r['lung_core_mean']:.3f}" for r in rs)
         corr = "-" if res.get("correlation") is None else f"{res['correlation']:.2f}"
-        print(f"| {option} | {res['grid']}x{res['grid']} | {lungs} | "
+        print(f"| {option} | {res['grid']}x{res['grid']} | {lungs} | {core} | "
               + " / ".join(f"{r['road_mean']:+.3f} ± {r['road_sem']:.3f}" for r in rs) + " | "
               + " / ".join("-" if r["road_pneumonia"] is None else f"{r['road_pneumonia']:+.3f}" for r in rs)
               + f" | {border} | {corr} | " + " / ".join(str(r["empty_maps"]) for r in rs) + " | "
@@ -248,7 +266,7 @@ def main(argv=None) -> dict:
     print(f"\nchosen: {best} ({cam.CAM_OPTIONS[best].source(size)}): {why}; kd.cam.DEFAULT_CAM is "
           f"{cam.DEFAULT_CAM!r}")
     out = {"n": len(squares), "input_size": size, "percentiles": args.percentiles, "results": results,
-           "uniform_in_lung_share": uniform_lung, "gradient_in_lungs": evidence, "chosen": best, "rule": why}
+           "uniform_in_lung_share": uniform_lung, "uniform_in_core_share": uniform_core, "gradient_in_lungs": evidence, "chosen": best, "rule": why}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out

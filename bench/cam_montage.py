@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 import common
 from kd import cam, preprocess, serving
 from kd.serving import NotChestXray, load_pair
-from kd.lungs import in_lung_share, lung_mask, outline
+from kd.lungs import core_mask, in_lung_share, lung_mask, outline
 
 TILE = 224
 
@@ -36,7 +36,8 @@ def tile(d: serving.Diagnosis, role: str, mask: np.ndarray) -> np.ndarray:
 
 
 def lung_mask_grid(data: str, n: int, out: str, seed: int = 11) -> None:
-    """`n` seeded training images with their kd.lungs masks in red: how the estimate looks on real X-rays."""
+    """`n` seeded training images with their kd.lungs masks in red, the conservative core (kd.lungs.core_mask)
+    deeper than what growing added: how the estimate looks on real X-rays."""
     import random
 
     files = sorted(str(f) for f in Path(data, "train").glob("*/*.jpeg"))
@@ -44,10 +45,11 @@ def lung_mask_grid(data: str, n: int, out: str, seed: int = 11) -> None:
     tiles = []
     for f in files[:n]:
         px = preprocess.load_xray_file(f, target_size=256).pixels
-        mask = lung_mask(px)
+        mask, core = lung_mask(px), core_mask(px)
         square = np.asarray(Image.fromarray(px).resize(mask.shape[::-1]))
         rgb = np.repeat(square[..., None], 3, axis=2).astype(np.float32)
-        rgb[mask] = 0.5 * rgb[mask] + 0.5 * np.array([255.0, 0.0, 0.0])
+        for region, share in ((mask & ~core, 0.35), (core, 0.6)):
+            rgb[region] = (1 - share) * rgb[region] + share * np.array([255.0, 0.0, 0.0])
         tiles.append(rgb.astype(np.uint8))
     cols = 8
     grid = np.concatenate([np.concatenate(tiles[i:i + cols], 1) for i in range(0, len(tiles) - cols + 1, cols)], 0)

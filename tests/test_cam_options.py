@@ -139,9 +139,38 @@ def test_cam_grid_reports_the_in_lung_share_and_merges_an_earlier_run(kd_tiny, t
     assert 0 < first["uniform_in_lung_share"] < 1 and len(r["teacher"]["lung"]) == 2
     assert r["teacher"]["lung_mean"] is None or 0 <= r["teacher"]["lung_mean"] <= 1
     assert r["correlation"] is None or -1 <= r["correlation"] <= 1
+    assert 0 < first["uniform_in_core_share"] <= first["uniform_in_lung_share"]  # the core lies inside the mask
+    for role in ("teacher", "student"):
+        for grown, core in zip(r[role]["lung"], r[role]["lung_core"]):
+            assert (grown is None) == (core is None) and (core is None or core <= grown + 1e-9)
     merged = cam_grid.main(common + ["--options", "layer2 LayerCAM", "--merge", str(tmp_path / "a.json")])
     assert set(merged["results"]) == {"layer2 GradCAM", "layer2 LayerCAM"}
     assert "in-lung share" in capsys.readouterr().out
+
+
+def test_cam_grid_takes_road_from_an_earlier_run_to_measure_the_masks_alone(kd_tiny, tmp_path, monkeypatch):
+    """--road-from: the maps and their in-lung shares are measured again, ROAD is the earlier run's (the metric is
+    never called); an option the earlier run lacks is refused by name."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import cam_grid
+
+    common = ["--weights", str(kd_tiny.weights), "--data", str(kd_tiny.data), "--limit", "2", "--road-limit", "2",
+              "--percentiles", "50", "--threads", "1", "--options", "layer2 GradCAM"]
+    first = cam_grid.main(common + ["--json", str(tmp_path / "a.json")])
+
+    def no_road(*args, **kwargs):
+        raise AssertionError("ROAD was measured again")
+
+    monkeypatch.setattr(cam_grid.road.ROADCombined, "__call__", no_road)
+    again = cam_grid.main(common + ["--road-from", str(tmp_path / "a.json")])
+    for role in ("teacher", "student"):
+        before, after = first["results"]["layer2 GradCAM"][role], again["results"]["layer2 GradCAM"][role]
+        assert after["road"] == before["road"] and after["road_mean"] == before["road_mean"]
+        assert after["lung"] == before["lung"]
+    with pytest.raises(SystemExit, match="no ROAD for layer2 LayerCAM"):
+        cam_grid.main(common[:-1] + ["layer2 LayerCAM", "--road-from", str(tmp_path / "a.json")])
 
 
 def test_gradient_in_lungs_is_the_share_of_the_score_sensitivity_on_the_lungs(kd_tiny):
@@ -207,6 +236,42 @@ def test_cam_montage_draws_the_samples_with_their_lung_masks(kd_tiny, tmp_path, 
                               "--out", str(tmp_path / "m.jpg")])
     assert (tmp_path / "m.jpg").stat().st_size > 0 and set(means) == {"NORMAL", "PNEUMONIA"}
     assert "in-lung share" in capsys.readouterr().out
+
+
+def test_cam_montage_draws_training_xrays_with_their_lung_masks(tmp_path):
+    """--lung-masks: a row of training X-rays, the core tinted deeper than what growing added, the rest grey."""
+    import sys
+
+    from PIL import Image
+
+    from kd.lungs import SIZE, core_mask, lung_mask
+    from tests.fixtures.xray_fixtures import jpeg_bytes, xray_like_array
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import cam_montage
+
+    arrays = [xray_like_array(256, 256, seed=i, rim=0.0) for i in range(8)]
+    for i, arr in enumerate(arrays):
+        folder = tmp_path / "train" / ("NORMAL", "PNEUMONIA")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"x{i}.jpeg").write_bytes(jpeg_bytes(arr))
+    cam_montage.lung_mask_grid(str(tmp_path), 8, str(tmp_path / "masks.png"))
+    grid = np.asarray(Image.open(tmp_path / "masks.png")).astype(int)
+    assert grid.shape == (SIZE, 8 * SIZE, 3)
+    redness = grid[..., 0] - grid[..., 1]
+    assert (np.abs(redness) <= 2).mean() > 0.6  # most of it grey
+    import random
+
+    from kd import preprocess
+
+    files = sorted(str(f) for f in (tmp_path / "train").glob("*/*.jpeg"))
+    random.Random(11).shuffle(files)  # the grid's own order (its default seed)
+    for i, f in enumerate(files):
+        px = preprocess.load_xray_file(f, target_size=256).pixels
+        core, grown = core_mask(px), lung_mask(px)
+        tile = redness[:, i * SIZE:(i + 1) * SIZE]
+        assert core.any() and (grown & ~core).any()
+        assert tile[core].mean() > tile[grown & ~core].mean() + 20 > tile[~grown].mean() + 40
 
 
 def test_integrated_gradients_add_up_to_the_scores_rise_from_the_blurred_image():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kd import lungs
-from kd.lungs import SIZE, in_lung_share, lung_mask
+from kd.lungs import SIZE, core_mask, in_lung_share, lung_mask
 from tests.fixtures.xray_fixtures import LUNG_RADII, LUNGS, _unit_grid, xray_like_array
 
 
@@ -27,6 +27,58 @@ def test_the_mask_lies_in_the_lungs_and_covers_most_of_them(shape, seed):
     left, right = mask[:, :SIZE // 2].sum(), mask[:, SIZE // 2:].sum()
     assert min(left, right) / max(left, right) > 0.6  # both lungs, not one
     assert not mask[:, SIZE // 2 - 4:SIZE // 2 + 4].any()  # never the spine
+
+
+def _lateral_band(size: int, below: float, beyond: float, half_width: float) -> np.ndarray:
+    """Each lung's lateral half-radius column band, from `below` x its vertical radius under its centre to `beyond`
+    under its lower tip: where a costophrenic recess lies."""
+    v, u = _unit_grid(size, size)
+    band = np.zeros((size, size), bool)
+    for cu, cv in LUNGS:
+        column = cu + (-1 if cu < 0.5 else 1) * 0.5 * LUNG_RADII[0]
+        band |= (np.abs(u - column) < half_width) & (v > cv + below * LUNG_RADII[1]) & (v < cv + LUNG_RADII[1] + beyond)
+    return band
+
+
+@pytest.mark.parametrize("rim, seed", [(50.0, 0), (0.0, 1), (25.0, 2)])
+def test_the_grown_mask_holds_the_core_and_stays_in_the_lungs(rim, seed):
+    px = xray_like_array(256, 256, seed=seed, rim=rim)
+    core, grown, lungs = core_mask(px), lung_mask(px), true_lungs()
+    assert core.any() and not (core & ~grown).any()
+    assert (grown & lungs).sum() / grown.sum() >= 0.95
+    assert (grown & lungs).sum() >= (core & lungs).sum()
+
+
+def test_growth_reaches_the_lung_recess_the_core_leaves_out():
+    """A dark recess below each lung's lateral side (as the costophrenic angles run below the lung's mid-line
+    profile): the row profile barely sees it, so the core stops above it; the grown mask follows it down."""
+    px = xray_like_array(256, 256, seed=0, rim=0.0)
+    px[_lateral_band(256, 0.0, 0.06, 0.04)] = 55
+    recess = _lateral_band(SIZE, 0.9, 0.05, 0.03)
+    assert (core_mask(px) & recess).sum() / recess.sum() < 0.45
+    assert (lung_mask(px) & recess).sum() / recess.sum() > 0.6
+
+
+def test_growth_stops_at_the_air_outside_the_body():
+    """A channel of air (the background's grey) from the left lung's lateral edge to the image's edge: darker than
+    any lung, so the mask does not follow it out of the body."""
+    px = xray_like_array(256, 256, seed=0, rim=0.0)
+    v, u = _unit_grid(256, 256)
+    (cu, cv), radius = LUNGS[0], LUNG_RADII[0]
+    px[(np.abs(v - cv) < 0.05) & (u < cu - radius + 0.005)] = 12
+    v, u = _unit_grid(SIZE, SIZE)
+    outside = (np.abs(v - cv) < 0.04) & (u < cu - radius - 0.02)
+    assert not (lung_mask(px) & outside).any()
+
+
+def test_a_lung_whose_growth_would_leak_keeps_its_core(monkeypatch):
+    """On real X-rays about one lung in 600 grows past GROWN_AT_MOST times its core (into the neck or past the
+    body); such a lung keeps its core. Here the bound is lowered below the recess fixture's own growth."""
+    px = xray_like_array(256, 256, seed=0, rim=0.0)
+    px[_lateral_band(256, 0.0, 0.06, 0.04)] = 55
+    recess = _lateral_band(SIZE, 0.9, 0.05, 0.03)
+    monkeypatch.setattr(lungs, "GROWN_AT_MOST", 1.0)
+    assert (lung_mask(px) & recess).sum() == (core_mask(px) & recess).sum()
 
 
 def test_a_flat_picture_gets_a_mask_without_failing():

@@ -153,10 +153,11 @@ def overlay_image(result: CaseResult, role: str, opacity: float, fade: bool = Tr
     return rgb
 
 
-LUNGS_HELP = ("Lung fields: estimated from the X-ray's own brightness profiles (kd/lungs.py), conservatively: the "
-              "outline covers about two thirds of each lung, so the apices, the bases behind the diaphragm's dome and "
-              "the edges along the ribs fall outside it. A map spread evenly over the picture would put the outline's "
-              "share of the area on it.")
+LUNGS_HELP = ("Lung fields: estimated from the X-ray's own brightness profiles and grey levels (kd/lungs.py), with "
+              "no model and no radiologist's outline: the lateral edges and bases are followed as far as they stay "
+              "lung-dark, the hila and the lung behind the heart and the diaphragm's dome fall outside it, and on a "
+              "hazy or unusual film the outline can be a rough box. A map spread evenly over the picture would put "
+              "the outline's share of the area on it.")
 
 
 def lung_share_text(view: serving.ModelView, mask: np.ndarray | None) -> str | None:

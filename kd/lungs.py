@@ -65,10 +65,17 @@ def prepared(pixels: np.ndarray, size: int = SIZE, equalise: bool = True) -> np.
     return cv2.GaussianBlur(cv2.equalizeHist(square) if equalise else square, (0, 0), size / 64).astype(np.float32)
 
 
+def _column_profile(img: np.ndarray) -> np.ndarray:
+    """Mean grey level of each column over the middle half of the rows, smoothed: the mediastinum's peak, the lungs'
+    valleys and the chest walls' peaks."""
+    n = img.shape[0]
+    return _smooth(img[n // 4:3 * n // 4].mean(0), n / 16)
+
+
 def lung_boxes(img: np.ndarray) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """(top, bottom) rows and the (left, right) column spans of the two lung boxes of a `prepared` square."""
     n = img.shape[0]
-    cols = _smooth(img[n // 4:3 * n // 4].mean(0), n / 16)
+    cols = _column_profile(img)
     peak = n * 35 // 100 + int(np.argmax(cols[n * 35 // 100:n * 65 // 100]))
     gap, reach = int(MEDIASTINUM_GAP * n), int(VALLEY_REACH * n)
     lo = max(0, peak - reach)
@@ -120,19 +127,19 @@ def lung_mask(pixels: np.ndarray, size: int = SIZE) -> np.ndarray:
     core = _core(img, boxes)
     (top, bottom), left, right = boxes
     n = size
-    cols = _smooth(img[n // 4:3 * n // 4].mean(0), n / 16)
-    wall_left = int(np.argmax(cols[:left[0]])) if left[0] > 0 else 0
-    wall_right = right[1] + int(np.argmax(cols[right[1]:])) if right[1] < n else n
+    cols = _column_profile(img)
+    walls = (int(np.argmax(cols[:left[0]])) if left[0] > 0 else 0,  # the chest walls' brightest columns
+             right[1] + int(np.argmax(cols[right[1]:])) if right[1] < n else n)
+    out, inward = int(GROW_OUT * n), int(GROW_IN * n)
     grown = np.zeros_like(core)
-    for side, (c0, c1) in enumerate((left, right)):
+    for (c0, c1), (to_left, to_right) in ((left, (out, inward)), (right, (inward, out))):
         lung = core.copy()
         lung[:, :c0] = lung[:, c1:] = False
         if not lung.any():
             continue
-        out, inward = int(GROW_OUT * n), int(GROW_IN * n)
         region = np.zeros_like(core)
         region[max(0, top - int(GROW_UP * n)):min(n, bottom + int(GROW_DOWN * n)),
-               max(wall_left, c0 - (out if side == 0 else inward)):min(wall_right, c1 + (inward if side == 0 else out))] = True
+               max(walls[0], c0 - to_left):min(walls[1], c1 + to_right)] = True
         grey = raw[lung]
         near = region & (raw <= np.percentile(grey, BRIGHTEST)) & (raw >= AIR * np.percentile(grey, DARKEST))
         near = cv2.morphologyEx(near.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))

@@ -240,10 +240,12 @@ def test_cam_montage_draws_the_samples_with_their_lung_masks(kd_tiny, tmp_path, 
 
 def test_cam_montage_draws_training_xrays_with_their_lung_masks(tmp_path):
     """--lung-masks: a row of training X-rays, the core tinted deeper than what growing added, the rest grey."""
+    import random
     import sys
 
     from PIL import Image
 
+    from kd import preprocess
     from kd.lungs import SIZE, core_mask, lung_mask
     from tests.fixtures.xray_fixtures import jpeg_bytes, xray_like_array
 
@@ -260,10 +262,6 @@ def test_cam_montage_draws_training_xrays_with_their_lung_masks(tmp_path):
     assert grid.shape == (SIZE, 8 * SIZE, 3)
     redness = grid[..., 0] - grid[..., 1]
     assert (np.abs(redness) <= 2).mean() > 0.6  # most of it grey
-    import random
-
-    from kd import preprocess
-
     files = sorted(str(f) for f in (tmp_path / "train").glob("*/*.jpeg"))
     random.Random(11).shuffle(files)  # the grid's own order (its default seed)
     for i, f in enumerate(files):

@@ -48,6 +48,7 @@ from kd.cache import build_cache
 from kd.data import samples_for
 from kd.serving import load_pair
 from kd.losses import outside_lung_gradient_share
+from kd.objectives import pneumonia_margin
 from kd.lungs import core_mask, in_lung_share, lung_mask
 
 UNIFORM_BORDER = 1 - (1 - 2 * 0.1) ** 2
@@ -147,7 +148,7 @@ def gradient_in_lungs(loaded, squares: np.ndarray, masks: list[np.ndarray], batc
         lungs = torch.nn.functional.interpolate(lungs, size=x.shape[-2:], mode="nearest")  # kd.lungs' grid -> input
         with loaded.lock, torch.enable_grad():
             logits = loaded.model(x)
-            outside = outside_lung_gradient_share(logits[:, cam.PNEUMONIA] - logits[:, 1 - cam.PNEUMONIA], x, lungs,
+            outside = outside_lung_gradient_share(pneumonia_margin(logits), x, lungs,
                                                   create_graph=False)  # a measurement: no second-order graph
         total += (1.0 - outside.item()) * len(x)
     return total / len(squares)

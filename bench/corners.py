@@ -21,6 +21,7 @@ import common
 from kd import cam, preprocess
 from kd.cache import build_cache
 from kd.data import samples_for
+from kd.objectives import pneumonia_margin
 from kd.serving import load_pair
 
 CORNER_FRACTION = 1 / 5
@@ -31,7 +32,7 @@ def blurred_corners(x: torch.Tensor, rows: str) -> torch.Tensor:
     """x [N, 1, S, S] with the two corners of the top or bottom rows replaced by kd.cam.Occlusion's fill."""
     side = x.shape[-1]
     c = max(1, round(CORNER_FRACTION * side))
-    filled = cam.Occlusion.fill(x, round(cam.Occlusion.patch_fraction * side))
+    filled = cam.Occlusion.fill(x, cam.Occlusion.patch_side(side, cam.Occlusion.patch_fraction))
     out = x.clone()
     r = slice(0, c) if rows == "top" else slice(side - c, side)
     for cols in (slice(0, c), slice(side - c, side)):
@@ -43,7 +44,7 @@ def blurred_corners(x: torch.Tensor, rows: str) -> torch.Tensor:
 def margins(model: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> np.ndarray:
     logits = torch.cat([model(x[i:i + batch].contiguous(memory_format=torch.channels_last)).float()
                         for i in range(0, len(x), batch)])
-    return (logits[:, cam.PNEUMONIA] - logits[:, 1 - cam.PNEUMONIA]).numpy()
+    return pneumonia_margin(logits).numpy()
 
 
 def main(argv=None) -> dict:

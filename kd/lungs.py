@@ -55,13 +55,18 @@ def _climb(profile: np.ndarray, start: int, stop: int, step: int, level: float) 
     return i
 
 
+def _square(pixels: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).resize(
+        (size, size), Image.Resampling.BILINEAR))
+
+
 def prepared(pixels: np.ndarray, size: int = SIZE, equalise: bool = True) -> np.ndarray:
     """The X-ray stretched to size x size (as the models see it), equalised and blurred, as float32. Unequalised,
-    grey levels keep their ratios: air outside the body stays far darker than any lung."""
+    grey levels keep their ratios: air outside the body stays far darker than any lung. An already stretched
+    uint8 square is used as it is."""
     import cv2
 
-    square = np.asarray(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).resize(
-        (size, size), Image.Resampling.BILINEAR))
+    square = pixels if pixels.shape == (size, size) and pixels.dtype == np.uint8 else _square(pixels, size)
     return cv2.GaussianBlur(cv2.equalizeHist(square) if equalise else square, (0, 0), size / 64).astype(np.float32)
 
 
@@ -122,7 +127,8 @@ def lung_mask(pixels: np.ndarray, size: int = SIZE) -> np.ndarray:
     grown to the lung's lateral edge, base and medial border (step 4 of the module docstring)."""
     import cv2
 
-    img, raw = prepared(pixels, size), prepared(pixels, size, equalise=False)
+    square = _square(pixels, size)  # stretched once, read twice
+    img, raw = prepared(square, size), prepared(square, size, equalise=False)
     boxes = lung_boxes(img)
     core = _core(img, boxes)
     (top, bottom), left, right = boxes

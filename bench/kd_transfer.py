@@ -33,7 +33,8 @@ framing, four small shifts): is the teacher, scored that way, a better one to di
 
 `--seeds RUN ...`: runs of the same recipe with other training seeds (same validation split); each one's
 distilled - labels-only is printed, then the mean over all seeds (the weights' own included) with a pooled 95 % CI
-(kd.metrics.pooled_auc_difference: every seed scored on the same patient resamples), what issue 18's target reads.
+(kd.metrics.pooled_auc_difference: every seed scored on the same patient resamples), what issue 18's target reads;
+the same for teacher - labels-only when every seed trained its own teacher.
 
     python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
                                 [--ensemble runs/teacher-seed1 runs/teacher-seed2] [--seeds RUN ...]
@@ -138,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         seed = str(member.get("config", {}).get("seed", "?"))
         seeds.append(seed)
-        for r in ("student", "student_baseline"):
-            add(f"{r}@seed{seed}", Path(run), member["models"][r])
+        for r in ("student", "student_baseline", "teacher"):
+            if r in member["models"]:  # the teacher too where the seed trained its own (issue 18's teacher target)
+                add(f"{r}@seed{seed}", Path(run), member["models"][r])
     if args.scratch:
         member = read_card(args.scratch).document
         scratch_cfg = member.get("config", {})
@@ -187,16 +189,27 @@ def main(argv: list[str] | None = None) -> int:
                 d, lo, hi = metrics.paired_auc_difference(y, p[a], p[b], n_boot=args.n_boot, groups=patients)
                 print(f"  {b} - {a}: {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
         if len(seeds) > 1:
-            pairs = [(p["student_baseline"], p["student"])] + [(p[f"student_baseline@seed{s}"], p[f"student@seed{s}"])
-                                                               for s in seeds[1:]]
-            for s, (a, b) in zip(seeds, pairs):
-                d, lo, hi = metrics.paired_auc_difference(y, a, b, n_boot=args.n_boot, groups=patients)
-                print(f"  seed {s}: student {metrics.rank_auc(y, b):.4f}, labels-only {metrics.rank_auc(y, a):.4f}, "
-                      f"distilled - labels-only {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
-            d, lo, hi = metrics.pooled_auc_difference(y, pairs, n_boot=args.n_boot, groups=patients)
-            print(f"  over seeds {', '.join(seeds)}: distilled - labels-only {d:+.4f} (pooled 95% CI {lo:+.4f} to "
-                  f"{hi:+.4f})")
+            for role, what in (("student", "distilled"), ("teacher", "teacher")):
+                if role in p and all(f"{role}@seed{s}" in p for s in seeds[1:]):
+                    print_over_seeds(y, p, patients, seeds, role, what, args.n_boot)
     return 0
+
+
+def print_over_seeds(y, p: dict, patients: list, seeds: list[str], role: str, what: str, n_boot: int) -> None:
+    """`role` (the distilled student, or the teacher) - labels-only for each seed, then their mean with the pooled
+    CI (every seed scored on the same patient resamples)."""
+    from kd import metrics
+
+    def of(r: str, s: str):  # the weights' own run is seeds[0]; the --seeds runs' roles carry their seed
+        return p[r] if s == seeds[0] else p[f"{r}@seed{s}"]
+
+    pairs = [(of("student_baseline", s), of(role, s)) for s in seeds]
+    for s, (a, b) in zip(seeds, pairs):
+        d, lo, hi = metrics.paired_auc_difference(y, a, b, n_boot=n_boot, groups=patients)
+        print(f"  seed {s}: {role} {metrics.rank_auc(y, b):.4f}, labels-only {metrics.rank_auc(y, a):.4f}, "
+              f"{what} - labels-only {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
+    d, lo, hi = metrics.pooled_auc_difference(y, pairs, n_boot=n_boot, groups=patients)
+    print(f"  over seeds {', '.join(seeds)}: {what} - labels-only {d:+.4f} (pooled 95% CI {lo:+.4f} to {hi:+.4f})")
 
 
 if __name__ == "__main__":

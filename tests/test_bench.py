@@ -248,8 +248,9 @@ def test_kd_transfer_compares_a_variant_runs_distilled_student(tiny_run, tmp_pat
 
 
 def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
-    """--seeds: each run's distilled - labels-only, then the mean over the seeds with its pooled CI; the same run
-    under another seed's name pools to its own difference. A run without a labels-only student is refused."""
+    """--seeds: each run's distilled - labels-only (and teacher - labels-only), then the mean over the seeds with its
+    pooled CI; the same run under another seed's name pools to its own difference. A run without a labels-only
+    student is refused."""
     import json
     import re
 
@@ -258,7 +259,7 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     data, weights = tiny_run
     member = tmp_path / "seed1"
     member.mkdir()
-    for name in ("student.safetensors", "student_baseline.safetensors"):
+    for name in ("student.safetensors", "student_baseline.safetensors", "teacher.safetensors"):
         (member / name).symlink_to(weights / name)
     card = json.loads((weights / "model_card.json").read_text())
     card["config"]["seed"] = 1
@@ -269,6 +270,9 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     own = re.search(r"seed 0: .*distilled - labels-only ([+-][0-9.]+)", out).group(1)
     assert re.search(r"seed 1: .*distilled - labels-only ([+-][0-9.]+)", out).group(1) == own
     assert f"over seeds 0, 1: distilled - labels-only {own} (pooled 95% CI" in out
+    teacher = re.search(r"seed 0: teacher .*teacher - labels-only ([+-][0-9.]+)", out).group(1)
+    assert re.search(r"seed 1: teacher .*teacher - labels-only ([+-][0-9.]+)", out).group(1) == teacher
+    assert f"over seeds 0, 1: teacher - labels-only {teacher} (pooled 95% CI" in out
     del card["models"]["student_baseline"]
     (member / "model_card.json").write_text(json.dumps(card))
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",

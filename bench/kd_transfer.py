@@ -36,9 +36,14 @@ distilled - labels-only is printed, then the mean over all seeds (the weights' o
 (kd.metrics.pooled_auc_difference: every seed scored on the same patient resamples), what issue 18's target reads;
 the same for teacher - labels-only when every seed trained its own teacher.
 
+`--plain-teachers RUN ...`: the same recipe's teacher fine-tuned without SSL pretraining, one run per seed (the
+weights' seed first, then --seeds'): pretrained teacher - plain teacher per seed and pooled, "does pretraining make
+the teacher better", paired on the same images.
+
     python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
                                 [--ensemble runs/teacher-seed1 runs/teacher-seed2] [--seeds RUN ...]
-                                [--labels-only RUN] [--scratch RUN] [--variant RUN] [--teacher RUN] [--tta]
+                                [--plain-teachers RUN ...] [--labels-only RUN] [--scratch RUN] [--variant RUN]
+                                [--teacher RUN] [--tta]
 """
 from __future__ import annotations
 
@@ -57,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ensemble", nargs="*", default=[], help="run folders of more teachers (other seeds)")
     ap.add_argument("--seeds", nargs="*", default=[], help="run folders of the same recipe with other seeds: "
                     "distilled - labels-only per seed and pooled")
+    ap.add_argument("--plain-teachers", nargs="*", default=[], help="runs of this recipe's teacher fine-tuned without "
+                    "SSL pretraining (`kd finetune`), one per seed in the order of --weights then --seeds: pretrained "
+                    "teacher - plain teacher per seed and pooled")
     ap.add_argument("--labels-only", help="a run of the same recipe, seed and init trained with --alpha 1 (the labels "
                     "alone): its student is the labels-only student (`kd distill` trains no baseline of its own)")
     ap.add_argument("--scratch", help="a run of the same recipe and seed whose students started from scratch "
@@ -142,6 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         for r in ("student", "student_baseline", "teacher"):
             if r in member["models"]:  # the teacher too where the seed trained its own (issue 18's teacher target)
                 add(f"{r}@seed{seed}", Path(run), member["models"][r])
+    if args.plain_teachers and len(args.plain_teachers) != len(seeds):
+        print(f"--plain-teachers needs one run per seed ({', '.join(seeds)}), in that order")
+        return 1
+    for seed, run in zip(seeds, args.plain_teachers):
+        member = read_card(run).document
+        if not same_recipe(member, run, {"teacher"}):
+            return 1
+        if str(member.get("config", {}).get("seed", "?")) != seed:
+            print(f"{run}: trained with seed {member.get('config', {}).get('seed', '?')}, not {seed}: not its pair")
+            return 1
+        add(f"plain_teacher@seed{seed}", Path(run), member["models"]["teacher"])
     if args.scratch:
         member = read_card(args.scratch).document
         scratch_cfg = member.get("config", {})
@@ -188,29 +207,36 @@ def main(argv: list[str] | None = None) -> int:
             if a in p and b in p:
                 d, lo, hi = metrics.paired_auc_difference(y, p[a], p[b], n_boot=args.n_boot, groups=patients)
                 print(f"  {b} - {a}: {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
-        if len(seeds) > 1:
-            for role, what in (("student", "distilled"), ("teacher", "teacher")):
-                if role in p and all(f"{role}@seed{s}" in p for s in seeds[1:]):
-                    print_over_seeds(y, p, patients, seeds, role, what, args.n_boot)
+        pooled = [("student_baseline", "labels-only", "student", "distilled"),
+                  ("student_baseline", "labels-only", "teacher", "teacher"),
+                  ("plain_teacher", "plain teacher", "teacher", "pretrained teacher")]
+        for base, base_what, role, what in pooled:
+            if all(of(p, seeds, r, s) is not None for r in (base, role) for s in seeds) and \
+                    (len(seeds) > 1 or base == "plain_teacher"):
+                print_over_seeds(y, p, patients, seeds, (base, base_what), (role, what), args.n_boot)
     return 0
 
 
-def print_over_seeds(y, p: dict, patients: list, seeds: list[str], role: str, what: str, n_boot: int) -> None:
-    """`role` (the distilled student, or the teacher) - labels-only for each seed, then their mean with the pooled
-    CI (every seed scored on the same patient resamples)."""
+def of(p: dict, seeds: list[str], role: str, seed: str):
+    """The probabilities of `role` in the run of `seed`: the --seeds runs' (and --plain-teachers') carry their seed
+    in the name, the weights' own (seeds[0]) not; None where there is none."""
+    return p.get(f"{role}@seed{seed}", p.get(role) if seed == seeds[0] else None)
+
+
+def print_over_seeds(y, p: dict, patients: list, seeds: list[str], base: tuple[str, str], role: tuple[str, str],
+                     n_boot: int) -> None:
+    """`role` (the distilled student, the teacher) - `base` (the labels-only student, the plain teacher), each a
+    (role, what it is called) pair, for each seed, then their mean with the pooled CI (every seed scored on the same
+    patient resamples)."""
     from kd import metrics
 
-    def of(r: str, s: str):  # the weights' own run is seeds[0]; the --seeds runs' roles carry their seed
-        return p[r] if s == seeds[0] else p[f"{r}@seed{s}"]
-
-    pairs = [(of("student_baseline", s), of(role, s)) for s in seeds]
+    pairs = [(of(p, seeds, base[0], s), of(p, seeds, role[0], s)) for s in seeds]
     for s, (a, b) in zip(seeds, pairs):
         d, lo, hi = metrics.paired_auc_difference(y, a, b, n_boot=n_boot, groups=patients)
-        print(f"  seed {s}: {role} {metrics.rank_auc(y, b):.4f}, labels-only {metrics.rank_auc(y, a):.4f}, "
-              f"{what} - labels-only {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
+        print(f"  seed {s}: {role[0]} {metrics.rank_auc(y, b):.4f}, {base[1]} {metrics.rank_auc(y, a):.4f}, "
+              f"{role[1]} - {base[1]} {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
     d, lo, hi = metrics.pooled_auc_difference(y, pairs, n_boot=n_boot, groups=patients)
-    print(f"  over seeds {', '.join(seeds)}: {what} - labels-only {d:+.4f} (pooled 95% CI {lo:+.4f} to {hi:+.4f})")
-
+    print(f"  over seeds {', '.join(seeds)}: {role[1]} - {base[1]} {d:+.4f} (pooled 95% CI {lo:+.4f} to {hi:+.4f})")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -273,6 +273,18 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     teacher = re.search(r"seed 0: teacher .*teacher - labels-only ([+-][0-9.]+)", out).group(1)
     assert re.search(r"seed 1: teacher .*teacher - labels-only ([+-][0-9.]+)", out).group(1) == teacher
     assert f"over seeds 0, 1: teacher - labels-only {teacher} (pooled 95% CI" in out
+    # each seed's teacher against a plain one of its seed: here itself, so pretraining "adds" exactly nothing
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
+                             "--seeds", str(member), "--plain-teachers", str(weights), str(member)]) == 0
+    out = capsys.readouterr().out
+    assert "seed 1: teacher" in out and "pretrained teacher - plain teacher +0.0000" in out
+    assert "over seeds 0, 1: pretrained teacher - plain teacher +0.0000 (pooled 95% CI +0.0000 to +0.0000)" in out
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--seeds", str(member),
+                             "--plain-teachers", str(member), str(weights)]) == 1
+    assert "trained with seed 1, not 0: not its pair" in capsys.readouterr().out
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",
+                             "--plain-teachers", str(weights), str(member)]) == 1
+    assert "needs one run per seed (0), in that order" in capsys.readouterr().out
     del card["models"]["student_baseline"]
     (member / "model_card.json").write_text(json.dumps(card))
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",
@@ -448,14 +460,16 @@ def test_kd_transfer_puts_another_runs_teacher_in_the_weights_teachers_place(tin
     import kd_transfer
 
     data, weights = tiny_run
-    args = ["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50"]
+    args = ["--weights", str(weights), "--data", str(data), "--splits", "val", "test", "--n-boot", "50"]
     assert kd_transfer.main(args) == 0
-    own = re.search(r"teacher - student_baseline: ([+-][0-9.]+)", capsys.readouterr().out).group(1)
+    own = re.findall(r"teacher - student_baseline: ([+-][0-9.]+)", capsys.readouterr().out)
     member = tmp_path / "byol"
     card = _one_model_run(weights, member, "student_baseline", as_role="teacher", ssl_method="byol")
-    assert own != "+0.0000"  # the run's own teacher differs from its labels-only student
+    # the run's own teacher differs from its labels-only student on one split at least (24 images each: both can
+    # rank one split perfectly)
+    assert len(own) == 2 and set(own) != {"+0.0000"}
     assert kd_transfer.main(args + ["--teacher", str(member)]) == 0
-    assert "teacher - student_baseline: +0.0000" in capsys.readouterr().out
+    assert re.findall(r"teacher - student_baseline: ([+-][0-9.]+)", capsys.readouterr().out) == ["+0.0000"] * 2
     card["config"]["split_seed"] = 5
     (member / "model_card.json").write_text(json.dumps(card))
     assert kd_transfer.main(args + ["--teacher", str(member)]) == 1

@@ -49,7 +49,8 @@ with st.container(border=True):  # no st.form: the plan below follows every fiel
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     unlabeled = c1.text_area(
         "Unlabeled X-ray folders (one per line, optional)", key="train_unlabeled", height=68,
-        help="Chest X-rays without labels, searched recursively: they join SSL pretraining. None may be a "
+        help="Chest X-rays without labels, searched recursively: they join SSL pretraining (the cpu preset "
+             "pretrains only when some are given: on the labelled images alone it made the teacher worse). None may be a "
              "validation or test image (the run stops if one is). Licences of an outside corpus carry over to "
              "the weights: the model card lists them from the folder's manifest.csv.")
     distill_unlabeled = c2.checkbox("Distil on them too", key="train_distill_unlabeled",

@@ -816,10 +816,16 @@ def test_a_train_folder_without_both_classes_is_not_found_and_nothing_starts(app
 def test_the_plan_under_the_form_follows_the_fields_and_names_what_will_not_run(app_env):
     at = open_page(start_app(), "pages/train.py")
     plan = lambda: [m.value for m in at.markdown if "**This run**" in m.value][0]  # noqa: E731
-    assert "Not run: SSL-pretrain the teacher (0 epochs in the cpu preset" in plan()
+    assert "Not run: SSL-pretrain the teacher (the cpu preset pretrains only on unlabeled folders" in plan()
     assert "fine-tune the teacher: 6 ep @ 128 px" in plan()
+    at.text_area(key="train_unlabeled").set_value("/corpus/one\n/corpus/two").run()
+    assert "SSL-pretrain the teacher (simclr, with the unlabeled folders): 8 ep @ 64 px" in plan()
+    assert "Not run" not in plan()
     at.number_input(key="train_epochs").set_value(5).run()  # every phase, pretraining included
-    assert "SSL-pretrain the teacher (simclr): 5 ep" in plan() and "Not run" not in plan()
+    assert "SSL-pretrain the teacher (simclr, with the unlabeled folders): 5 ep" in plan()
+    at.selectbox(key="train_preset").set_value("gpu").run()  # no pretraining there unless Epochs asks for it
+    at.number_input(key="train_epochs").set_value(None).run()
+    assert "Not run: SSL-pretrain the teacher (0 epochs in the gpu preset" in plan()
     at.selectbox(key="train_preset").set_value("tiny").run()
     assert "(tiny preset: about a minute on a CPU" in plan() and "@ 32 px" in plan()
     assert "Full pipeline" in at.selectbox(key="train_command").options

@@ -186,6 +186,34 @@ def test_pretrain_uses_unlabeled_folders_recursively(tmp_path):
     assert not (out / "model_card.json").exists()  # nothing fine-tuned yet: no card
 
 
+def test_a_recipe_that_pretrains_only_on_a_corpus_skips_pretraining_without_one(tmp_path, capsys):
+    """pretrain_needs_unlabeled (the cpu preset's SimCLR): without unlabeled folders the pipeline starts at
+    fine-tuning and says so, and `kd pretrain` alone is refused naming --unlabeled; with them it pretrains."""
+    from kd.config import Config, preset
+
+    assert preset("cpu").skips_pretraining and not preset("tiny").skips_pretraining
+    assert preset("cpu").pretrain.epochs > 0 and not preset("cpu", unlabeled=["/corpus"]).skips_pretraining
+    assert not Config.from_dict({}).pretrain_needs_unlabeled  # a config.json saved before it: pretrains as it did
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40)
+    recipe = preset("tiny", pretrain_needs_unlabeled=True)
+    recipe.save(tmp_path / "needs_corpus.json")
+    common = ["--data", str(data), "--config", str(tmp_path / "needs_corpus.json"), "--device", "cpu"]
+    assert main(["pretrain", "--out", str(tmp_path / "p"), *common]) == 1
+    assert "give unlabeled folders (--unlabeled DIR ...)" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    out = tmp_path / "run"
+    assert main(["pipeline", "--out", str(out), "--no-baseline", *common]) == 0
+    assert "SSL pretraining skipped, the teacher is fine-tuned from scratch" in capsys.readouterr().err
+    assert not (out / "pretrain").exists() and (out / "student.safetensors").is_file()
+    assert json.loads((out / "status.json").read_text())["phases"] == ["finetune", "distill"]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.png").write_bytes(png_bytes(xray_like_array(48, 48, seed=i)))
+    assert main(["pretrain", "--out", str(tmp_path / "p"), *common, "--unlabeled", str(corpus)]) == 0
+    assert (tmp_path / "p" / "pretrain" / "teacher.safetensors").is_file()
+
+
 def test_distill_before_finetune_says_what_is_missing(tmp_path, capsys):
     data = write_kermany_dataset(tmp_path / "data", n_per_class=(4, 4), size=40)
     assert main(["distill", "--data", str(data), "--out", str(tmp_path / "r"), "--preset", "tiny"]) == 1

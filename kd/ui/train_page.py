@@ -75,6 +75,10 @@ def plan_summary(preset_name: str, command_label: str, epochs: int | None = None
         if ph.epochs == 0:
             skipped.append(f"{PHASE_WORDS[name]} (0 epochs in the {preset_name} preset; set Epochs to run it)")
             continue
+        if name == "pretrain" and cfg.pretrain_needs_unlabeled and not corpus:
+            skipped.append(f"{PHASE_WORDS[name]} (the {preset_name} preset pretrains only on unlabeled folders: "
+                           "add some to run it)")
+            continue
         what = PHASE_WORDS[name] + (f" ({cfg.ssl_method}{', with the unlabeled folders' if corpus else ''})"
                                     if name == "pretrain" else "")
         if name == "distill" and corpus and distill_unlabeled:

@@ -24,6 +24,8 @@ STUDENT_INITS = ("teacher-stem", "scratch")
 PHASES = ("pretrain", "finetune", "distill", "baseline")  # a run's phases, in order (baseline: the labels-only student)
 PROBE = "probe"  # the linear probe that opens fine-tuning (Config.probe_epochs): a part of the finetune phase
 # the training commands (CLI, the app's jobs, torchrun) and the phases each runs: the one list of them
+NO_CORPUS = ("no unlabeled folders: this preset pretrains only on a corpus beyond the labelled train images (on "
+             "those alone SSL made the teacher worse)")
 PHASE_COMMANDS = {"pipeline": PHASES, "pretrain": ("pretrain",), "finetune": ("finetune",), "distill": ("distill",)}
 
 
@@ -182,6 +184,15 @@ class Config:
     def skips_pretraining(self) -> bool:
         """No unlabeled folders where the pretraining needs them: the run starts at fine-tuning."""
         return self.pretrain_needs_unlabeled and not self.unlabeled
+
+    def runnable_phases(self, phases: tuple[str, ...]) -> tuple[str, ...]:
+        """`phases` less the pretraining this config skips; ValueError when pretraining alone was asked for."""
+        if not (self.skips_pretraining and "pretrain" in phases):
+            return phases
+        if phases == ("pretrain",):
+            raise ValueError(f"{NO_CORPUS}: give unlabeled folders (--unlabeled DIR ..., on the Train page the "
+                             "unlabeled X-ray folders) to pretrain.")
+        return tuple(p for p in phases if p != "pretrain")
 
     @property
     def cached_targets(self) -> bool:

@@ -16,7 +16,7 @@ from kd import distributed, locks, statefile
 from kd.augment import TTA_VIEWS, Augment
 from kd.cache import ImageSet
 from kd.checkpoint import load_weights, save_weights, write_json_atomic
-from kd.config import PHASES, PROBE, Config, PhaseConfig
+from kd.config import NO_CORPUS, PHASES, PROBE, Config, PhaseConfig
 from kd.data import describe
 from kd.export import export
 from kd.models import (ARCHITECTURES, build, build_student, build_teacher, init_from_file,
@@ -36,8 +36,6 @@ class PhaseOrderError(RuntimeError):
     """A phase was asked for before the phase it builds on produced its weights."""
 
 
-NO_CORPUS = ("no unlabeled folders: this preset pretrains only on a corpus beyond the labelled train images (on "
-             "those alone SSL made the teacher worse)")
 PHASE_EXPORTS = {"pretrain": "teacher", "finetune": "teacher", "distill": "student", "baseline": "student"}
 # what export and --resume use of a finished phase's done.json: a hand-edited or foreign one is refused up front
 DONE_SHAPE = statefile.object_with({"seconds": statefile.NUMBER, "history": list, "epochs": int, "image_size": int},
@@ -199,12 +197,11 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
     cfg.validate()
     out = Path(cfg.out)
     check_not_reserved(out)
-    if cfg.skips_pretraining and "pretrain" in phases:
-        if phases == ("pretrain",):
-            raise ValueError(NO_CORPUS + ": give unlabeled folders (--unlabeled DIR ...) to pretrain.")
-        phases = tuple(p for p in phases if p != "pretrain")
-        if progress:
-            print(f"{NO_CORPUS}: SSL pretraining skipped, the teacher is fine-tuned from scratch.", file=sys.stderr)
+    runnable = cfg.runnable_phases(phases)
+    if runnable != phases and progress:
+        print(f"{NO_CORPUS}: SSL pretraining skipped, the teacher is fine-tuned from "
+              f"{cfg.init or 'scratch'}.", file=sys.stderr)
+    phases = runnable
     device = distributed.resolve_device(cfg.device)
     dist = distributed.setup(device)
     # one run per folder, whoever started it (CLI, app job, torchrun): a second is refused before it writes

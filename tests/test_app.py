@@ -831,6 +831,20 @@ def test_the_plan_under_the_form_follows_the_fields_and_names_what_will_not_run(
     assert "Full pipeline" in at.selectbox(key="train_command").options
 
 
+def test_ssl_pretraining_alone_without_unlabeled_folders_is_refused_before_it_starts(app_env):
+    """The cpu preset pretrains only on a corpus: "SSL-pretrain the teacher" without unlabeled folders would have
+    nothing to do, so Start says why and starts no job."""
+    at = open_page(start_app(), "pages/train.py")
+    at.text_input(key=state.DATA_KEY).set_value(str(app_env.data)).run()
+    _fill_tiny_form(at, "ssl")
+    at.selectbox(key="train_preset").set_value("cpu")
+    at.selectbox(key="train_command").set_value("SSL-pretrain the teacher").run()
+    at.button(key="train_start").click().run()
+    assert not at.exception
+    assert any("pretrains only on a corpus" in e and "unlabeled X-ray folders" in e for e in alerts(at, "error"))
+    assert not (app_env.runs / "ssl").exists() and jobs.current_job(app_env.runs) is None
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_the_plan_says_when_this_cpu_will_train_in_float32(app_env, monkeypatch, native):
     """The cpu preset's time assumes bf16 autocast; on a CPU without native bf16 the run trains in float32

@@ -138,6 +138,7 @@ def start_training(form: dict, command: str, gpus: int = 1) -> tuple[dict | None
     """Start a job from the form's values: (job record, None) or (None, the message to show)."""
     try:
         cfg = build_config(**form)
+        cfg.runnable_phases(PHASE_COMMANDS[command])  # pretraining alone, where the preset needs a corpus: refused
         run_dir = Path(cfg.out)
         if running_job() is None and run_dir.exists() and any(run_dir.iterdir()):
             raise jobs.JobError(f"A run named {run_dir.name} already exists: choose another run name, or select it "

@@ -56,6 +56,11 @@ PHASE_WORDS = {"pretrain": "SSL-pretrain the teacher", "finetune": "fine-tune th
                "distill": "distil the student", "baseline": "labels-only student (ablation)"}
 
 
+def folder_lines(text: str | None) -> list[str]:
+    """The unlabeled-folders field, one folder per non-blank line."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
 def plan_summary(preset_name: str, command_label: str, epochs: int | None = None, image_size: int | None = None,
                  batch_size: int | None = None, ssl_method: str | None = None, baseline: bool = True,
                  unlabeled: str = "", distill_unlabeled: bool = False) -> str:
@@ -66,7 +71,8 @@ def plan_summary(preset_name: str, command_label: str, epochs: int | None = None
                      ssl_method=ssl_method)
     except ValueError as e:
         return f"Not startable as set: {e}"
-    corpus = bool((unlabeled or "").strip())
+    cfg.unlabeled = folder_lines(unlabeled)
+    corpus = bool(cfg.unlabeled)
     steps, skipped = [], []
     for name in PHASE_COMMANDS[COMMANDS[command_label]]:
         ph = cfg.phase(name)
@@ -75,7 +81,7 @@ def plan_summary(preset_name: str, command_label: str, epochs: int | None = None
         if ph.epochs == 0:
             skipped.append(f"{PHASE_WORDS[name]} (0 epochs in the {preset_name} preset; set Epochs to run it)")
             continue
-        if name == "pretrain" and cfg.pretrain_needs_unlabeled and not corpus:
+        if name == "pretrain" and cfg.skips_pretraining:
             skipped.append(f"{PHASE_WORDS[name]} (the {preset_name} preset pretrains only on unlabeled folders: "
                            "add some to run it)")
             continue
@@ -116,7 +122,7 @@ def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs
     of X-rays without labels, one per line (the CLI's --unlabeled), each checked to hold pictures."""
     kdata.check_layout(data_root)  # the whole layout, before any job starts
     root = kdata.check_root(data_root)
-    folders = [line.strip() for line in (unlabeled or "").splitlines() if line.strip()]
+    folders = folder_lines(unlabeled)
     for folder in folders:
         if not kdata.list_unlabeled([folder]):
             raise kdata.DatasetError(f"Unlabeled folder {folder} holds no pictures ({preprocess.FORMAT_NAMES}).")

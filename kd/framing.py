@@ -2,12 +2,15 @@
 
 The models learnt from whole radiographs stretched to a square; a crop (the upper half of a chest, one side),
 a zoom into the middle, or a picture mirrored left-to-right (the heart on the image's left, the "R" marker
-reversed) passes the out-of-distribution check (kd.ood) often enough, and then gets a confident probability
-that means little: a healthy child's upper half was called PNEUMONIA at 92.7 % by the teacher.
+reversed) or turned on its side or upside down passes the out-of-distribution check (kd.ood) often enough, and
+then gets a confident probability that means little: a healthy child's upper half was called PNEUMONIA at 92.7 %
+by the teacher, and the SimCLR teacher's features, pretrained on adults' X-rays, put an upside-down X-ray inside
+the refusal threshold (0.99x).
 
-Two linear probes (logistic regression, scikit-learn) on the teacher's layer3 feature map pooled to 2 x 2 (the
+Three linear probes (logistic regression, scikit-learn) on the teacher's layer3 feature map pooled to 2 x 2 (the
 layout kept, so that left and right differ): "partial" (crops and zooms of training X-rays against the whole
-ones) and "mirrored" (flipped against the originals). Each warns above a threshold set at the highest score of
+ones), "mirrored" (flipped against the originals) and "turned" (turned 90 degrees either way or upside down against
+the upright originals). Each warns above a threshold set at the highest score of
 the validation split's whole X-rays, so no validation X-ray is warned about. It is a warning shown beside the
 probabilities (the picture may still be an X-ray), not a refusal. `python -m kd fit-ood` fits it after the
 out-of-distribution check and writes FRAMING_FILE and the card's "framing" section, with the rates measured on
@@ -37,6 +40,8 @@ WARNINGS = {
     "mirrored": ("This looks mirrored left-to-right (the heart on the image's left side, the 'R' marker reversed?): "
                  "the models learnt from X-rays in the standard orientation; check the picture before reading the "
                  "probability."),
+    "turned": ("This looks turned on its side or upside down: the models learnt from upright frontal X-rays, so the "
+               "probability may mean little; turn the picture upright and upload it again."),
 }
 
 
@@ -47,7 +52,9 @@ def variants(pixels: np.ndarray) -> dict[str, tuple[str, np.ndarray]]:
     zoom = lambda f: pixels[int(h * (1 - f) / 2):int(h * (1 + f) / 2), int(w * (1 - f) / 2):int(w * (1 + f) / 2)]
     return {"upper half": ("partial", pixels[:h // 2]), "lower half": ("partial", pixels[h // 2:]),
             "left half": ("partial", pixels[:, :w // 2]), "right half": ("partial", pixels[:, w // 2:]),
-            "zoom 60%": ("partial", zoom(0.6)), "mirrored": ("mirrored", pixels[:, ::-1])}
+            "zoom 60%": ("partial", zoom(0.6)), "mirrored": ("mirrored", pixels[:, ::-1]),
+            "turned 90° clockwise": ("turned", np.rot90(pixels, -1)), "upside down": ("turned", np.rot90(pixels, 2)),
+            "turned 90° anticlockwise": ("turned", np.rot90(pixels, 1))}
 
 
 @torch.inference_mode()
@@ -93,9 +100,11 @@ class FramingCheck:
 
     def warnings(self, teacher: nn.Module, squares: np.ndarray, maps: torch.Tensor | None = None) -> list[tuple[str, ...]]:
         """The framing warnings of each square of [N, S, S] (an empty tuple for a whole, upright X-ray); `maps`:
-        their STAGE maps when the caller has them already."""
+        their STAGE maps when the caller has them already. Only the probes the check was fitted with (a check fitted
+        before the "turned" probe has two)."""
         scores = self.scores(features(teacher, squares, maps=maps))
-        return [tuple(WARNINGS[name] for name in WARNINGS if scores[name][i] > self.thresholds[name])
+        fitted = [name for name in WARNINGS if name in self.thresholds]
+        return [tuple(WARNINGS[name] for name in fitted if scores[name][i] > self.thresholds[name])
                 for i in range(len(squares))]
 
 
@@ -126,7 +135,7 @@ def variant_squares(samples, size: int, contrast: str) -> tuple[np.ndarray, dict
 
 def fit(teacher: nn.Module, splits: dict, size: int, contrast: str, seed: int = 0,
         max_train: int = MAX_TRAIN) -> tuple[FramingCheck, dict]:
-    """Fit both probes on (a seeded subset of) the training split, set each threshold at the highest score of
+    """Fit the probes on (a seeded subset of) the training split, set each threshold at the highest score of
     validation's whole X-rays, and measure on validation's variants (and, counted only, the test split's whole
     X-rays): (the check, the card's "framing" section without the file and teacher fields)."""
     train = splits["train"]
@@ -151,8 +160,8 @@ def fit(teacher: nn.Module, splits: dict, size: int, contrast: str, seed: int = 
         test_whole, _ = variant_squares(splits["test"], size, contrast)
         rates["test whole X-rays (counted only)"] = _rate(flagged(test_whole))
     info = {"method": ("logistic regression on the teacher's layer3 map pooled to 2 x 2: 'partial' (upper, lower, "
-                       "left and right halves, a 60 % zoom) and 'mirrored' against whole upright X-rays; a warning, "
-                       "not a refusal"),
+                       "left and right halves, a 60 % zoom), 'mirrored' and 'turned' (90 degrees either way, upside "
+                       "down) against whole upright X-rays; a warning, not a refusal"),
             "thresholds": check.thresholds,
             "threshold_rule": "the highest score among the validation split's whole X-rays (none of them is warned)",
             "train_images": int(len(whole)), "warned": rates}
@@ -176,10 +185,12 @@ def load(weights_dir: str | Path, teacher_sha256: str) -> FramingCheck | None:
         with safe_open(str(path), "pt") as f:
             info = json.loads((f.metadata() or {})["info"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        # the probes the file holds: one fitted before the "turned" probe has "partial" and "mirrored" only
+        names = [name for name in WARNINGS if name in info["thresholds"] or name in ("partial", "mirrored")]
         probes = FramingProbes({name: LinearProbe(*(tensors[f"probes.{name}.{k}"] for k in ("mean", "std", "weight",
                                                                                              "bias")))
-                                for name in WARNINGS})
-        thresholds = {name: float(info["thresholds"][name]) for name in WARNINGS}
+                                for name in names})
+        thresholds = {name: float(info["thresholds"][name]) for name in names}
         if not all(np.isfinite(list(thresholds.values()))):
             raise ValueError("a threshold is not finite")
     except Exception as e:

@@ -54,7 +54,7 @@ class ModelPair:
     models: dict[str, LoadedModel]
     weights_dir: Path
     ood: OODCheck | None = None  # kd.ood: refuses what is not a chest radiograph; None when not fitted
-    framing: FramingCheck | None = None  # kd.framing: warns of crops, zooms and mirror images; None when not fitted
+    framing: FramingCheck | None = None  # kd.framing: warns of crops, zooms, mirror images, turned ones; None when not fitted
 
     @property
     def input_size(self) -> int:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from kd import ood
+from kd import ood, preprocess
 from kd.checkpoint import CheckpointError
 from kd.cli import main
 from kd.serving import load_pair, predict_bytes, screen_squares
@@ -300,7 +300,53 @@ def test_variants_are_crops_zooms_and_the_mirror_image():
     made = variants(pixels)
     assert made["upper half"][1].shape == (20, 60) and made["left half"][1].shape == (40, 30)
     assert made["zoom 60%"][1].shape == (24, 36) and np.array_equal(made["mirrored"][1], pixels[:, ::-1])
-    assert {probe for probe, _ in made.values()} == {"partial", "mirrored"}
+    # turned: the top row becomes the right column (clockwise), the left column (anticlockwise), the bottom row
+    assert np.array_equal(made["turned 90° clockwise"][1][:, -1], pixels[0])
+    assert np.array_equal(made["turned 90° anticlockwise"][1][:, 0], pixels[0, ::-1])
+    assert np.array_equal(made["upside down"][1][-1], pixels[0, ::-1])
+    assert {probe for probe, _ in made.values()} == {"partial", "mirrored", "turned"}
+
+
+def test_the_turned_probe_warns_about_xrays_on_their_side_and_upside_down(fitted):
+    """Fitted by fit-ood beside the other two: its rates on validation's turned X-rays are in the card, and a
+    turned X-ray scored above its threshold gets the "turn it upright" warning where the upright one does not."""
+    from kd import framing
+
+    weights, _ = fitted
+    info = read_card(weights).document[framing.CARD_KEY]
+    assert {"validation, turned 90° clockwise", "validation, upside down"} <= set(info["warned"])
+    assert "turned" in info["thresholds"] and "'turned'" in info["method"]
+    pair = load_pair(weights)
+    upright = xray_like_array(256, 256, seed=502)
+    squares = np.stack([preprocess.apply_contrast(preprocess.to_square(a, pair.input_size), pair.contrast)
+                        for a in (upright, np.ascontiguousarray(np.rot90(upright, 2)))])
+    teacher = pair.models["teacher"].model
+    scores = pair.framing.scores(framing.features(teacher, squares))["turned"]
+    assert scores[0] != scores[1]
+    pair.framing.thresholds = {"partial": 2.0, "mirrored": 2.0, "turned": float(scores.mean())}
+    warned = [framing.WARNINGS["turned"] in w for w in pair.framing.warnings(teacher, squares)]
+    assert warned == [bool(x > scores.mean()) for x in scores] and sum(warned) == 1
+
+
+def test_a_framing_check_fitted_before_the_turned_probe_still_loads_and_warns(fitted, tmp_path):
+    """Weights whose framing file holds only "partial" and "mirrored" (fitted before "turned" existed) keep those
+    two warnings instead of losing the whole check."""
+    from safetensors import safe_open
+    from kd import framing
+
+    weights = tmp_path / "weights"
+    shutil.copytree(fitted[0], weights)
+    path = weights / framing.FRAMING_FILE
+    with safe_open(str(path), "pt") as f:
+        info = json.loads(f.metadata()["info"])
+    del info["thresholds"]["turned"]
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("probes.turned.")}
+    save_file(tensors, str(path), metadata={"info": json.dumps(info)})
+    pair = load_pair(weights)
+    assert set(pair.framing.thresholds) == set(pair.framing.probes.probes) == {"partial", "mirrored"}
+    pair.framing.thresholds = {"partial": 2.0, "mirrored": -1.0}
+    square = preprocess.to_square(xray_like_array(256, 256, seed=503), pair.input_size)
+    assert pair.framing.warnings(pair.models["teacher"].model, square[None]) == [(framing.WARNINGS["mirrored"],)]
 
 
 def test_framing_warnings_reach_predict_bulk_predict_and_diagnose(fitted):
@@ -311,14 +357,14 @@ def test_framing_warnings_reach_predict_bulk_predict_and_diagnose(fitted):
     weights, _ = fitted
     pair = load_pair(weights)
     data = jpeg_bytes(xray_like_array(256, 256, seed=501))
-    pair.framing.thresholds = {"partial": -1.0, "mirrored": 2.0}  # every score is above -1, none above 2
+    pair.framing.thresholds = {"partial": -1.0, "mirrored": 2.0, "turned": 2.0}  # every score is above -1, none above 2
     assert predict_bytes(pair, data, "x.jpeg")["warnings"] == [framing.WARNINGS["partial"]]
     assert serving.diagnose(pair, data, "x.jpeg").xray.warnings == (framing.WARNINGS["partial"],)
     path = weights.parent / "x.jpeg"
     path.write_bytes(data)
     [(_, result, _)] = list(predict_files(pair, [str(path)]))
     assert result["warnings"] == [framing.WARNINGS["partial"]]
-    pair.framing.thresholds = {"partial": 2.0, "mirrored": 2.0}
+    pair.framing.thresholds = {"partial": 2.0, "mirrored": 2.0, "turned": 2.0}
     assert predict_bytes(pair, data, "x.jpeg")["warnings"] == []
 
 

@@ -140,27 +140,31 @@ def main(argv: list[str] | None = None) -> int:
         role = f"teacher_seed{member.get('config', {}).get('seed', i)}"
         add(role, Path(run), member["models"]["teacher"])
         roles.append(role)
-    seeds = [str(card.get("config", {}).get("seed", 0))]
+    seeds = [str(card.get("config", {}).get("seed", 0))]  # one label per run: its seed, made unique (run_label)
+    trained_with = {seeds[0]: seeds[0]}
     for run in args.seeds:
         member = read_card(run).document
         if not same_recipe(member, run, {"student", "student_baseline"}):
             return 1
         seed = str(member.get("config", {}).get("seed", "?"))
-        seeds.append(seed)
+        label = run_label(seed, run, seeds)
+        seeds.append(label)
+        trained_with[label] = seed
         for r in ("student", "student_baseline", "teacher"):
             if r in member["models"]:  # the teacher too where the seed trained its own (issue 18's teacher target)
-                add(f"{r}@seed{seed}", Path(run), member["models"][r])
+                add(f"{r}@seed{label}", Path(run), member["models"][r])
     if args.plain_teachers and len(args.plain_teachers) != len(seeds):
         print(f"--plain-teachers needs one run per seed ({', '.join(seeds)}), in that order")
         return 1
-    for seed, run in zip(seeds, args.plain_teachers):
+    for label, run in zip(seeds, args.plain_teachers):
         member = read_card(run).document
         if not same_recipe(member, run, {"teacher"}):
             return 1
-        if str(member.get("config", {}).get("seed", "?")) != seed:
-            print(f"{run}: trained with seed {member.get('config', {}).get('seed', '?')}, not {seed}: not its pair")
+        if str(member.get("config", {}).get("seed", "?")) != trained_with[label]:
+            print(f"{run}: trained with seed {member.get('config', {}).get('seed', '?')}, not {trained_with[label]}: "
+                  "not its pair")
             return 1
-        add(f"plain_teacher@seed{seed}", Path(run), member["models"]["teacher"])
+        add(f"plain_teacher@seed{label}", Path(run), member["models"]["teacher"])
     if args.scratch:
         member = read_card(args.scratch).document
         scratch_cfg = member.get("config", {})
@@ -215,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                     (len(seeds) > 1 or base == "plain_teacher"):
                 print_over_seeds(y, p, patients, seeds, (base, base_what), (role, what), args.n_boot)
     return 0
+
+
+def run_label(seed: str, run: str, taken: list[str]) -> str:
+    """The run's seed, or, where another run of the list has that seed already (e.g. a second pretraining seed
+    fine-tuned with the same training seed), the seed and the run folder's name: every run keeps its own models."""
+    return seed if seed not in taken else f"{seed} ({Path(run).name})"
 
 
 def of(p: dict, seeds: list[str], role: str, seed: str):

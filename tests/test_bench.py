@@ -292,6 +292,38 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     assert "not one recipe" in capsys.readouterr().out
 
 
+def test_kd_transfer_keeps_two_runs_of_one_training_seed_apart(tiny_run, tmp_path, capsys):
+    """--seeds with two runs of the same training seed (e.g. one from another pretraining seed): each keeps its own
+    models under its own label, so the second does not overwrite the first in the per-run lines or in the pool;
+    their plain teachers pair by the seed each was trained with."""
+    import json
+    import re
+
+    import kd_transfer
+
+    data, weights = tiny_run
+    card = json.loads((weights / "model_card.json").read_text())
+    card["config"]["seed"] = 1
+    runs = {}
+    for name, student in (("seed1", "student.safetensors"), ("seed1b", "student_baseline.safetensors")):
+        runs[name] = member = tmp_path / name
+        member.mkdir()
+        (member / "student.safetensors").symlink_to(weights / student)  # seed1b: its "distilled" one is labels-only
+        for other in ("student_baseline.safetensors", "teacher.safetensors"):
+            (member / other).symlink_to(weights / other)
+        (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
+                             "--seeds", str(runs["seed1"]), str(runs["seed1b"]), "--plain-teachers", str(weights),
+                             str(runs["seed1"]), str(runs["seed1b"])]) == 0
+    out = capsys.readouterr().out
+    own = re.search(r"seed 0: .*distilled - labels-only ([+-][0-9.]+)", out).group(1)
+    assert own != "+0.0000"
+    assert re.search(r"seed 1: student .*distilled - labels-only ([+-][0-9.]+)", out).group(1) == own
+    assert re.search(r"seed 1 \(seed1b\): student .*distilled - labels-only ([+-][0-9.]+)", out).group(1) == "+0.0000"
+    assert "over seeds 0, 1, 1 (seed1b): distilled - labels-only" in out
+    assert "over seeds 0, 1, 1 (seed1b): pretrained teacher - plain teacher +0.0000" in out
+
+
 def test_kd_transfer_compares_students_from_scratch_with_their_teacher_stem_twins(tiny_run, tmp_path, capsys):
     """--scratch: a run with --student-init scratch; its labels-only student (a student trained with alpha 1 counts
     as one) against the teacher-stem one, and the teacher and the distilled student against it. The run's own

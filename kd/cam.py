@@ -218,10 +218,10 @@ CAM_OPTIONS = {  # measured by bench/cam_grid.py
     "input IntegratedGradients": CamOption("IntegratedGradients", ("input",), robust_scale=True),
     "input Occlusion": CamOption("Occlusion", ("input",)),
 }
-# chosen by bench/cam_grid.py's rule on validation (shipped weights, 160 px): among options with a native grid of
-# at least 14x14 and ROAD above zero for both models, the highest in-lung share (kd.lungs). Integrated gradients
-# also has the highest ROAD of any option for the teacher and the closest teacher-student agreement (README "Which
-# heat map"); the figures live in bench/cam_grid_shipped.json, not here
+# chosen by bench/cam_grid.py's rule on validation (the GPU weights shipped until 2026-12-05, 160 px): among options
+# with a native grid of at least 14x14 and ROAD above zero for both models, the highest in-lung share (kd.lungs).
+# Integrated gradients also has the highest ROAD of any option for the teacher and the closest teacher-student
+# agreement (README "Which heat map"); the figures live in bench/cam_grid_shipped.json, not here
 DEFAULT_CAM = "input IntegratedGradients"
 
 

@@ -185,8 +185,11 @@ def load(weights_dir: str | Path, teacher_sha256: str) -> FramingCheck | None:
         with safe_open(str(path), "pt") as f:
             info = json.loads((f.metadata() or {})["info"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        # the probes the file holds: one fitted before the "turned" probe has "partial" and "mirrored" only
-        names = [name for name in WARNINGS if name in info["thresholds"] or name in ("partial", "mirrored")]
+        # the probes the file holds (one fitted before the "turned" probe has two), in WARNINGS' order
+        held = {key.split(".")[1] for key in tensors}
+        names = [name for name in WARNINGS if name in held]
+        if not names:
+            raise ValueError("it holds no probe")
         probes = FramingProbes({name: LinearProbe(*(tensors[f"probes.{name}.{k}"] for k in ("mean", "std", "weight",
                                                                                              "bias")))
                                 for name in names})

@@ -24,6 +24,10 @@ teacher and the distilled student against the labels-only student from scratch.
 `--variant RUN`: a run of the same recipe and seed that changes one distillation lever (e.g. `--teacher-targets
 cached-tta`): its distilled student against this one's and against the labels-only student.
 
+`--variants RUN ...`: `--variant` over seeds: one run per seed (the weights' seed first, then --seeds'), each of that
+seed with the same one lever changed (e.g. `--distill-unlabeled`); its student against that seed's distilled and
+labels-only students, per seed and pooled: does the lever help over seeds, not just on one.
+
 `--teacher RUN`: the teacher of another run (e.g. another self-supervised pretraining, `kd pretrain` then `kd
 finetune`, same input size, contrast and validation split) in place of the weights' teacher in every comparison:
 is that teacher better than the labels-only student?
@@ -43,7 +47,7 @@ the teacher better", paired on the same images.
     python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
                                 [--ensemble runs/teacher-seed1 runs/teacher-seed2] [--seeds RUN ...]
                                 [--plain-teachers RUN ...] [--labels-only RUN] [--scratch RUN] [--variant RUN]
-                                [--teacher RUN] [--tta]
+                                [--variants RUN ...] [--teacher RUN] [--tta]
 """
 from __future__ import annotations
 
@@ -72,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                     "student against the labels-only student from scratch")
     ap.add_argument("--variant", help="a run of the same recipe and seed with one distillation lever changed: its "
                     "distilled student against this one's and against the labels-only student")
+    ap.add_argument("--variants", nargs="*", default=[], help="--variant for every seed: one run per seed in the order "
+                    "of --weights then --seeds, each with the same lever changed: variant - distilled and variant - "
+                    "labels-only per seed and pooled")
     ap.add_argument("--teacher", help="a run whose teacher (same input size, contrast and validation split) replaces "
                     "the weights' teacher in every comparison")
     ap.add_argument("--tta", action="store_true", help="also score each model as the mean over kd.augment.TTA_VIEWS")
@@ -165,6 +172,17 @@ def main(argv: list[str] | None = None) -> int:
                   "not its pair")
             return 1
         add(f"plain_teacher@seed{label}", Path(run), member["models"]["teacher"])
+    if args.variants and (args.variant or len(args.variants) != len(seeds)):
+        print(f"--variants needs one run per seed ({', '.join(seeds)}), in that order, and no --variant")
+        return 1
+    for label, run in zip(seeds, args.variants):
+        member = read_card(run).document
+        if str(member.get("config", {}).get("seed", "?")) != trained_with[label] \
+                or not same_recipe(member, run, {"student"}):
+            print(f"{run}: not a run of this recipe trained with seed {trained_with[label]}: not its pair")
+            return 1
+        add("student_variant" if label == seeds[0] else f"student_variant@seed{label}", Path(run),
+            member["models"]["student"])
     if args.scratch:
         member = read_card(args.scratch).document
         scratch_cfg = member.get("config", {})
@@ -213,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {b} - {a}: {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
         pooled = [("student_baseline", "labels-only", "student", "distilled"),
                   ("student_baseline", "labels-only", "teacher", "teacher"),
-                  ("plain_teacher", "plain teacher", "teacher", "pretrained teacher")]
+                  ("plain_teacher", "plain teacher", "teacher", "pretrained teacher"),
+                  ("student", "distilled", "student_variant", "variant"),
+                  ("student_baseline", "labels-only", "student_variant", "variant")]
         for base, base_what, role, what in pooled:
             if all(of(p, seeds, r, s) is not None for r in (base, role) for s in seeds) and \
                     (len(seeds) > 1 or base == "plain_teacher"):

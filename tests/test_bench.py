@@ -292,6 +292,40 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     assert "not one recipe" in capsys.readouterr().out
 
 
+def test_kd_transfer_pools_a_variant_over_seeds(tiny_run, tmp_path, capsys):
+    """--variants: one variant run per seed (the weights' seed first); each seed's variant student against its
+    distilled and labels-only students, then pooled. Each seed's own student under the variant's name pools to
+    +0.0000 against the distilled one and to distillation's own gain against the labels-only one; variants in the
+    wrong order, or too few, are refused."""
+    import json
+    import re
+
+    import kd_transfer
+
+    data, weights = tiny_run
+    member = tmp_path / "seed1"
+    member.mkdir()
+    for name in ("student.safetensors", "student_baseline.safetensors", "teacher.safetensors"):
+        (member / name).symlink_to(weights / name)
+    card = json.loads((weights / "model_card.json").read_text())
+    card["config"]["seed"] = 1
+    (member / "model_card.json").write_text(json.dumps(card))
+    variants = [tmp_path / "variant0", tmp_path / "variant1"]
+    _one_model_run(weights, variants[0], "student", distill_unlabeled=True)
+    _one_model_run(weights, variants[1], "student", distill_unlabeled=True, seed=1)
+    args = ["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50", "--seeds", str(member)]
+    assert kd_transfer.main(args + ["--variants", *map(str, variants)]) == 0
+    out = capsys.readouterr().out
+    gain = re.search(r"over seeds 0, 1: distilled - labels-only ([+-][0-9.]+)", out).group(1)
+    assert re.search(r"seed 1: student_variant .*variant - distilled \+0\.0000", out)
+    assert "over seeds 0, 1: variant - distilled +0.0000 (pooled 95% CI +0.0000 to +0.0000)" in out
+    assert f"over seeds 0, 1: variant - labels-only {gain} (pooled 95% CI" in out
+    assert kd_transfer.main(args + ["--variants", *map(str, variants[::-1])]) == 1
+    assert "not a run of this recipe trained with seed 0: not its pair" in capsys.readouterr().out
+    assert kd_transfer.main(args + ["--variants", str(variants[0])]) == 1
+    assert "--variants needs one run per seed (0, 1), in that order" in capsys.readouterr().out
+
+
 def test_kd_transfer_keeps_two_runs_of_one_training_seed_apart(tiny_run, tmp_path, capsys):
     """--seeds with two runs of the same training seed (e.g. one from another pretraining seed): each keeps its own
     models under its own label, so the second does not overwrite the first in the per-run lines or in the pool;

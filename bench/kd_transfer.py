@@ -35,7 +35,8 @@ is that teacher better than the labels-only student?
 `--tta`: each model also scored as the mean logit over kd.augment.TTA_VIEWS (the whole image, a closer and a wider
 framing, four small shifts): is the teacher, scored that way, a better one to distil from?
 
-`--seeds RUN ...`: runs of the same recipe with other training seeds (same validation split); each one's
+`--seeds RUN ...`: runs of the same recipe with other training seeds (same validation split; a run trained
+without its labels-only student, `--no-baseline`, is left out of the comparisons that need one); each one's
 distilled - labels-only is printed, then the mean over all seeds (the weights' own included) with a pooled 95 % CI
 (kd.metrics.pooled_auc_difference: every seed scored on the same patient resamples), what issue 18's target reads;
 the same for teacher - labels-only when every seed trained its own teacher.
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     trained_with = {seeds[0]: seeds[0]}
     for run in args.seeds:
         member = read_card(run).document
-        if not same_recipe(member, run, {"student", "student_baseline"}):
+        if not same_recipe(member, run, {"student"}):  # a labels-only student too, for the comparisons with one
             return 1
         seed = str(member.get("config", {}).get("seed", "?"))
         label = run_label(seed, run, seeds)
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             if a in p and b in p:
                 d, lo, hi = metrics.paired_auc_difference(y, p[a], p[b], n_boot=args.n_boot, groups=patients)
                 print(f"  {b} - {a}: {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
+        lacking = [s for s in seeds if of(p, seeds, "student_baseline", s) is None]
+        if lacking and len(seeds) > 1:
+            print(f"  run(s) {', '.join(lacking)} have no labels-only student: left out of the comparisons with one")
         pooled = [("student_baseline", "labels-only", "student", "distilled"),
                   ("student_baseline", "labels-only", "teacher", "teacher"),
                   ("plain_teacher", "plain teacher", "teacher", "pretrained teacher"),

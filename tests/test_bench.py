@@ -250,7 +250,7 @@ def test_kd_transfer_compares_a_variant_runs_distilled_student(tiny_run, tmp_pat
 def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     """--seeds: each run's distilled - labels-only (and teacher - labels-only), then the mean over the seeds with its
     pooled CI; the same run under another seed's name pools to its own difference. A run without a labels-only
-    student is refused."""
+    student is said to be left out of what needs one; one without a student is refused."""
     import json
     import re
 
@@ -285,7 +285,14 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",
                              "--plain-teachers", str(weights), str(member)]) == 1
     assert "needs one run per seed (0), in that order" in capsys.readouterr().out
-    del card["models"]["student_baseline"]
+    del card["models"]["student_baseline"]  # trained with --no-baseline: said, and left out of what needs one
+    (member / "model_card.json").write_text(json.dumps(card))
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
+                             "--seeds", str(member)]) == 0
+    out = capsys.readouterr().out
+    assert "run(s) 1 have no labels-only student: left out of the comparisons with one" in out
+    assert "over seeds" not in out
+    del card["models"]["student"]
     (member / "model_card.json").write_text(json.dumps(card))
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",
                              "--seeds", str(member)]) == 1

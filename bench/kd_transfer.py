@@ -239,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                   ("student", "distilled", "student_variant", "variant"),
                   ("student_baseline", "labels-only", "student_variant", "variant")]
         for base, base_what, role, what in pooled:
-            if all(of(p, seeds, r, s) is not None for r in (base, role) for s in seeds) and \
-                    (len(seeds) > 1 or base == "plain_teacher"):
-                print_over_seeds(y, p, patients, seeds, (base, base_what), (role, what), args.n_boot)
+            having = [s for s in seeds if all(of(p, seeds, r, s) is not None for r in (base, role))]
+            if having and (len(having) > 1 or base == "plain_teacher"):
+                print_over_seeds(y, p, patients, having, (base, base_what), (role, what), args.n_boot)
     return 0
 
 

@@ -292,6 +292,18 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "run(s) 1 have no labels-only student: left out of the comparisons with one" in out
     assert "over seeds" not in out
+    full = tmp_path / "seed2"  # beside a complete run the comparisons pool over the runs that have one
+    full.mkdir()
+    for name in ("student.safetensors", "student_baseline.safetensors", "teacher.safetensors"):
+        (full / name).symlink_to(weights / name)
+    complete = json.loads((weights / "model_card.json").read_text())
+    complete["config"]["seed"] = 2
+    (full / "model_card.json").write_text(json.dumps(complete))
+    assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
+                             "--seeds", str(member), str(full)]) == 0
+    out = capsys.readouterr().out
+    assert f"over seeds 0, 2: distilled - labels-only {own} (pooled 95% CI" in out
+    assert "over seeds 0, 1, 2" not in out
     del card["models"]["student"]
     (member / "model_card.json").write_text(json.dumps(card))
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",

@@ -224,6 +224,20 @@ def _one_model_run(weights, folder, role: str, as_role: str = "student", **confi
     (folder / "model_card.json").write_text(json.dumps(card))
     return card
 
+def _seed_run(weights, folder, seed: int) -> dict:
+    """A run folder holding the tiny run's three models under a card that says training seed `seed` (as if the
+    recipe had been trained again with it); returns that card."""
+    import json
+
+    folder.mkdir()
+    for name in ("student.safetensors", "student_baseline.safetensors", "teacher.safetensors"):
+        (folder / name).symlink_to(weights / name)
+    card = json.loads((weights / "model_card.json").read_text())
+    card["config"]["seed"] = seed
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return card
+
+
 def test_kd_transfer_compares_a_variant_runs_distilled_student(tiny_run, tmp_path, capsys):
     """--variant: the distilled student of a run of the same recipe and seed with one lever changed, against this
     run's and against the labels-only student; the run's own student under the variant's name compares to +0.0000,
@@ -258,12 +272,7 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
 
     data, weights = tiny_run
     member = tmp_path / "seed1"
-    member.mkdir()
-    for name in ("student.safetensors", "student_baseline.safetensors", "teacher.safetensors"):
-        (member / name).symlink_to(weights / name)
-    card = json.loads((weights / "model_card.json").read_text())
-    card["config"]["seed"] = 1
-    (member / "model_card.json").write_text(json.dumps(card))
+    card = _seed_run(weights, member, 1)
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
                              "--seeds", str(member)]) == 0
     out = capsys.readouterr().out
@@ -293,12 +302,7 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     assert "run(s) 1 have no labels-only student: left out of the comparisons with one" in out
     assert "over seeds" not in out
     full = tmp_path / "seed2"  # beside a complete run the comparisons pool over the runs that have one
-    full.mkdir()
-    for name in ("student.safetensors", "student_baseline.safetensors", "teacher.safetensors"):
-        (full / name).symlink_to(weights / name)
-    complete = json.loads((weights / "model_card.json").read_text())
-    complete["config"]["seed"] = 2
-    (full / "model_card.json").write_text(json.dumps(complete))
+    _seed_run(weights, full, 2)
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50",
                              "--seeds", str(member), str(full)]) == 0
     out = capsys.readouterr().out
@@ -316,19 +320,13 @@ def test_kd_transfer_pools_a_variant_over_seeds(tiny_run, tmp_path, capsys):
     distilled and labels-only students, then pooled. Each seed's own student under the variant's name pools to
     +0.0000 against the distilled one and to distillation's own gain against the labels-only one; variants in the
     wrong order, or too few, are refused."""
-    import json
     import re
 
     import kd_transfer
 
     data, weights = tiny_run
     member = tmp_path / "seed1"
-    member.mkdir()
-    for name in ("student.safetensors", "student_baseline.safetensors", "teacher.safetensors"):
-        (member / name).symlink_to(weights / name)
-    card = json.loads((weights / "model_card.json").read_text())
-    card["config"]["seed"] = 1
-    (member / "model_card.json").write_text(json.dumps(card))
+    card = _seed_run(weights, member, 1)
     variants = [tmp_path / "variant0", tmp_path / "variant1"]
     _one_model_run(weights, variants[0], "student", distill_unlabeled=True)
     _one_model_run(weights, variants[1], "student", distill_unlabeled=True, seed=1)

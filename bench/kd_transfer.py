@@ -28,6 +28,10 @@ cached-tta`): its distilled student against this one's and against the labels-on
 seed with the same one lever changed (e.g. `--distill-unlabeled`); its student against that seed's distilled and
 labels-only students, per seed and pooled: does the lever help over seeds, not just on one.
 
+`--teacher-variants RUN ...`: the same for a lever of the teacher's (e.g. more pretraining epochs): one run per seed,
+each of that seed with the lever changed; its teacher against that seed's teacher and labels-only student, per seed
+and pooled.
+
 `--teacher RUN`: the teacher of another run (e.g. another self-supervised pretraining, `kd pretrain` then `kd
 finetune`, same input size, contrast and validation split) in place of the weights' teacher in every comparison:
 is that teacher better than the labels-only student?
@@ -48,7 +52,7 @@ the teacher better", paired on the same images.
     python bench/kd_transfer.py [--weights weights] [--data ../shared/data/chest_xray] [--splits val test]
                                 [--ensemble runs/teacher-seed1 runs/teacher-seed2] [--seeds RUN ...]
                                 [--plain-teachers RUN ...] [--labels-only RUN] [--scratch RUN] [--variant RUN]
-                                [--variants RUN ...] [--teacher RUN] [--tta]
+                                [--variants RUN ...] [--teacher-variants RUN ...] [--teacher RUN] [--tta]
 """
 from __future__ import annotations
 
@@ -80,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="*", default=[], help="--variant for every seed: one run per seed in the order "
                     "of --weights then --seeds, each with the same lever changed: variant - distilled and variant - "
                     "labels-only per seed and pooled")
+    ap.add_argument("--teacher-variants", nargs="*", default=[], help="one run per seed in the order of --weights then "
+                    "--seeds, each with one pretraining or fine-tuning lever changed: its teacher - that seed's "
+                    "teacher and - its labels-only student, per seed and pooled")
     ap.add_argument("--teacher", help="a run whose teacher (same input size, contrast and validation split) replaces "
                     "the weights' teacher in every comparison")
     ap.add_argument("--tta", action="store_true", help="also score each model as the mean over kd.augment.TTA_VIEWS")
@@ -161,29 +168,29 @@ def main(argv: list[str] | None = None) -> int:
         for r in ("student", "student_baseline", "teacher"):
             if r in member["models"]:  # the teacher too where the seed trained its own (issue 18's teacher target)
                 add(f"{r}@seed{label}", Path(run), member["models"][r])
-    if args.plain_teachers and len(args.plain_teachers) != len(seeds):
-        print(f"--plain-teachers needs one run per seed ({', '.join(seeds)}), in that order")
+    def join_per_seed(flag: str, runs: list[str], model: str, name: str) -> bool:
+        """One run per seed, in the order of `seeds`, each of this recipe and trained with that seed: its `model`
+        joins as `name` of that seed (the weights' own seed keeps the bare name, which the single-pair lines read)."""
+        if runs and len(runs) != len(seeds):
+            print(f"{flag} needs one run per seed ({', '.join(seeds)}), in that order")
+            return False
+        for label, run in zip(seeds, runs):
+            member = read_card(run).document
+            if not same_recipe(member, run, {model}):
+                return False
+            if str(member.get("config", {}).get("seed", "?")) != trained_with[label]:
+                print(f"{run}: not a run of this recipe trained with seed {trained_with[label]}: not its pair")
+                return False
+            add(name if label == seeds[0] else f"{name}@seed{label}", Path(run), member["models"][model])
+        return True
+
+    if args.variants and args.variant:
+        print("--variants and --variant both name the weights' seed's variant: give one of them")
         return 1
-    for label, run in zip(seeds, args.plain_teachers):
-        member = read_card(run).document
-        if not same_recipe(member, run, {"teacher"}):
-            return 1
-        if str(member.get("config", {}).get("seed", "?")) != trained_with[label]:
-            print(f"{run}: trained with seed {member.get('config', {}).get('seed', '?')}, not {trained_with[label]}: "
-                  "not its pair")
-            return 1
-        add(f"plain_teacher@seed{label}", Path(run), member["models"]["teacher"])
-    if args.variants and (args.variant or len(args.variants) != len(seeds)):
-        print(f"--variants needs one run per seed ({', '.join(seeds)}), in that order, and no --variant")
+    if not (join_per_seed("--plain-teachers", args.plain_teachers, "teacher", "plain_teacher")
+            and join_per_seed("--variants", args.variants, "student", "student_variant")
+            and join_per_seed("--teacher-variants", args.teacher_variants, "teacher", "teacher_variant")):
         return 1
-    for label, run in zip(seeds, args.variants):
-        member = read_card(run).document
-        if str(member.get("config", {}).get("seed", "?")) != trained_with[label] \
-                or not same_recipe(member, run, {"student"}):
-            print(f"{run}: not a run of this recipe trained with seed {trained_with[label]}: not its pair")
-            return 1
-        add("student_variant" if label == seeds[0] else f"student_variant@seed{label}", Path(run),
-            member["models"]["student"])
     if args.scratch:
         member = read_card(args.scratch).document
         scratch_cfg = member.get("config", {})
@@ -226,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                      ("teacher", "teacher_tta"), ("student_baseline", "teacher_tta"),
                      ("student_baseline_tta", "teacher_tta"), ("student", "student_tta"),
                      ("student", "student_variant"), ("student_baseline", "student_variant"),
-                     ("student_baseline_scratch", "student_variant")):
+                     ("student_baseline_scratch", "student_variant"), ("teacher", "teacher_variant"),
+                     ("student_baseline", "teacher_variant")):
             if a in p and b in p:
                 d, lo, hi = metrics.paired_auc_difference(y, p[a], p[b], n_boot=args.n_boot, groups=patients)
                 print(f"  {b} - {a}: {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})")
@@ -237,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                   ("student_baseline", "labels-only", "teacher", "teacher"),
                   ("plain_teacher", "plain teacher", "teacher", "pretrained teacher"),
                   ("student", "distilled", "student_variant", "variant"),
-                  ("student_baseline", "labels-only", "student_variant", "variant")]
+                  ("student_baseline", "labels-only", "student_variant", "variant"),
+                  ("teacher", "teacher", "teacher_variant", "teacher variant"),
+                  ("student_baseline", "labels-only", "teacher_variant", "teacher variant")]
         for base, base_what, role, what in pooled:
             having = [s for s in seeds if all(of(p, seeds, r, s) is not None for r in (base, role))]
             if having and (len(having) > 1 or base == "plain_teacher"):

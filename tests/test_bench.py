@@ -290,7 +290,7 @@ def test_kd_transfer_pools_distillation_over_seeds(tiny_run, tmp_path, capsys):
     assert "over seeds 0, 1: pretrained teacher - plain teacher +0.0000 (pooled 95% CI +0.0000 to +0.0000)" in out
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val", "--seeds", str(member),
                              "--plain-teachers", str(member), str(weights)]) == 1
-    assert "trained with seed 1, not 0: not its pair" in capsys.readouterr().out
+    assert "not a run of this recipe trained with seed 0: not its pair" in capsys.readouterr().out
     assert kd_transfer.main(["--weights", str(weights), "--data", str(data), "--splits", "val",
                              "--plain-teachers", str(weights), str(member)]) == 1
     assert "needs one run per seed (0), in that order" in capsys.readouterr().out
@@ -341,6 +341,39 @@ def test_kd_transfer_pools_a_variant_over_seeds(tiny_run, tmp_path, capsys):
     assert "not a run of this recipe trained with seed 0: not its pair" in capsys.readouterr().out
     assert kd_transfer.main(args + ["--variants", str(variants[0])]) == 1
     assert "--variants needs one run per seed (0, 1), in that order" in capsys.readouterr().out
+    assert kd_transfer.main(args + ["--variants", *map(str, variants), "--variant", str(variants[0])]) == 1
+    assert "--variants and --variant both name the weights' seed's variant" in capsys.readouterr().out
+
+
+def test_kd_transfer_pools_a_teacher_lever_over_seeds(tiny_run, tmp_path, capsys):
+    """--teacher-variants: one run per seed with a lever of the teacher's changed; its teacher against that seed's
+    teacher and labels-only student, per seed and pooled. Each seed's own teacher under the variant's name pools to
+    +0.0000 against the teacher and to the teacher's own margin over the labels-only student; a run holding no
+    teacher, or of another seed, is refused."""
+    import re
+
+    import kd_transfer
+
+    data, weights = tiny_run
+    member = tmp_path / "seed1"
+    _seed_run(weights, member, 1)
+    variants = [tmp_path / "pt0", tmp_path / "pt1"]
+    _one_model_run(weights, variants[0], "teacher", "teacher", pretrain={"epochs": 16})
+    _one_model_run(weights, variants[1], "teacher", "teacher", pretrain={"epochs": 16}, seed=1)
+    args = ["--weights", str(weights), "--data", str(data), "--splits", "val", "--n-boot", "50", "--seeds", str(member)]
+    assert kd_transfer.main(args + ["--teacher-variants", *map(str, variants)]) == 0
+    out = capsys.readouterr().out
+    margin = re.search(r"over seeds 0, 1: teacher - labels-only ([+-][0-9.]+)", out).group(1)
+    assert "teacher_variant - teacher: +0.0000 (95% CI +0.0000 to +0.0000)" in out
+    assert re.search(r"seed 1: teacher_variant .*teacher variant - teacher \+0\.0000", out)
+    assert "over seeds 0, 1: teacher variant - teacher +0.0000 (pooled 95% CI +0.0000 to +0.0000)" in out
+    assert f"over seeds 0, 1: teacher variant - labels-only {margin} (pooled 95% CI" in out
+    assert kd_transfer.main(args + ["--teacher-variants", *map(str, variants[::-1])]) == 1
+    assert "not a run of this recipe trained with seed 0: not its pair" in capsys.readouterr().out
+    student_only = tmp_path / "student-only"
+    _one_model_run(weights, student_only, "student")
+    assert kd_transfer.main(args + ["--teacher-variants", str(student_only), str(variants[1])]) == 1
+    assert "not one recipe" in capsys.readouterr().out
 
 
 def test_kd_transfer_keeps_two_runs_of_one_training_seed_apart(tiny_run, tmp_path, capsys):

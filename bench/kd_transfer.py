@@ -262,8 +262,8 @@ def run_label(seed: str, run: str, taken: list[str]) -> str:
 
 
 def of(p: dict, seeds: list[str], role: str, seed: str):
-    """The probabilities of `role` in the run of `seed`: the --seeds runs' (and --plain-teachers') carry their seed
-    in the name, the weights' own (seeds[0]) not; None where there is none."""
+    """The probabilities of `role` in the run of `seed`: the models of --seeds' runs and of the per-seed flags' runs
+    (join_per_seed) carry their seed in the name, the weights' own seed's not; None where there is none."""
     return p.get(f"{role}@seed{seed}", p.get(role) if seed == seeds[0] else None)
 
 

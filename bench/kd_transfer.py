@@ -13,8 +13,8 @@ al. 2017, "Simple and scalable predictive uncertainty estimation using deep ense
 independently trained networks).
 
 `--labels-only RUN`: the labels-only student from another run of the same recipe, seed and init, trained with
-`--alpha 1` (its "distilled" student then learns from the labels alone): what `kd distill`, which trains no
-baseline of its own, is compared with.
+`--alpha 1` (its "distilled" student then learns from the labels alone): what a run trained with `--no-baseline`
+is compared with.
 
 `--scratch RUN`: the same recipe and seed with `--student-init scratch` (issue 18's third item: does the
 teacher's stem help?): its labels-only student (its `student_baseline`, or its `student` when the run was trained
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     "SSL pretraining (`kd finetune`), one per seed in the order of --weights then --seeds: pretrained "
                     "teacher - plain teacher per seed and pooled")
     ap.add_argument("--labels-only", help="a run of the same recipe, seed and init trained with --alpha 1 (the labels "
-                    "alone): its student is the labels-only student (`kd distill` trains no baseline of its own)")
+                    "alone): its student is the labels-only student (for a run trained with --no-baseline)")
     ap.add_argument("--scratch", help="a run of the same recipe and seed whose students started from scratch "
                     "(--student-init scratch): each against its teacher-stem twin, and the teacher and the distilled "
                     "student against the labels-only student from scratch")

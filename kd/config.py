@@ -23,10 +23,12 @@ STUDENT_INITS = ("teacher-stem", "scratch")
 
 PHASES = ("pretrain", "finetune", "distill", "baseline")  # a run's phases, in order (baseline: the labels-only student)
 PROBE = "probe"  # the linear probe that opens fine-tuning (Config.probe_epochs): a part of the finetune phase
-# the training commands (CLI, the app's jobs, torchrun) and the phases each runs: the one list of them
 NO_CORPUS = ("no unlabeled folders: this preset pretrains only on a corpus beyond the labelled train images (on "
              "those alone SSL made the teacher worse)")
-PHASE_COMMANDS = {"pipeline": PHASES, "pretrain": ("pretrain",), "finetune": ("finetune",), "distill": ("distill",)}
+# the training commands (CLI, the app's jobs, torchrun) and the phases each runs: the one list of them. distill
+# trains the labels-only twin too (unless cfg.baseline is off): without it a distillation cannot show it helped
+PHASE_COMMANDS = {"pipeline": PHASES, "pretrain": ("pretrain",), "finetune": ("finetune",),
+                  "distill": ("distill", "baseline")}
 
 
 @dataclass

@@ -829,6 +829,11 @@ def test_the_plan_under_the_form_follows_the_fields_and_names_what_will_not_run(
     at.selectbox(key="train_preset").set_value("tiny").run()
     assert "(tiny preset: about a minute on a CPU" in plan() and "@ 32 px" in plan()
     assert "Full pipeline" in at.selectbox(key="train_command").options
+    at.selectbox(key="train_command").set_value("Distil the student").run()  # distillation brings its control
+    assert "fine-tune" not in plan() and "distil the student: 1 ep" in plan()
+    assert "labels-only student (ablation): 1 ep" in plan()
+    at.checkbox(key="train_baseline").uncheck().run()
+    assert "distil the student: 1 ep" in plan() and "labels-only" not in plan()
 
 
 def test_ssl_pretraining_alone_without_unlabeled_folders_is_refused_before_it_starts(app_env):

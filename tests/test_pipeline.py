@@ -263,6 +263,18 @@ def test_distill_with_cached_teacher_targets(tiny_run, tmp_path, monkeypatch):
     assert 0 < done["prep_seconds"] and done["seconds"] == done["prep_seconds"] + sum(h["seconds"] for h in done["history"])
 
 
+def test_distill_trains_the_labels_only_twin_unless_told_not_to(tiny_run, tmp_path, monkeypatch):
+    """`kd distill` alone brings the claim's control: the labels-only student of the same budget and teacher stem,
+    exported beside the distilled one (what bench/kd_transfer.py compares); --no-baseline leaves it out."""
+    data, out, _ = _distill_after_tiny_finetune(tiny_run, tmp_path, monkeypatch)
+    assert main(["distill", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu"]) == 0
+    assert (out / "baseline" / "done.json").is_file() and (out / "student_baseline.safetensors").is_file()
+    card = json.loads((out / "model_card.json").read_text())
+    assert {"student", "student_baseline"} <= set(card["models"])
+    status = json.loads((out / "status.json").read_text())
+    assert status["phases"] == ["distill", "baseline"] and status["state"] == "finished"
+
+
 def test_teacher_targets_over_test_time_views_are_the_teachers_mean_over_them(tiny_run, tmp_path, monkeypatch):
     """--teacher-targets cached-tta: what the student matches is the teacher's mean logit over kd.augment.TTA_VIEWS
     of each training image, computed once."""

@@ -255,6 +255,7 @@ def test_distill_with_cached_teacher_targets(tiny_run, tmp_path, monkeypatch):
     steps = max(e["total_steps"] for e in events if e["kind"] == "step")
     assert sum(autocasts) == steps  # bf16 in every training step; evaluation and export stay float32
     assert (out / "distill" / "student.safetensors").exists()
+    assert not (out / "baseline").exists()  # --no-baseline: no labels-only twin
     assert json.loads((out / "config.json").read_text())["teacher_targets"] == "cached"
     card = json.loads((out / "model_card.json").read_text())  # written by code: the command that made it
     assert card["reproduce"] == f"python -m kd distill --data {data} --out {out} --preset tiny --device cpu " \

@@ -40,6 +40,9 @@ def _train_parser(sub, name: str, help: str):
                    "independent of --seed, so runs with different seeds share one validation split)")
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--init", help="local weights file to initialise the teacher (ImageNet, SwAV, ...)")
+    p.add_argument("--from-run", metavar="RUN", help="a finished run to build on: distill takes its fine-tuned "
+                   "teacher, finetune its pretrained backbone (copied into --out with their settings and records; "
+                   "same contrast and validation split required)")
     p.add_argument("--unlabeled", nargs="*", default=None,
                    help="folders of unlabeled X-rays: SSL pretraining's corpus (and distillation's, with --distill-unlabeled)")
     p.add_argument("--distill-unlabeled", action=argparse.BooleanOptionalAction, default=None,
@@ -63,11 +66,13 @@ def config_from_args(args) -> Config:
         cfg = preset(args.preset, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size)
     for key in ("seed", "split_seed", "temperature", "alpha", "hint_weight", "ssl_method", "val_fraction", "init", "unlabeled",
                 "cache_dir", "teacher_targets", "cpu_bf16", "distill_unlabeled", "student_init",
-                "extra_teachers"):
+                "extra_teachers", "from_run"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)
     cfg.data, cfg.out, cfg.device = args.data, args.out, args.device
+    if cfg.from_run:  # recorded in config.json and the card: where the teacher came from, wherever the job runs
+        cfg.from_run = str(Path(cfg.from_run).resolve())
     if args.no_baseline:
         cfg.baseline = False
     cfg.validate()

@@ -31,6 +31,13 @@ PHASE_COMMANDS = {"pipeline": PHASES, "pretrain": ("pretrain",), "finetune": ("f
                   "distill": ("distill", "baseline")}
 
 
+def builds_on(phases: tuple[str, ...]) -> str | None:
+    """The phase whose weights the first of `phases` starts from (a run's own, or --from-run's); None for the
+    first phase of a run (pretraining, or a whole pipeline)."""
+    first = PHASES.index(phases[0])
+    return PHASES[first - 1] if first > 0 else None
+
+
 @dataclass
 class PhaseConfig:
     """Budget and optimiser settings of one training phase."""
@@ -92,6 +99,10 @@ class Config:
     # scratch: random initialisation (the ablation of that seed)
     student_init: str = "teacher-stem"
     init: str = ""  # optional local weights file to start the teacher from (ImageNet, SwAV, ...)
+    # a finished run folder whose teacher this run builds on: `distill` adopts its fine-tuned teacher (and that
+    # teacher's pretraining), `finetune` its pretrained backbone; their weights and records are copied in, their
+    # settings replace this config's (kd.pipeline.phases_to_adopt), so one folder says how its weights were made
+    from_run: str = ""
     temperature: float = 4.0  # KD softening temperature T
     alpha: float = 0.5  # weight of the label cross-entropy; (1 - alpha) goes to the KD term
     hint_weight: float = 0.0  # FitNets feature hint (student layer4 -> teacher layer4); 0 = off
@@ -261,6 +272,9 @@ class Config:
             raise ValueError(f"augment scale must satisfy 0.05 <= min <= max <= 2 (got {a.scale_min}, {a.scale_max})")
         if min(a.aspect, a.rotation, a.translate, a.brightness, a.contrast_jitter, a.gamma, a.blur, a.noise) < 0 or a.outside_lungs > 1:
             raise ValueError("augmentation strengths must be >= 0 (and outside_lungs, a share of the images, at most 1)")
+        if self.from_run and not (Path(self.from_run) / "config.json").is_file():
+            raise ValueError(f"--from-run {self.from_run}: not a run folder (no config.json there); give the folder "
+                             "of a finished run")
         if self.distill_unlabeled and not self.unlabeled:
             raise ValueError("distillation on unlabeled images needs unlabeled folders (--unlabeled DIR ...)")
         if self.student_init not in STUDENT_INITS:

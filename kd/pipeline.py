@@ -16,7 +16,7 @@ from kd import distributed, locks, statefile
 from kd.augment import TTA_VIEWS, Augment
 from kd.cache import ImageSet
 from kd.checkpoint import load_weights, save_weights, write_json_atomic
-from kd.config import NO_CORPUS, PHASES, PROBE, Config, PhaseConfig
+from kd.config import NO_CORPUS, PHASES, PROBE, Config, PhaseConfig, builds_on
 from kd.data import describe
 from kd.export import export
 from kd.models import (ARCHITECTURES, build, build_student, build_teacher, init_from_file,
@@ -78,8 +78,77 @@ def check_matches(done: dict, cfg: Config, name: str, out: Path) -> None:
 
 def _load(arch_role: str, path: Path) -> torch.nn.Module:
     if not path.exists():
-        raise PhaseOrderError(f"{path} is missing: run the phase that produces it first.")
+        raise PhaseOrderError(f"{path} is missing: run the phase that produces it first, or build on another run's "
+                              "(--from-run RUN; on the Train page, \"Build on run\").")
     return load_weights(build(ARCHITECTURES[arch_role]), path)
+
+
+# the settings that describe how each adoptable phase trained: they follow its weights into the run that adopts them
+ADOPTED_SETTINGS = {"pretrain": ("pretrain", "ssl_method", "init"), "finetune": ("finetune", "probe_epochs", "probe_lr")}
+
+
+def phases_to_adopt(cfg: Config, phases: tuple[str, ...]) -> tuple[str, ...]:
+    """With cfg.from_run: the finished phases of that run this one builds on, the ones before the first of `phases`
+    (for finetune its pretraining; for distill its fine-tuned teacher and that teacher's pretraining, when it had
+    one), after checking they can be: same preprocessing and validation split settings, the phase built on
+    finished. Their settings replace this config's (ADOPTED_SETTINGS), so that the model card says how the adopted
+    teacher was trained; the source's unlabeled folders too when this run names none (the card lists the corpus's
+    licences). () without cfg.from_run; PhaseOrderError naming what does not fit."""
+    if not cfg.from_run:
+        return ()
+    source, needed = Path(cfg.from_run), builds_on(phases)
+    if needed is None:
+        raise PhaseOrderError("--from-run builds on a run's pretrained or fine-tuned teacher: use it with finetune "
+                              "or distill, not with a run's first phase (nothing was changed).")
+    try:
+        theirs = Config.load(source / "config.json")
+    except ValueError as e:
+        raise PhaseOrderError(f"cannot build on {source}: {e}") from None
+    if read_done(source, needed) is None:
+        raise PhaseOrderError(f"cannot build on {source}: its {needed} phase has not finished.")
+    if theirs.contrast != cfg.contrast:
+        raise PhaseOrderError(f"cannot build on {source}: its teacher saw contrast {theirs.contrast!r}, this run "
+                              f"trains with {cfg.contrast!r} (choose the same preset or contrast).")
+    if (theirs.split_seed, theirs.val_fraction) != (cfg.split_seed, cfg.val_fraction):
+        raise PhaseOrderError(f"cannot build on {source}: it carved its validation split with split seed "
+                              f"{theirs.split_seed} and fraction {theirs.val_fraction}, this run with {cfg.split_seed} "
+                              f"and {cfg.val_fraction}; its teacher may have trained on this run's validation "
+                              "patients (use the same --split-seed and --val-fraction).")
+    adopted = tuple(p for p in PIPELINE[:PIPELINE.index(needed) + 1] if p == needed or read_done(source, p) is not None)
+    for name in adopted:
+        for key in ADOPTED_SETTINGS[name]:
+            setattr(cfg, key, getattr(theirs, key))
+    if "pretrain" in adopted and not cfg.unlabeled:
+        cfg.unlabeled = list(theirs.unlabeled)
+    return adopted
+
+
+def adopt_phases(cfg: Config, out: Path, adopted: tuple[str, ...], val_patients: set[str]) -> None:
+    """Copy the finished `adopted` phases of cfg.from_run into `out` (their weights and done.json, which records
+    where they came from) unless `out` has them already (a resumed run), once the source's validation patients are
+    known to be this run's: a teacher that trained on one of them would make validation's choices optimistic."""
+    source = Path(cfg.from_run)
+    try:
+        split = statefile.read_json(source / "split.json")
+        theirs = set(split["val"]["patients"])
+    except (statefile.UnreadableState, KeyError, TypeError) as e:
+        raise PhaseOrderError(f"cannot build on {source}: its split.json does not say its validation patients "
+                              f"({e}).") from None
+    if theirs != val_patients:
+        raise PhaseOrderError(f"cannot build on {source}: its validation patients are not this run's (another "
+                              f"dataset, or another split): its teacher may have trained on {len(val_patients - theirs)} "
+                              "of this run's validation patients.")
+    for name in adopted:
+        if (own := read_done(out, name)) is not None:
+            if own.get("from_run") != str(source.resolve()):
+                raise PhaseOrderError(f"{out / name} holds a {name} phase of its own: --from-run would not replace it "
+                                      "(choose a new run folder; nothing was changed).")
+            continue  # adopted when the run started: a resumed run
+        done = read_done(source, name)
+        export = f"{PHASE_EXPORTS[name]}.safetensors"
+        (out / name).mkdir(parents=True, exist_ok=True)
+        save_weights(load_weights(build_teacher(), source / name / export), out / name / export)
+        write_json_atomic(out / name / "done.json", {**done, "from_run": str(source.resolve())})
 
 
 def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Reporter, device: torch.device,
@@ -197,6 +266,7 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
     cfg.validate()
     out = Path(cfg.out)
     check_not_reserved(out)
+    adopted = phases_to_adopt(cfg, phases)  # before the config is saved: it takes the adopted phases' settings
     runnable = cfg.runnable_phases(phases)
     if runnable != phases and progress:
         print(f"{NO_CORPUS}: SSL pretraining skipped, the teacher is fine-tuned from "
@@ -227,6 +297,9 @@ def run(cfg: Config, phases: tuple[str, ...] = PIPELINE, resume: bool = False, p
         if dist.is_main:
             write_json_atomic(out / "split.json", {name: {"patients": sorted({s.patient for s in ss}),
                                                           **describe(ss)} for name, ss in data.splits.items()})
+        if adopted and dist.is_main:
+            adopt_phases(cfg, out, adopted, {s.patient for s in data.splits["val"]})
+        distributed.barrier()
         for name in phases:
             run_phase(name, cfg, data, out, reporter, device, dist, resume)
         card = None

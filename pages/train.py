@@ -20,11 +20,18 @@ with st.container(border=True):  # no st.form: the plan below follows every fiel
     st.markdown("##### New run")
     c1, c2, c3 = st.columns(3)
     command_label = c1.selectbox("What to run", list(train_page.COMMANDS), key="train_command",
-                                 help="Single phases build on the previous ones in the same run folder.")
+                                 help="Single phases build on a finished run's earlier phase: choose it under Build on run.")
     preset_name = c2.selectbox("Preset", list(PRESETS), index=list(PRESETS).index("cpu"), key="train_preset",
                                help="\n".join(f"- **{name}**: {cost}" for name, cost in DESCRIPTION.items()))
     run_name = c3.text_input("Run name", key=train_page.RUN_NAME_KEY,
                              help="Letters, digits, '.', '_' or '-'; the run folder inside the runs folder.")
+    from_run = None
+    if train_page.needs_a_run(command_label):
+        from_run = st.selectbox(
+            "Build on run", train_page.runs_to_build_on(command_label), index=None, key="train_from_run",
+            placeholder="a finished run with the phase this one builds on",
+            help="Its teacher (for Distil the student) or pretrained backbone (for Fine-tune the teacher) is copied "
+                 "into the new run with how it was trained; it must share this dataset's validation split.")
     c1, c2, c3 = st.columns(3)
     epochs = c1.number_input("Epochs (every phase)", min_value=1, max_value=1000, value=None, step=1,
                              placeholder="preset", key="train_epochs")
@@ -63,14 +70,15 @@ with st.container(border=True):  # no st.form: the plan below follows every fiel
     baseline = c3.checkbox("Also train the labels-only student (ablation)", value=True, key="train_baseline")
     st.markdown(train_page.plan_summary(preset_name, command_label, epochs=epochs, image_size=image_size,
                                    batch_size=batch_size, ssl_method=ssl_method, baseline=baseline,
-                                   unlabeled=unlabeled, distill_unlabeled=distill_unlabeled))
+                                   unlabeled=unlabeled, distill_unlabeled=distill_unlabeled, from_run=from_run))
     submitted = st.button("Start training", type="primary", icon=":material/play_arrow:", key="train_start")
 
 if submitted:
     train_page.submit(dict(data_root=state.data_root_value(), run_name=run_name, preset_name=preset_name, epochs=epochs,
                       image_size=image_size, batch_size=batch_size, temperature=temperature, alpha=alpha,
                       ssl_method=ssl_method, device=train_page.DEVICES[device_label], baseline=baseline,
-                      teacher_targets=teacher_targets, unlabeled=unlabeled, distill_unlabeled=distill_unlabeled),
+                      teacher_targets=teacher_targets, unlabeled=unlabeled, distill_unlabeled=distill_unlabeled,
+                      from_run=from_run),
                  command_label, gpus)
 
 # ----------------------------------------------------------------------------- live progress

@@ -261,6 +261,40 @@ def _fill_tiny_form(at: AppTest, name: str) -> None:
     at.text_input(key=train_page.RUN_NAME_KEY).input(name)
 
 
+def _finished_run(tiny_run, run_dir: Path) -> Path:
+    """A finished run in the runs folder: `tiny_run`'s records and teacher weights (not its training states)."""
+    source = tiny_run[1]
+    for f in ["config.json", "split.json"] + [f"{p}/{n}" for p in ("pretrain", "finetune")
+                                              for n in ("done.json", "teacher.safetensors")]:
+        (run_dir / f).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / f).write_bytes((source / f).read_bytes())
+    return run_dir
+
+
+@pytest.mark.slow(12)
+def test_distilling_from_the_train_page_builds_on_a_finished_runs_teacher(app_env, tiny_run):
+    """"Distil the student" starts a new run on the teacher of a finished one ("Build on run"): refused with a
+    message while none is chosen, then trained to its card, which says where the teacher came from."""
+    at = open_page(start_app(), "pages/train.py")
+    _finished_run(tiny_run, app_env.runs / "source")
+    _fill_tiny_form(at, "student")
+    at.selectbox(key="train_command").set_value("Distil the student").run()
+    at.button(key="train_start").click().run()
+    assert not at.exception and any("choose the run under Build on run" in e for e in alerts(at, "error"))
+    assert not (app_env.runs / "student").exists() and jobs.current_job(app_env.runs) is None
+    at.selectbox(key="train_from_run").set_value("source")
+    at.text_input(key=train_page.RUN_NAME_KEY).input("student")
+    at.button(key="train_start").click().run()
+    assert not at.exception and any("Started distill" in s for s in alerts(at, "success")), alerts(at, "error")
+    deadline = time.time() + 180
+    while jobs.current_job(app_env.runs) and time.time() < deadline:
+        time.sleep(2)
+    card = json.loads((app_env.runs / "student" / "model_card.json").read_text())
+    source = str((app_env.runs / "source").resolve())
+    assert card["config"]["from_run"] == source and card["phases"]["finetune"]["from_run"] == source
+    assert set(card["models"]) >= {"teacher", "student"} and set(card["phases"]) == {"pretrain", "finetune", "distill"}
+
+
 def _runs_table(at: AppTest):
     [table] = [d.value for d in at.dataframe if "run" in d.value.columns and "elapsed" in d.value.columns]
     return table
@@ -813,9 +847,9 @@ def test_a_train_folder_without_both_classes_is_not_found_and_nothing_starts(app
     assert not (app_env.runs / "broken").exists() and jobs.current_job(app_env.runs) is None
 
 
-def test_the_plan_under_the_form_follows_the_fields_and_names_what_will_not_run(app_env):
+def test_the_plan_under_the_form_follows_the_fields_and_names_what_will_not_run(app_env, tiny_run):
     at = open_page(start_app(), "pages/train.py")
-    plan = lambda: [m.value for m in at.markdown if "**This run**" in m.value][0]  # noqa: E731
+    plan = lambda: [m.value for m in at.markdown if m.value.startswith(("**This run**", "Not startable"))][0]  # noqa: E731
     assert "Not run: SSL-pretrain the teacher (the cpu preset pretrains only on unlabeled folders" in plan()
     assert "fine-tune the teacher: 6 ep @ 128 px" in plan()
     at.text_area(key="train_unlabeled").set_value("/corpus/one\n/corpus/two").run()
@@ -829,8 +863,14 @@ def test_the_plan_under_the_form_follows_the_fields_and_names_what_will_not_run(
     at.selectbox(key="train_preset").set_value("tiny").run()
     assert "(tiny preset: about a minute on a CPU" in plan() and "@ 32 px" in plan()
     assert "Full pipeline" in at.selectbox(key="train_command").options
-    at.selectbox(key="train_command").set_value("Distil the student").run()  # distillation brings its control
-    assert "fine-tune" not in plan() and "distil the student: 1 ep" in plan()
+    at.selectbox(key="train_command").set_value("Distil the student").run()
+    assert "Not startable as set: Distil the student builds on the finetune phase of a finished run" in plan()
+    assert at.selectbox(key="train_from_run").options == []  # no finished run yet
+    _finished_run(tiny_run, app_env.runs / "source")
+    at.run()
+    at.selectbox(key="train_from_run").set_value("source").run()  # distillation brings its control
+    assert "the fine-tuned teacher of run **source**" in plan()
+    assert "fine-tune the teacher" not in plan() and "distil the student: 1 ep" in plan()
     assert "labels-only student (ablation): 1 ep" in plan()
     at.checkbox(key="train_baseline").uncheck().run()
     assert "distil the student: 1 ep" in plan() and "labels-only" not in plan()

@@ -276,6 +276,70 @@ def test_distill_trains_the_labels_only_twin_unless_told_not_to(tiny_run, tmp_pa
     assert status["phases"] == ["distill", "baseline"] and status["state"] == "finished"
 
 
+def test_distill_builds_on_another_runs_teacher(tiny_run, tmp_path):
+    """`kd distill --from-run RUN` into a new folder: RUN's fine-tuned teacher (and its pretraining) is adopted with
+    its records and settings, so the new run's card says how its teacher was made, not what --epochs set."""
+    data, ref = tiny_run
+    out = tmp_path / "from"
+    assert main(["distill", "--data", str(data), "--out", str(out), "--preset", "tiny", "--device", "cpu",
+                 "--from-run", str(ref), "--epochs", "2", "--seed", "3", "--no-baseline"]) == 0
+    assert load_file(out / "finetune" / "teacher.safetensors").keys() == load_file(ref / "finetune" / "teacher.safetensors").keys()
+    for k, v in load_file(ref / "finetune" / "teacher.safetensors").items():
+        assert torch.equal(load_file(out / "finetune" / "teacher.safetensors")[k], v), k
+    card, ref_card = (json.loads((d / "model_card.json").read_text()) for d in (out, ref))
+    assert card["phases"]["finetune"]["from_run"] == str(ref.resolve()) == card["config"]["from_run"]
+    assert set(card["phases"]) == {"pretrain", "finetune", "distill"}  # the teacher's pretraining is on record too
+    assert card["config"]["finetune"] == ref_card["config"]["finetune"] and card["config"]["finetune"]["epochs"] == 1
+    assert card["config"]["distill"]["epochs"] == 2 and card["phases"]["distill"]["epochs"] == 2
+    assert card["models"]["teacher"]["test"]["auc"] == pytest.approx(ref_card["models"]["teacher"]["test"]["auc"])
+    assert "--from-run" in card["reproduce"]
+    teacher = tmp_path / "teacher"  # finetune builds on a run's pretrained backbone the same way
+    assert main(["finetune", "--data", str(data), "--out", str(teacher), "--preset", "tiny", "--device", "cpu",
+                 "--from-run", str(out), "--seed", "4"]) == 0
+    card = json.loads((teacher / "model_card.json").read_text())
+    assert set(card["phases"]) == {"pretrain", "finetune"} and "from_run" not in card["phases"]["finetune"]
+    assert card["phases"]["pretrain"]["from_run"] == str(out.resolve())
+
+
+def test_building_on_another_run_is_refused_where_its_teacher_does_not_fit(tiny_run, tmp_path, capsys):
+    """--from-run is refused, with a message naming the reason and nothing written, where the teacher could not be
+    this run's: another validation split (it may have trained on this run's validation patients), other
+    validation patients on record, an unfinished phase, a phase the run folder holds already, or a command with
+    nothing to build on."""
+    data, ref = tiny_run
+    base = ["--data", str(data), "--preset", "tiny", "--device", "cpu", "--from-run", str(ref)]
+
+    def refused(argv: list[str], words: str, out: Path) -> None:
+        existed = out.exists() and sorted(out.rglob("*"))
+        assert main(argv + ["--out", str(out)]) == 1
+        assert words in capsys.readouterr().err
+        assert (out.exists() and sorted(out.rglob("*"))) == existed  # nothing written
+
+    refused(["distill", *base, "--split-seed", "5"], "validation split", tmp_path / "a")
+    refused(["pipeline", *base], "use it with finetune or distill", tmp_path / "b")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_bytes((ref / "config.json").read_bytes())
+    refused(["distill", *base[:-1], str(unfinished)], "its finetune phase has not finished", tmp_path / "c")
+    other = tmp_path / "other"  # the same teacher, but its record names other validation patients
+    (other / "finetune").mkdir(parents=True)
+    for f in ("config.json", "finetune/done.json", "finetune/teacher.safetensors"):
+        (other / f).write_bytes((ref / f).read_bytes())
+    split = json.loads((ref / "split.json").read_text())
+    split["val"]["patients"] = split["val"]["patients"][1:]
+    (other / "split.json").write_text(json.dumps(split))
+    assert main(["distill", *base[:-1], str(other), "--out", str(tmp_path / "d"), "--no-baseline"]) == 1
+    assert "validation patients are not this run's" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "finetune").exists() and not (tmp_path / "d" / "distill").exists()
+    own = tmp_path / "own"
+    (own / "finetune").mkdir(parents=True)
+    for f in ("finetune/done.json", "finetune/teacher.safetensors"):
+        (own / f).write_bytes((other / f).read_bytes())
+    assert main(["distill", *base, "--out", str(own), "--no-baseline"]) == 1
+    assert "holds a finetune phase of its own" in capsys.readouterr().err
+    assert not (own / "distill").exists()
+
+
 def test_teacher_targets_over_test_time_views_are_the_teachers_mean_over_them(tiny_run, tmp_path, monkeypatch):
     """--teacher-targets cached-tta: what the student matches is the teacher's mean logit over kd.augment.TTA_VIEWS
     of each training image, computed once."""

@@ -10,7 +10,7 @@ import streamlit as st
 from kd import data as kdata
 from kd import jobs, preprocess
 from kd import runs as kruns
-from kd.config import DESCRIPTION, PHASE_COMMANDS, PRESETS, Config, preset
+from kd.config import DESCRIPTION, PHASE_COMMANDS, PRESETS, Config, builds_on, preset
 from kd.serving import no_check_reason
 from kd.ood import OOD_FILE
 from kd.ui import figures
@@ -52,6 +52,22 @@ def prepare_train_form() -> None:
         st.session_state[RUN_NAME_KEY] = default_run_name()
 
 
+def needed_phase(command_label: str) -> str | None:
+    """The phase of an earlier run a single-phase command starts from (a new run folder has none of its own)."""
+    return builds_on(PHASE_COMMANDS[COMMANDS[command_label]])
+
+
+def needs_a_run(command_label: str) -> bool:
+    """The command trains one phase on top of an earlier run's (its teacher, or its pretrained backbone)."""
+    return needed_phase(command_label) is not None
+
+
+def runs_to_build_on(command_label: str) -> list[str]:
+    """The runs, newest first, that have finished the phase the command builds on (kd.pipeline.phases_to_adopt)."""
+    needed = needed_phase(command_label)
+    return [r["name"] for r in list_runs() if needed and (Path(r["path"]) / needed / "done.json").is_file()]
+
+
 PHASE_WORDS = {"pretrain": "SSL-pretrain the teacher", "finetune": "fine-tune the teacher",
                "distill": "distil the student", "baseline": "labels-only student (ablation)"}
 
@@ -63,9 +79,13 @@ def folder_lines(text: str | None) -> list[str]:
 
 def plan_summary(preset_name: str, command_label: str, epochs: int | None = None, image_size: int | None = None,
                  batch_size: int | None = None, ssl_method: str | None = None, baseline: bool = True,
-                 unlabeled: str = "", distill_unlabeled: bool = False) -> str:
+                 unlabeled: str = "", distill_unlabeled: bool = False, from_run: str | None = None) -> str:
     """What Start would run with the fields as they are now: each phase's budget (the preset's, or the fields'
-    when set: they apply to every phase), and the phases that will not run, said as such."""
+    when set: they apply to every phase), the run it builds on, and the phases that will not run, said as such."""
+    command, needed = COMMANDS[command_label], needed_phase(command_label)
+    if needed and not from_run:
+        return (f"Not startable as set: {command_label} builds on the {needed} phase of a finished run: "
+                "choose it under Build on run.")
     try:
         cfg = preset(preset_name, image_size=image_size or None, epochs=epochs, batch_size=batch_size or None,
                      ssl_method=ssl_method)
@@ -90,7 +110,9 @@ def plan_summary(preset_name: str, command_label: str, epochs: int | None = None
         if name == "distill" and corpus and distill_unlabeled:
             what += " (on the unlabeled folders too)"
         steps.append(f"{what}: {ph.epochs} ep @ {ph.image_size} px, batch {ph.batch_size}")
-    text = (f"**This run** ({preset_name} preset: {DESCRIPTION[preset_name]}, at its own settings): "
+    adopted = (f"the {'fine-tuned teacher' if command == 'distill' else 'pretrained backbone'} of run "
+               f"**{from_run}** (copied in, with how it was trained) → " if needed else "")
+    text = (f"**This run** ({preset_name} preset: {DESCRIPTION[preset_name]}, at its own settings): " + adopted
             + (" → ".join(steps) if steps else "nothing to train")
             + (f"; then the weights are exported at {cfg.eval_image_size} px with their model card and refusal check."
                if COMMANDS[command_label] != "pretrain" else "."))
@@ -115,11 +137,12 @@ def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs
                  image_size: int | None = None, batch_size: int | None = None, temperature: float | None = None,
                  alpha: float | None = None, ssl_method: str | None = None, device: str = "auto",
                  baseline: bool = True, teacher_targets: str | None = None, unlabeled: str = "",
-                 distill_unlabeled: bool = False) -> Config:
+                 distill_unlabeled: bool = False, from_run: str | None = None) -> Config:
     """The one Config the CLI would build from the same choices; raises DatasetError / JobError / ValueError.
 
     None keeps the preset's value (epochs, image size and batch size then differ per phase). `unlabeled`: folders
-    of X-rays without labels, one per line (the CLI's --unlabeled), each checked to hold pictures."""
+    of X-rays without labels, one per line (the CLI's --unlabeled), each checked to hold pictures. `from_run`: the
+    name of a run in the runs folder to build on (the CLI's --from-run)."""
     kdata.check_layout(data_root)  # the whole layout, before any job starts
     root = kdata.check_root(data_root)
     folders = folder_lines(unlabeled)
@@ -136,6 +159,8 @@ def build_config(data_root: str, run_name: str, preset_name: str = "cpu", epochs
     cfg.data, cfg.out, cfg.device, cfg.baseline = str(root.resolve()), str(run_dir), device, bool(baseline)
     cfg.unlabeled = [str(Path(f).expanduser().resolve()) for f in folders]
     cfg.distill_unlabeled = bool(distill_unlabeled)
+    if from_run:
+        cfg.from_run = str(kruns.run_dir_for(from_run, runs_root()).resolve())
     cfg.validate()
     return cfg
 
@@ -145,6 +170,10 @@ def start_training(form: dict, command: str, gpus: int = 1) -> tuple[dict | None
     try:
         cfg = build_config(**form)
         cfg.runnable_phases(PHASE_COMMANDS[command])  # pretraining alone, where the preset needs a corpus: refused
+        needed = builds_on(PHASE_COMMANDS[command])
+        if needed and not cfg.from_run:  # else the job would fail at once on the missing teacher
+            raise ValueError(f"This command builds on the {needed} phase of a finished run: choose the run under "
+                             "Build on run (a new run folder has no teacher of its own).")
         run_dir = Path(cfg.out)
         if running_job() is None and run_dir.exists() and any(run_dir.iterdir()):
             raise jobs.JobError(f"A run named {run_dir.name} already exists: choose another run name, or select it "

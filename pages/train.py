@@ -27,9 +27,10 @@ with st.container(border=True):  # no st.form: the plan below follows every fiel
                              help="Letters, digits, '.', '_' or '-'; the run folder inside the runs folder.")
     from_run = None
     if train_page.needs_a_run(command_label):
+        choices = train_page.runs_to_build_on(command_label)
         from_run = st.selectbox(
-            "Build on run", train_page.runs_to_build_on(command_label), index=None, key="train_from_run",
-            placeholder="a finished run with the phase this one builds on",
+            "Build on run", choices, index=None, key="train_from_run",
+            placeholder=train_page.build_on_placeholder(command_label, choices),
             help="Its teacher (for Distil the student) or pretrained backbone (for Fine-tune the teacher) is copied "
                  "into the new run with how it was trained; it must share this dataset's validation split.")
     c1, c2, c3 = st.columns(3)

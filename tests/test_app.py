@@ -865,7 +865,8 @@ def test_the_plan_under_the_form_follows_the_fields_and_names_what_will_not_run(
     assert "Full pipeline" in at.selectbox(key="train_command").options
     at.selectbox(key="train_command").set_value("Distil the student").run()
     assert "Not startable as set: Distil the student builds on the finetune phase of a finished run" in plan()
-    assert at.selectbox(key="train_from_run").options == []  # no finished run yet
+    assert at.selectbox(key="train_from_run").options == []  # no finished run yet, and the box says so
+    assert "no run with a fine-tuned teacher yet" in at.selectbox(key="train_from_run").placeholder
     _finished_run(tiny_run, app_env.runs / "source")
     at.run()
     at.selectbox(key="train_from_run").set_value("source").run()  # distillation brings its control

@@ -68,6 +68,13 @@ def runs_to_build_on(command_label: str) -> list[str]:
     return [r["name"] for r in list_runs() if needed and (Path(r["path"]) / needed / "done.json").is_file()]
 
 
+def build_on_placeholder(command_label: str, choices: list[str]) -> str:
+    """What the empty "Build on run" box says: what to choose, or that there is nothing yet and what makes one."""
+    what = {"finetune": "a pretrained backbone", "distill": "a fine-tuned teacher"}[COMMANDS[command_label]]
+    return (f"a finished run with {what}" if choices
+            else f"no run with {what} yet: run the full pipeline (or the phase before) first")
+
+
 PHASE_WORDS = {"pretrain": "SSL-pretrain the teacher", "finetune": "fine-tune the teacher",
                "distill": "distil the student", "baseline": "labels-only student (ablation)"}
 

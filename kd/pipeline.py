@@ -147,7 +147,7 @@ def adopt_phases(cfg: Config, out: Path, adopted: tuple[str, ...], val_patients:
         done = read_done(source, name)
         export = f"{PHASE_EXPORTS[name]}.safetensors"
         (out / name).mkdir(parents=True, exist_ok=True)
-        save_weights(load_weights(build_teacher(), source / name / export), out / name / export)
+        save_weights(_load(PHASE_EXPORTS[name], source / name / export), out / name / export)  # a bad file: refused
         write_json_atomic(out / name / "done.json", {**done, "from_run": str(source.resolve())})
 
 

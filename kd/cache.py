@@ -182,3 +182,9 @@ class ImageSet:
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels[self.labels >= 0], minlength=2)
+
+    def unlabeled_only(self) -> "ImageSet":
+        """The images without labels, on the same cache (SSL pretraining on the outside corpus alone)."""
+        keep = self.labels < 0
+        logits = None if self.teacher_logits is None else self.teacher_logits[keep]
+        return ImageSet(self.images, self.labels[keep], self.rows[keep], logits)

@@ -45,6 +45,9 @@ def _train_parser(sub, name: str, help: str):
                    "same contrast and validation split required)")
     p.add_argument("--unlabeled", nargs="*", default=None,
                    help="folders of unlabeled X-rays: SSL pretraining's corpus (and distillation's, with --distill-unlabeled)")
+    p.add_argument("--pretrain-labelled", action=argparse.BooleanOptionalAction, default=None,
+                   help="the labelled train images join the --unlabeled images in SSL pretraining (default); "
+                   "--no-pretrain-labelled pretrains on the --unlabeled images alone")
     p.add_argument("--distill-unlabeled", action=argparse.BooleanOptionalAction, default=None,
                    help="the student matches the teacher on the --unlabeled images too (labels' term where there are labels)")
     p.add_argument("--student-init", choices=STUDENT_INITS,
@@ -65,7 +68,7 @@ def config_from_args(args) -> Config:
     else:
         cfg = preset(args.preset, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size)
     for key in ("seed", "split_seed", "temperature", "alpha", "hint_weight", "ssl_method", "val_fraction", "init", "unlabeled",
-                "cache_dir", "teacher_targets", "cpu_bf16", "distill_unlabeled", "student_init",
+                "cache_dir", "teacher_targets", "cpu_bf16", "distill_unlabeled", "pretrain_labelled", "student_init",
                 "extra_teachers", "from_run"):
         value = getattr(args, key, None)
         if value is not None:

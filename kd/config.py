@@ -92,6 +92,9 @@ class Config:
     # 4,430 alone SimCLR made the teacher worse, on the 13,743 outside X-rays too it made it better (README).
     # Without them the pretraining phase is skipped and said so; False pretrains on whatever images there are
     pretrain_needs_unlabeled: bool = False
+    # the labelled train images join the unlabeled folders in SSL pretraining; False pretrains on the folders alone
+    # (the kNN probe still scores the labelled train split): does the corpus teach more without Kermany's own images?
+    pretrain_labelled: bool = True
     # distillation's transfer set takes the unlabeled folders too: the student matches the teacher's outputs on
     # them, the label term only where there are labels (SimCLRv2's third step, Chen et al. 2020)
     distill_unlabeled: bool = False
@@ -275,6 +278,9 @@ class Config:
         if self.from_run and not (Path(self.from_run) / "config.json").is_file():
             raise ValueError(f"--from-run {self.from_run}: not a run folder (no config.json there); give the folder "
                              "of a finished run")
+        if not self.pretrain_labelled and not self.unlabeled and not self.skips_pretraining and self.pretrain.epochs:
+            raise ValueError("pretraining without the labelled images needs unlabeled folders to pretrain on "
+                             "(--unlabeled DIR ...)")
         if self.distill_unlabeled and not self.unlabeled:
             raise ValueError("distillation on unlabeled images needs unlabeled folders (--unlabeled DIR ...)")
         if self.student_init not in STUDENT_INITS:

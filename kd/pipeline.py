@@ -84,7 +84,7 @@ def _load(arch_role: str, path: Path) -> torch.nn.Module:
 
 
 # the settings that describe how each adoptable phase trained: they follow its weights into the run that adopts them
-ADOPTED_SETTINGS = {"pretrain": ("pretrain", "ssl_method", "init"), "finetune": ("finetune", "probe_epochs", "probe_lr")}
+ADOPTED_SETTINGS = {"pretrain": ("pretrain", "ssl_method", "init", "pretrain_labelled"), "finetune": ("finetune", "probe_epochs", "probe_lr")}
 
 
 def phases_to_adopt(cfg: Config, phases: tuple[str, ...]) -> tuple[str, ...]:
@@ -174,6 +174,8 @@ def run_phase(name: str, cfg: Config, data: RunData, out: Path, reporter: Report
         if cfg.init:
             init_from_file(teacher, cfg.init)
         objective = SSLObjective(teacher, cfg.ssl_method, phase.image_size, distributed=dist.enabled)  # its backbone
+        if not cfg.pretrain_labelled:  # the corpus alone; ctx keeps the labelled split as the kNN probe's bank
+            train = train.unlabeled_only()
     elif name == "finetune":
         teacher = build_teacher()
         pretrained = out / "pretrain" / "teacher.safetensors"

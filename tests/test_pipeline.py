@@ -186,6 +186,32 @@ def test_pretrain_uses_unlabeled_folders_recursively(tmp_path):
     assert not (out / "model_card.json").exists()  # nothing fine-tuned yet: no card
 
 
+def test_pretraining_on_the_corpus_alone_leaves_the_labelled_images_to_the_knn_probe(tmp_path, capsys):
+    """--no-pretrain-labelled: SSL sees the unlabeled folders only, the kNN probe still scores validation against
+    the labelled train split, and the card's config says how the teacher was pretrained; without folders it is
+    refused before anything starts."""
+    data = write_kermany_dataset(tmp_path / "data", n_per_class=(6, 6), size=40)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"{i}.png").write_bytes(png_bytes(xray_like_array(48, 56, seed=i)))
+    common = ["--data", str(data), "--preset", "tiny", "--device", "cpu", "--no-pretrain-labelled", "--no-baseline"]
+    assert main(["pretrain", "--out", str(tmp_path / "refused"), *common]) == 1
+    assert "pretraining without the labelled images needs unlabeled folders" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "run"
+    assert main(["pipeline", "--out", str(out), *common, "--unlabeled", str(corpus)]) == 0
+    events = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["kind"] == "phase_start" and e["phase"] == "pretrain")
+    assert start["train_images"] == 5
+    done = json.loads((out / "pretrain" / "done.json").read_text())
+    assert done["train_images"] == done["unlabeled_images"] == 5
+    assert 0.0 <= done["metrics"]["knn_accuracy"] <= 1.0  # the probe's bank: labelled train images, not the corpus
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["config"]["pretrain_labelled"] is False
+    assert card["data"]["unlabeled"]["used_for"] == ["SSL pretraining"]
+
+
 def test_a_recipe_that_pretrains_only_on_a_corpus_skips_pretraining_without_one(tmp_path, capsys):
     """pretrain_needs_unlabeled (the cpu preset's SimCLR): without unlabeled folders the pipeline starts at
     fine-tuning and says so, and `kd pretrain` alone is refused naming --unlabeled; with them it pretrains."""

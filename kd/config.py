@@ -93,7 +93,7 @@ class Config:
     # Without them the pretraining phase is skipped and said so; False pretrains on whatever images there are
     pretrain_needs_unlabeled: bool = False
     # the labelled train images join the unlabeled folders in SSL pretraining; False pretrains on the folders alone
-    # (the kNN probe still scores the labelled train split): does the corpus teach more without Kermany's own images?
+    # (the kNN probe still scores the labelled train split): on seed 0 that made the teacher worse (README), so True
     pretrain_labelled: bool = True
     # distillation's transfer set takes the unlabeled folders too: the student matches the teacher's outputs on
     # them, the label term only where there are labels (SimCLRv2's third step, Chen et al. 2020)

@@ -84,7 +84,8 @@ def _load(arch_role: str, path: Path) -> torch.nn.Module:
 
 
 # the settings that describe how each adoptable phase trained: they follow its weights into the run that adopts them
-ADOPTED_SETTINGS = {"pretrain": ("pretrain", "ssl_method", "init", "pretrain_labelled"), "finetune": ("finetune", "probe_epochs", "probe_lr")}
+ADOPTED_SETTINGS = {"pretrain": ("pretrain", "ssl_method", "init", "pretrain_labelled"),
+                    "finetune": ("finetune", "probe_epochs", "probe_lr")}
 
 
 def phases_to_adopt(cfg: Config, phases: tuple[str, ...]) -> tuple[str, ...]:

@@ -15,6 +15,7 @@
 #   PRETRAIN_EPOCHS (30) PRETRAIN_SIZE (96) SEEDS ("0 1 2") CONTROL (1) PRETRAIN_DEADLINE (300 s: the
 #   pretraining is stopped then, its last epoch kept) DEADLINE (540 s from the start: runs still going then are
 #   stopped, what finished is collected) DATA CORPUS WORK OUT PRESET (gpu) DEVICE (cuda)
+# Exit status 1 when the pretraining or a run failed on its own (what a deadline stopped is not a failure).
 # CPU smoke, what tests/test_bench.py runs: PRESET=tiny DEVICE=cpu PRETRAIN_EPOCHS=1 SEEDS="0 1" DATA=.. CORPUS=..
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,7 @@ WORK=${WORK:-/tmp/ssl}; OUT=${OUT:-/tmp/out}; PRESET=${PRESET:-gpu}; DEVICE=${DE
 SEEDS=${SEEDS:-0 1 2}; PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-30}; PRETRAIN_SIZE=${PRETRAIN_SIZE:-96}
 CONTROL=${CONTROL:-1}; DEADLINE=${DEADLINE:-540}; PRETRAIN_DEADLINE=${PRETRAIN_DEADLINE:-300}
 mkdir -p "$WORK" "$OUT"
+rm -f "$WORK/.deadline"
 exec > >(tee -a "$OUT/gpu_ssl.log") 2>&1
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
@@ -60,15 +62,20 @@ run() {  # run NAME [--resume], in the background: the whole pipeline of one run
   exec python3 -m kd pipeline --config "$WORK/$1.config.json" --data "$DATA" --out "$WORK/$1" ${2:-} \
     > "$WORK/$1.log" 2>&1
 }
-pids=()
+pids=(); names=(); failed=()
 if [ "$CONTROL" = 1 ]; then
-  run control & pids+=($!)
+  run control & pids+=($!); names+=(control)
 fi
 echo "[$(elapsed) s] MoCo pretraining: $PRETRAIN_EPOCHS epochs at $PRETRAIN_SIZE px on $DATA/train + $CORPUS"
 timeout -s INT "$PRETRAIN_DEADLINE" python3 -m kd pretrain --config "$WORK/moco-seed$first.config.json" \
-  --data "$DATA" --out "$WORK/moco-seed$first" > "$WORK/pretrain.log" 2>&1 \
-  || { tail -n 20 "$WORK/pretrain.log"; echo "pretraining failed or passed PRETRAIN_DEADLINE ($PRETRAIN_DEADLINE s):" \
-       "a second call resumes it with kd pretrain --resume on the same folder"; }
+  --data "$DATA" --out "$WORK/moco-seed$first" > "$WORK/pretrain.log" 2>&1
+rc=$?
+if [ "$rc" = 124 ]; then
+  echo "pretraining passed PRETRAIN_DEADLINE ($PRETRAIN_DEADLINE s): a second call resumes it with kd pretrain" \
+       "--resume on the same folder"
+elif [ "$rc" != 0 ]; then
+  tail -n 20 "$WORK/pretrain.log"; echo "pretraining failed (exit status $rc)"; failed+=(pretraining)
+fi
 tail -n 3 "$WORK/pretrain.log"
 if [ -f "$WORK/moco-seed$first/pretrain/done.json" ]; then
   echo "[$(elapsed) s] pretraining done; fine-tuning, distillation, labels-only student for seeds: $SEEDS"
@@ -76,13 +83,19 @@ if [ -f "$WORK/moco-seed$first/pretrain/done.json" ]; then
     if [ "$seed" != "$first" ]; then  # the same pretraining: only the later phases' seed differs
       mkdir -p "$WORK/moco-seed$seed" && cp -r "$WORK/moco-seed$first/pretrain" "$WORK/moco-seed$seed/"
     fi
-    run "moco-seed$seed" --resume & pids+=($!)
+    run "moco-seed$seed" --resume & pids+=($!); names+=("moco-seed$seed")
   done
 fi
 left=$(( DEADLINE - $(elapsed) ))
-( exec > /dev/null 2>&1; sleep $(( left > 0 ? left : 1 )); for p in "${pids[@]}"; do kill -INT "$p"; done ) &
+( exec > /dev/null 2>&1; sleep $(( left > 0 ? left : 1 )); touch "$WORK/.deadline"
+  for p in "${pids[@]}"; do kill -INT "$p"; done ) &
 watchdog=$!
-for p in "${pids[@]}"; do wait "$p"; done
+for i in "${!pids[@]}"; do  # a run stopped by the deadline keeps its last epoch; one that died on its own failed
+  wait "${pids[$i]}"; rc=$?
+  if [ "$rc" != 0 ] && [ ! -e "$WORK/.deadline" ]; then
+    tail -n 20 "$WORK/${names[$i]}.log"; echo "${names[$i]} failed (exit status $rc)"; failed+=("${names[$i]}")
+  fi
+done
 kill "$watchdog" 2>/dev/null  # its sleep, if still there, holds no output of this script
 echo "[$(elapsed) s] runs ended"
 
@@ -110,3 +123,6 @@ fi
 (cd "$WORK" && tar czf "$OUT/ssl_runs.tgz" *.config.json *.log \
   $(ls */model_card.json */progress.jsonl */config.json */*/done.json 2>/dev/null))
 echo "[$(elapsed) s] done; $OUT: $(ls "$OUT" | tr '\n' ' ')"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]} (their logs are in ssl_runs.tgz)"; exit 1
+fi

@@ -82,22 +82,28 @@ def build_cache(paths: list[str], size: int, cache_dir: str | Path | None, progr
     cache = _open(data_path, meta_path, paths, size)
     if cache is not None:
         return cache
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise DatasetError(f"The image cache folder {cache_dir} is a file, not a folder: move it away or give "
+                           "another --cache-dir.")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (meta_path, data_path):  # derived data: a damaged cache is decoded again, never a stopped run
-        stale.unlink(missing_ok=True)
+    # Builders may run side by side (a control beside a pretraining, two app jobs) on one cache_dir, so nothing
+    # here deletes what another may be reading: a damaged cache is replaced, never unlinked; the metadata lands
+    # before the array, so a reader never finds a finished-looking array without it; and this builder reads its
+    # own file, mapped before the rename, whatever another builder does to the name afterwards.
     tmp = temporary_path(data_path)  # removes what builders killed mid-way left (as large as the cache)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
         valid, errors = _decode_into(out, paths, size, progress, workers, contrast)
         out.flush()
         del out
+        images = np.load(tmp, mmap_mode="r")
+        write_json_atomic(meta_path, {"n": len(paths), "size": size, "valid": valid.tolist(), "errors": errors,
+                                      "preprocess_version": PREPROCESS_VERSION, "contrast": contrast})
         os.replace(tmp, data_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    write_json_atomic(meta_path, {"n": len(paths), "size": size, "valid": valid.tolist(), "errors": errors,
-                                  "preprocess_version": PREPROCESS_VERSION, "contrast": contrast})
-    return ImageCache(np.load(data_path, mmap_mode="r"), valid, list(paths), errors)
+    return ImageCache(images, valid, list(paths), errors)
 
 
 def _open(data_path: Path, meta_path: Path, paths: list[str], size: int) -> ImageCache | None:

@@ -566,6 +566,26 @@ def test_gpu_ssl_comparison_runs_end_to_end_on_the_cpu(tiny_dataset, tmp_path):
     assert {"control/model_card.json", "moco-seed0/model_card.json", "moco-seed1/model_card.json"} <= names
 
 
+def test_gpu_ssl_comparison_fails_when_its_runs_fail(tiny_dataset, tmp_path):
+    """A run that dies on its own fails the script, naming it, so a lent GPU's call does not come back green with a
+    run missing (here the cache folder is a file, which stops the control and the pretraining alike)."""
+    import os
+    import subprocess
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    (work / "cache").write_text("not a folder")
+    env = {**os.environ, "PRESET": "tiny", "DEVICE": "cpu", "PRETRAIN_EPOCHS": "1", "PRETRAIN_SIZE": "32",
+           "SEEDS": "0", "DATA": str(tiny_dataset), "CORPUS": str(_outside_corpus(tmp_path / "corpus")),
+           "WORK": str(work), "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_ssl.sh"
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    log = (out / "gpu_ssl.log").read_text()
+    assert done.returncode == 1, log[-3000:]
+    assert "FAILED: pretraining control" in log and "control failed (exit status" in log
+    assert f"The image cache folder {work / 'cache'} is a file, not a folder" in log
+
+
 def test_kd_transfer_puts_another_runs_teacher_in_the_weights_teachers_place(tiny_run, tmp_path, capsys):
     """--teacher: the teacher of another run of the same input size, contrast and split (another pretraining)
     replaces the weights' teacher in every comparison (here the run's own labels-only student stands in as that

@@ -205,6 +205,50 @@ def test_a_damaged_image_cache_is_rebuilt(tmp_path, damage):
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([data.name, data.with_suffix(".json").name])
 
 
+class _Killed(Exception):
+    """A second builder stopped mid-decode (killed, or still decoding when the first one reads)."""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_second_builder_on_the_same_cache_never_takes_the_first_ones_images_away(tmp_path, monkeypatch, when):
+    """Two runs sharing a cache_dir (bench/gpu_ssl.sh's control beside its pretraining) once lost a run: the second
+    builder found the first one's array before its metadata, deleted it as damaged, and the first failed to open
+    it. Here the second builder starts just before / after the first writes its metadata, and stops mid-decode."""
+    import kd.cache
+    from kd.cache import build_cache
+
+    root = write_kermany_dataset(tmp_path / "d", n_per_class=(2, 2), size=40)
+    paths = sorted(str(p) for p in (root / "train").rglob("*.jpeg"))
+    good = np.array(build_cache(paths, 16, None, progress=False).images)
+    write_meta, decode_into = kd.cache.write_json_atomic, kd.cache._decode_into
+
+    def killed_mid_decode(out, *args, **kwargs):
+        raise _Killed
+
+    def second_builder():
+        monkeypatch.setattr(kd.cache, "_decode_into", killed_mid_decode)
+        try:  # it opens a finished cache, or starts decoding its own and is stopped
+            build_cache(paths, 16, tmp_path / "c", progress=False)
+        except _Killed:
+            pass
+        monkeypatch.setattr(kd.cache, "_decode_into", decode_into)
+
+    def write_meta_beside_a_second_builder(path, obj):
+        monkeypatch.setattr(kd.cache, "write_json_atomic", write_meta)
+        if when == "before":
+            second_builder()
+        write_meta(path, obj)
+        if when == "after":
+            second_builder()
+
+    monkeypatch.setattr(kd.cache, "write_json_atomic", write_meta_beside_a_second_builder)
+    first = build_cache(paths, 16, tmp_path / "c", progress=False)
+    assert np.array_equal(np.asarray(first.images), good) and first.valid.all()
+    monkeypatch.setattr(kd.cache, "_decode_into", killed_mid_decode)  # what is on disk now opens without decoding
+    assert np.array_equal(np.asarray(build_cache(paths, 16, tmp_path / "c", progress=False).images), good)
+    assert sorted(p.suffix for p in (tmp_path / "c").iterdir()) == [".json", ".npy"]  # no temporaries left
+
+
 def test_a_symlink_loop_or_dangling_link_is_named_as_such(tmp_path):
     from kd.data import check_root
 

@@ -90,9 +90,9 @@ left=$(( DEADLINE - $(elapsed) ))
 ( exec > /dev/null 2>&1; sleep $(( left > 0 ? left : 1 )); touch "$WORK/.deadline"
   for p in "${pids[@]}"; do kill -INT "$p"; done ) &
 watchdog=$!
-for i in "${!pids[@]}"; do  # a run stopped by the deadline keeps its last epoch; one that died on its own failed
-  wait "${pids[$i]}"; rc=$?
-  if [ "$rc" != 0 ] && [ ! -e "$WORK/.deadline" ]; then
+for i in "${!pids[@]}"; do  # a run the deadline stopped (kd exits 130 on SIGINT) keeps its last epoch; one that
+  wait "${pids[$i]}"; rc=$?  # died on its own failed, even if the deadline came before this wait did
+  if [ "$rc" != 0 ] && ! { [ "$rc" = 130 ] && [ -e "$WORK/.deadline" ]; }; then
     tail -n 20 "$WORK/${names[$i]}.log"; echo "${names[$i]} failed (exit status $rc)"; failed+=("${names[$i]}")
   fi
 done

@@ -586,6 +586,23 @@ def test_gpu_ssl_comparison_fails_when_its_runs_fail(tiny_dataset, tmp_path):
     assert f"The image cache folder {work / 'cache'} is a file, not a folder" in log
 
 
+def test_gpu_ssl_comparison_stopped_by_its_deadlines_is_not_a_failure(tiny_dataset, tmp_path):
+    """What the deadlines stop (the pretraining at PRETRAIN_DEADLINE, the control at DEADLINE) keeps its last epoch
+    for a second call: said so, and the script still exits 0."""
+    import os
+    import subprocess
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    env = {**os.environ, "PRESET": "tiny", "DEVICE": "cpu", "PRETRAIN_EPOCHS": "50", "PRETRAIN_SIZE": "32",
+           "SEEDS": "0", "DATA": str(tiny_dataset), "CORPUS": str(_outside_corpus(tmp_path / "corpus")),
+           "WORK": str(work), "OUT": str(out), "OMP_NUM_THREADS": "1", "PRETRAIN_DEADLINE": "2", "DEADLINE": "4"}
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_ssl.sh"
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    log = (out / "gpu_ssl.log").read_text()
+    assert done.returncode == 0, log[-3000:]
+    assert "pretraining passed PRETRAIN_DEADLINE (2 s)" in log and "FAILED" not in log and "failed" not in log
+
+
 def test_kd_transfer_puts_another_runs_teacher_in_the_weights_teachers_place(tiny_run, tmp_path, capsys):
     """--teacher: the teacher of another run of the same input size, contrast and split (another pretraining)
     replaces the weights' teacher in every comparison (here the run's own labels-only student stands in as that

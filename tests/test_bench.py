@@ -530,25 +530,31 @@ def test_pack_images_shrinks_a_corpus_and_keeps_its_licences(tmp_path, capsys):
     assert pack_images.main([str(src), str(src / "inside")]) == 2  # never writes into what it reads
 
 
+def _run_gpu_ssl(tiny_dataset, tmp_path, **settings) -> tuple[int, str, Path]:
+    """bench/gpu_ssl.sh on the CPU at tiny size (one MoCo epoch at 32 px unless `settings` say otherwise): its exit
+    status, its log and its WORK folder."""
+    import os
+    import subprocess
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    env = {**os.environ, "PRESET": "tiny", "DEVICE": "cpu", "PRETRAIN_EPOCHS": "1", "PRETRAIN_SIZE": "32",
+           "SEEDS": "0", "DATA": str(tiny_dataset), "CORPUS": str(_outside_corpus(tmp_path / "corpus")),
+           "WORK": str(work), "OUT": str(out), "OMP_NUM_THREADS": "1", **settings}
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_ssl.sh"
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
+    return done.returncode, (out / "gpu_ssl.log").read_text(), work
+
+
 @pytest.mark.slow
 def test_gpu_ssl_comparison_runs_end_to_end_on_the_cpu(tiny_dataset, tmp_path):
     """bench/gpu_ssl.sh at tiny size on the CPU, as a lent GPU would run it at the gpu preset's: the control
     without pretraining, one MoCo pretraining on train/ + the corpus shared by two seeds (copied, not redone),
     every run exported, distillation pooled over the seeds, the results packed for the trip back."""
     import json
-    import os
-    import subprocess
     import tarfile
 
-    corpus = _outside_corpus(tmp_path / "corpus")
-    work, out = tmp_path / "work", tmp_path / "out"
-    env = {**os.environ, "PRESET": "tiny", "DEVICE": "cpu", "PRETRAIN_EPOCHS": "1", "PRETRAIN_SIZE": "32",
-           "SEEDS": "0 1", "DATA": str(tiny_dataset), "CORPUS": str(corpus), "WORK": str(work), "OUT": str(out),
-           "DEADLINE": "900", "OMP_NUM_THREADS": "1"}
-    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_ssl.sh"
-    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
-    log = (out / "gpu_ssl.log").read_text()
-    assert done.returncode == 0, log[-3000:]
+    returncode, log, work = _run_gpu_ssl(tiny_dataset, tmp_path, SEEDS="0 1", DEADLINE="900")
+    assert returncode == 0, log[-3000:]
     for run in ("control", "moco-seed0", "moco-seed1"):
         card = json.loads((work / run / "model_card.json").read_text())
         assert set(card["models"]) == {"teacher", "student", "student_baseline"}, run
@@ -561,7 +567,7 @@ def test_gpu_ssl_comparison_runs_end_to_end_on_the_cpu(tiny_dataset, tmp_path):
     assert configs["moco-seed1"]["ssl_method"] == "moco" and configs["moco-seed1"]["seed"] == 1
     assert configs["control"]["pretrain"]["epochs"] == 0 and configs["control"]["unlabeled"] == []
     assert "pooled" in log and "moco-seed1" in log and "test AUC" in log
-    with tarfile.open(out / "ssl_runs.tgz") as tar:
+    with tarfile.open(tmp_path / "out" / "ssl_runs.tgz") as tar:
         names = set(tar.getnames())
     assert {"control/model_card.json", "moco-seed0/model_card.json", "moco-seed1/model_card.json"} <= names
 
@@ -569,19 +575,10 @@ def test_gpu_ssl_comparison_runs_end_to_end_on_the_cpu(tiny_dataset, tmp_path):
 def test_gpu_ssl_comparison_fails_when_its_runs_fail(tiny_dataset, tmp_path):
     """A run that dies on its own fails the script, naming it, so a lent GPU's call does not come back green with a
     run missing (here the cache folder is a file, which stops the control and the pretraining alike)."""
-    import os
-    import subprocess
-
-    work, out = tmp_path / "work", tmp_path / "out"
-    work.mkdir()
-    (work / "cache").write_text("not a folder")
-    env = {**os.environ, "PRESET": "tiny", "DEVICE": "cpu", "PRETRAIN_EPOCHS": "1", "PRETRAIN_SIZE": "32",
-           "SEEDS": "0", "DATA": str(tiny_dataset), "CORPUS": str(_outside_corpus(tmp_path / "corpus")),
-           "WORK": str(work), "OUT": str(out), "OMP_NUM_THREADS": "1"}
-    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_ssl.sh"
-    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
-    log = (out / "gpu_ssl.log").read_text()
-    assert done.returncode == 1, log[-3000:]
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "cache").write_text("not a folder")
+    returncode, log, work = _run_gpu_ssl(tiny_dataset, tmp_path)
+    assert returncode == 1, log[-3000:]
     assert "FAILED: pretraining control" in log and "control failed (exit status" in log
     assert f"The image cache folder {work / 'cache'} is a file, not a folder" in log
 
@@ -589,17 +586,9 @@ def test_gpu_ssl_comparison_fails_when_its_runs_fail(tiny_dataset, tmp_path):
 def test_gpu_ssl_comparison_stopped_by_its_deadlines_is_not_a_failure(tiny_dataset, tmp_path):
     """What the deadlines stop (the pretraining at PRETRAIN_DEADLINE, the control at DEADLINE) keeps its last epoch
     for a second call: said so, and the script still exits 0."""
-    import os
-    import subprocess
-
-    work, out = tmp_path / "work", tmp_path / "out"
-    env = {**os.environ, "PRESET": "tiny", "DEVICE": "cpu", "PRETRAIN_EPOCHS": "50", "PRETRAIN_SIZE": "32",
-           "SEEDS": "0", "DATA": str(tiny_dataset), "CORPUS": str(_outside_corpus(tmp_path / "corpus")),
-           "WORK": str(work), "OUT": str(out), "OMP_NUM_THREADS": "1", "PRETRAIN_DEADLINE": "2", "DEADLINE": "4"}
-    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_ssl.sh"
-    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
-    log = (out / "gpu_ssl.log").read_text()
-    assert done.returncode == 0, log[-3000:]
+    returncode, log, _ = _run_gpu_ssl(tiny_dataset, tmp_path, PRETRAIN_EPOCHS="50", PRETRAIN_DEADLINE="2",
+                                      DEADLINE="4")
+    assert returncode == 0, log[-3000:]
     assert "pretraining passed PRETRAIN_DEADLINE (2 s)" in log and "FAILED" not in log and "failed" not in log
 
 
